@@ -1,0 +1,45 @@
+//! The port every backend implements.
+
+use std::sync::Arc;
+
+use crate::engine::Observation;
+use crate::types::{AppId, ExecutorId, ExecutorTemplate, Millis, ProfileId};
+
+/// A request to start one executor.
+#[derive(Clone, Debug)]
+pub struct LaunchRequest {
+    /// The application.
+    pub app_id: AppId,
+    /// The new executor's id.
+    pub executor_id: ExecutorId,
+    /// Its resource profile (present in `template.profiles`).
+    pub profile: ProfileId,
+    /// The application's template.
+    pub template: Arc<ExecutorTemplate>,
+}
+
+/// An observation with the executor it concerns.
+#[derive(Clone, Debug)]
+pub struct BackendObservation {
+    /// The application.
+    pub app_id: AppId,
+    /// The executor.
+    pub executor_id: ExecutorId,
+    /// What happened.
+    pub observation: Observation,
+}
+
+/// Where a backend sends what it sees. Must not block.
+pub type ObservationSink = Arc<dyn Fn(BackendObservation) + Send + Sync>;
+
+/// Something that runs executors. Calls return at once; outcomes arrive as observations,
+/// including a failure to start (`Exited` with `StartFailed`).
+pub trait ExecutorBackend: Send + Sync {
+    /// Short name for logs and metrics ("local", "kubernetes").
+    fn name(&self) -> &'static str;
+    /// Starts an executor.
+    fn launch(&self, request: LaunchRequest);
+    /// Stops an executor: a graceful signal, then a hard kill after `grace` milliseconds. The
+    /// backend reports `Exited` when it is gone, also if it was never started.
+    fn terminate(&self, app_id: &AppId, executor_id: ExecutorId, grace: Millis);
+}

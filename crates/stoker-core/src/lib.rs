@@ -1,0 +1,19 @@
+//! stoker's domain types and its sans-IO allocation engine.
+//!
+//! No I/O, no async runtime: the engine takes driver commands, backend observations and clock
+//! ticks, and returns actions and events. Backends implement [`backend::ExecutorBackend`].
+
+pub mod backend;
+pub mod engine;
+pub mod error;
+pub mod types;
+
+pub use backend::{BackendObservation, ExecutorBackend, LaunchRequest, ObservationSink};
+pub use engine::{
+    Action, AppPhase, Engine, EngineConfig, Event, EventKind, Executor, ExecutorEvent, Observation,
+};
+pub use error::{EngineError, InvalidInput};
+pub use types::{
+    AppId, ExecutorId, ExecutorPhase, ExecutorTemplate, ExitInfo, ExitReason, KubernetesSettings,
+    Millis, ProfileId, ResourceProfile,
+};

@@ -1,0 +1,521 @@
+//! The gRPC service: requests are validated into domain types at the edge, authorized, and
+//! handed to the application's actor; domain results are turned back into protocol messages.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use stoker_core::{
+    AppId, EngineConfig, Event, EventKind, ExecutorPhase, ExitReason, ProfileId,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::debug;
+
+use crate::app::{AppCommand, AppHandle, AppSummary, Apps, ExecutorView, NewApp};
+use crate::config::Limits;
+use crate::error::ApiError;
+use crate::proto::v1 as pb;
+use crate::proto::v1::executor_allocator_server::ExecutorAllocator;
+use crate::validate;
+
+/// Events sent per batch on a watch stream.
+const EVENT_BATCH: usize = 512;
+
+/// The ExecutorAllocator service.
+pub struct Service {
+    apps: Arc<Apps>,
+    limits: Limits,
+    engine_defaults: EngineConfig,
+    incarnation: String,
+    admin_token: String,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Service {
+    /// A service over `apps`.
+    pub fn new(
+        apps: Arc<Apps>,
+        limits: Limits,
+        engine_defaults: EngineConfig,
+        incarnation: String,
+        admin_token: String,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            apps,
+            limits,
+            engine_defaults,
+            incarnation,
+            admin_token,
+            shutdown,
+        }
+    }
+
+    fn finish<T>(
+        &self,
+        method: &'static str,
+        started: Instant,
+        result: Result<T, ApiError>,
+    ) -> Result<Response<T>, Status> {
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(err) => err.code(),
+        };
+        self.apps.metrics.rpc(method, code, started);
+        match result {
+            Ok(value) => Ok(Response::new(value)),
+            Err(err) => {
+                debug!(method, code = ?err.code(), error = %err, "request refused");
+                Err(err.into())
+            }
+        }
+    }
+
+    /// Finds an application and checks the caller's token.
+    fn authorize(&self, app_id: &str, token: &str) -> Result<Arc<AppHandle>, ApiError> {
+        let app_id = validate::app_id(app_id)?;
+        let token = validate::token(token)?;
+        let handle = self
+            .apps
+            .get(&app_id)
+            .ok_or_else(|| ApiError::NotFound(app_id.to_string()))?;
+        if !handle.token_matches(token) {
+            return Err(ApiError::PermissionDenied(format!(
+                "token: does not belong to application {app_id}"
+            )));
+        }
+        Ok(handle)
+    }
+
+    fn is_admin(&self, token: &str) -> bool {
+        token.len() == self.admin_token.len()
+            && token
+                .bytes()
+                .zip(self.admin_token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+
+    async fn register(
+        &self,
+        request: pb::RegisterApplicationRequest,
+    ) -> Result<pb::RegisterApplicationResponse, ApiError> {
+        let registration = validate::registration(request, &self.limits)?;
+        let template = Arc::new(registration.template);
+        // Two attempts: a concurrent first registration of the same id turns the second into a
+        // re-attachment.
+        for _ in 0..2 {
+            if let Some(handle) = self.apps.get(&registration.app_id) {
+                let Some(token) = registration.token.as_deref() else {
+                    return Err(ApiError::AlreadyExists(format!(
+                        "application {} is already registered; pass its token to re-attach",
+                        registration.app_id
+                    )));
+                };
+                if !handle.token_matches(token) {
+                    return Err(ApiError::PermissionDenied(format!(
+                        "token: does not belong to application {}",
+                        registration.app_id
+                    )));
+                }
+                let reattached = handle
+                    .call(|reply| AppCommand::Reattach {
+                        template: Arc::clone(&template),
+                        targets: registration.targets.clone(),
+                        last_executor_id: registration.last_executor_id,
+                        reply,
+                    })
+                    .await?;
+                return Ok(pb::RegisterApplicationResponse {
+                    token: handle.token().to_owned(),
+                    lease_ttl_ms: self.engine_defaults.lease_ttl,
+                    incarnation: self.incarnation.clone(),
+                    reattached: true,
+                    last_seq: reattached.last_seq,
+                });
+            }
+            if self.apps.registry.len() >= self.limits.max_applications {
+                return Err(ApiError::ResourceExhausted(format!(
+                    "this stoker serves {} applications, its limit",
+                    self.limits.max_applications
+                )));
+            }
+            let token = registration
+                .token
+                .clone()
+                .unwrap_or_else(crate::random_token);
+            let mut config = self.engine_defaults.clone();
+            config.max_executors_per_profile = self.limits.max_executors_per_profile;
+            if let Some(max_failures) = registration.max_failures {
+                config.max_failures = max_failures;
+            }
+            config.failure_window = registration.failure_window;
+            let created = self.apps.create(NewApp {
+                app_id: registration.app_id.clone(),
+                token: token.clone(),
+                app_name: registration.app_name.clone(),
+                template: Arc::clone(&template),
+                config,
+                targets: registration.targets.clone(),
+                last_executor_id: registration.last_executor_id,
+                known_executor_ids: registration.known_executor_ids.clone(),
+            });
+            match created {
+                Ok((_, last_seq)) => {
+                    return Ok(pb::RegisterApplicationResponse {
+                        token,
+                        lease_ttl_ms: self.engine_defaults.lease_ttl,
+                        incarnation: self.incarnation.clone(),
+                        reattached: false,
+                        last_seq,
+                    })
+                }
+                Err(ApiError::AlreadyExists(_)) => continue,
+                Err(err) => return Err(err),
+            }
+        }
+        Err(ApiError::Unavailable(format!(
+            "application {} is being registered concurrently; retry",
+            registration.app_id
+        )))
+    }
+
+    async fn application_info(&self, app_id: &AppId, handle: &AppHandle) -> pb::ApplicationInfo {
+        let summary: AppSummary = handle.summary.borrow().clone();
+        let executors = handle.executors().await.unwrap_or_default();
+        application_info(app_id, &summary, &executors, self.apps.clock.now())
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExecutorAllocator for Service {
+    async fn register_application(
+        &self,
+        request: Request<pb::RegisterApplicationRequest>,
+    ) -> Result<Response<pb::RegisterApplicationResponse>, Status> {
+        let started = Instant::now();
+        let result = self.register(request.into_inner()).await;
+        self.finish("RegisterApplication", started, result)
+    }
+
+    async fn request_total_executors(
+        &self,
+        request: Request<pb::RequestTotalExecutorsRequest>,
+    ) -> Result<Response<pb::RequestTotalExecutorsResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = async {
+            let handle = self.authorize(&request.app_id, &request.token)?;
+            let targets = validate::targets("targets", &request.targets, &self.limits)?;
+            handle
+                .call(|reply| AppCommand::SetTargets { targets, reply })
+                .await?;
+            Ok(pb::RequestTotalExecutorsResponse {})
+        }
+        .await;
+        self.finish("RequestTotalExecutors", started, result)
+    }
+
+    async fn kill_executors(
+        &self,
+        request: Request<pb::KillExecutorsRequest>,
+    ) -> Result<Response<pb::KillExecutorsResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = async {
+            let handle = self.authorize(&request.app_id, &request.token)?;
+            let ids = validate::executor_ids("executor_ids", &request.executor_ids, &self.limits)?;
+            let adjust_target = request.adjust_target;
+            let killed = handle
+                .call(|reply| AppCommand::Kill {
+                    ids,
+                    adjust_target,
+                    reply,
+                })
+                .await?;
+            Ok(pb::KillExecutorsResponse {
+                killed: killed.iter().map(ToString::to_string).collect(),
+            })
+        }
+        .await;
+        self.finish("KillExecutors", started, result)
+    }
+
+    async fn decommission_executors(
+        &self,
+        request: Request<pb::DecommissionExecutorsRequest>,
+    ) -> Result<Response<pb::DecommissionExecutorsResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = async {
+            let handle = self.authorize(&request.app_id, &request.token)?;
+            let ids = validate::executor_ids("executor_ids", &request.executor_ids, &self.limits)?;
+            let adjust_target = request.adjust_target;
+            let affected = handle
+                .call(|reply| AppCommand::Decommission {
+                    ids,
+                    adjust_target,
+                    reply,
+                })
+                .await?;
+            Ok(pb::DecommissionExecutorsResponse {
+                decommissioning: affected.iter().map(ToString::to_string).collect(),
+            })
+        }
+        .await;
+        self.finish("DecommissionExecutors", started, result)
+    }
+
+    type WatchExecutorsStream = EventStream;
+
+    async fn watch_executors(
+        &self,
+        request: Request<pb::WatchExecutorsRequest>,
+    ) -> Result<Response<Self::WatchExecutorsStream>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = self.authorize(&request.app_id, &request.token).map(|handle| {
+            let (tx, rx) = mpsc::channel(EVENT_BATCH);
+            let clock = self.apps.clock;
+            let mut shutdown = self.shutdown.clone();
+            tokio::spawn(async move {
+                let mut cursor = request.after_seq;
+                let mut seq = handle.seq.clone();
+                loop {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                    seq.borrow_and_update();
+                    let Some(batch) = handle.events(cursor, EVENT_BATCH).await else {
+                        return;
+                    };
+                    if batch.is_empty() {
+                        tokio::select! {
+                            changed = seq.changed() => if changed.is_err() { return },
+                            _ = shutdown.changed() => return,
+                            () = tx.closed() => return,
+                        }
+                        continue;
+                    }
+                    for event in batch {
+                        cursor = event.seq;
+                        let message = watch_event(&event, clock.unix_ms(event.at));
+                        if tx.send(Ok(message)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            Box::pin(ReceiverStream::new(rx)) as EventStream
+        });
+        self.finish("WatchExecutors", started, result)
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = async {
+            let handle = self.authorize(&request.app_id, &request.token)?;
+            let acked_seq = request.acked_seq;
+            handle
+                .call(|reply| AppCommand::Heartbeat { acked_seq, reply })
+                .await?;
+            Ok(pb::HeartbeatResponse {
+                lease_ttl_ms: self.engine_defaults.lease_ttl,
+                incarnation: self.incarnation.clone(),
+            })
+        }
+        .await;
+        self.finish("Heartbeat", started, result)
+    }
+
+    async fn unregister_application(
+        &self,
+        request: Request<pb::UnregisterApplicationRequest>,
+    ) -> Result<Response<pb::UnregisterApplicationResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = async {
+            let handle = self.authorize(&request.app_id, &request.token)?;
+            let removed = handle.call(|reply| AppCommand::Unregister { reply }).await?;
+            Ok(pb::UnregisterApplicationResponse {
+                removed_executors: u32::try_from(removed).unwrap_or(u32::MAX),
+            })
+        }
+        .await;
+        self.finish("UnregisterApplication", started, result)
+    }
+
+    async fn get_application(
+        &self,
+        request: Request<pb::GetApplicationRequest>,
+    ) -> Result<Response<pb::ApplicationInfo>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = async {
+            let app_id = validate::app_id(&request.app_id)?;
+            let handle = if self.is_admin(&request.token) {
+                self.apps
+                    .get(&app_id)
+                    .ok_or_else(|| ApiError::NotFound(app_id.to_string()))?
+            } else {
+                self.authorize(&request.app_id, &request.token)?
+            };
+            Ok(self.application_info(&app_id, &handle).await)
+        }
+        .await;
+        self.finish("GetApplication", started, result)
+    }
+
+    async fn list_applications(
+        &self,
+        request: Request<pb::ListApplicationsRequest>,
+    ) -> Result<Response<pb::ListApplicationsResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = async {
+            if request.admin_token.is_empty() {
+                return Err(ApiError::Unauthenticated);
+            }
+            if !self.is_admin(&request.admin_token) {
+                return Err(ApiError::PermissionDenied(
+                    "admin_token: is not this server's admin token".into(),
+                ));
+            }
+            let handles: Vec<_> = self
+                .apps
+                .registry
+                .iter()
+                .map(|e| Arc::clone(e.value()))
+                .collect();
+            let now = self.apps.clock.now();
+            let mut applications: Vec<pb::ApplicationInfo> = handles
+                .iter()
+                .map(|h| application_info(&h.app_id, &h.summary.borrow().clone(), &[], now))
+                .collect();
+            applications.sort_by(|a, b| a.app_id.cmp(&b.app_id));
+            Ok(pb::ListApplicationsResponse { applications })
+        }
+        .await;
+        self.finish("ListApplications", started, result)
+    }
+}
+
+// === domain → protocol ===
+
+fn application_info(
+    app_id: &AppId,
+    summary: &AppSummary,
+    executors: &[ExecutorView],
+    now: u64,
+) -> pb::ApplicationInfo {
+    pb::ApplicationInfo {
+        app_id: app_id.to_string(),
+        app_name: summary.app_name.clone(),
+        spark_user: summary.spark_user.clone(),
+        phase: summary.phase.to_owned(),
+        targets: summary
+            .targets
+            .iter()
+            .map(|(&resource_profile_id, &total)| pb::ProfileTarget {
+                resource_profile_id,
+                total: i64::from(total),
+            })
+            .collect(),
+        pending: summary.pending,
+        running: summary.running,
+        exited: u32::try_from(summary.exited).unwrap_or(u32::MAX),
+        failures: summary.failures,
+        lease_remaining_ms: i64::try_from(summary.lease_deadline).unwrap_or(i64::MAX)
+            - i64::try_from(now).unwrap_or(i64::MAX),
+        last_seq: summary.last_seq,
+        executors: executors.iter().map(executor_info).collect(),
+        registered_unix_ms: summary.registered_unix_ms,
+    }
+}
+
+fn executor_info(view: &ExecutorView) -> pb::ExecutorInfo {
+    pb::ExecutorInfo {
+        executor_id: view.id.to_string(),
+        resource_profile_id: view.profile,
+        state: phase(view.phase) as i32,
+        host: view.host.clone(),
+        backend_name: view.backend_name.clone(),
+        deleting: view.deleting,
+        created_unix_ms: view.created_unix_ms,
+    }
+}
+
+/// Converts an engine event.
+pub fn watch_event(event: &Event, time_unix_ms: i64) -> pb::WatchEvent {
+    let kind = match &event.kind {
+        EventKind::Executor(ev) => pb::watch_event::Kind::Executor(pb::ExecutorEvent {
+            executor_id: ev.id.to_string(),
+            resource_profile_id: ev.profile as ProfileId,
+            state: phase(ev.phase) as i32,
+            host: ev.host.clone(),
+            backend_name: ev.backend_name.clone(),
+            exit_code: ev.exit.as_ref().and_then(|e| e.code),
+            reason: ev
+                .exit
+                .as_ref()
+                .map_or(pb::ExitReason::Unspecified, |e| reason(e.reason)) as i32,
+            message: ev.exit.as_ref().map(|e| e.message.clone()).unwrap_or_default(),
+            caused_by_app: ev.exit.as_ref().is_some_and(|e| e.caused_by_app),
+        }),
+        EventKind::AppFailed { message } => {
+            pb::watch_event::Kind::Application(pb::ApplicationEvent {
+                kind: pb::application_event::Kind::Failed as i32,
+                message: message.clone(),
+            })
+        }
+        EventKind::AppWarning { message } => {
+            pb::watch_event::Kind::Application(pb::ApplicationEvent {
+                kind: pb::application_event::Kind::Warning as i32,
+                message: message.clone(),
+            })
+        }
+    };
+    pb::WatchEvent {
+        seq: event.seq,
+        time_unix_ms,
+        kind: Some(kind),
+    }
+}
+
+fn phase(phase: ExecutorPhase) -> pb::ExecutorState {
+    match phase {
+        ExecutorPhase::Requested => pb::ExecutorState::Requested,
+        ExecutorPhase::Pending => pb::ExecutorState::Pending,
+        ExecutorPhase::Running => pb::ExecutorState::Running,
+        ExecutorPhase::Exited => pb::ExecutorState::Exited,
+    }
+}
+
+fn reason(reason: ExitReason) -> pb::ExitReason {
+    match reason {
+        ExitReason::Completed => pb::ExitReason::Completed,
+        ExitReason::Error => pb::ExitReason::Error,
+        ExitReason::OomKilled => pb::ExitReason::OomKilled,
+        ExitReason::Signaled => pb::ExitReason::Signaled,
+        ExitReason::KilledByDriver => pb::ExitReason::KilledByDriver,
+        ExitReason::Decommissioned => pb::ExitReason::Decommissioned,
+        ExitReason::ScaledDown => pb::ExitReason::ScaledDown,
+        ExitReason::ApplicationEnded => pb::ExitReason::ApplicationEnded,
+        ExitReason::Evicted => pb::ExitReason::Evicted,
+        ExitReason::NodeLost => pb::ExitReason::NodeLost,
+        ExitReason::DeletedExternally => pb::ExitReason::DeletedExternally,
+        ExitReason::StartFailed => pb::ExitReason::StartFailed,
+        ExitReason::StartTimeout => pb::ExitReason::StartTimeout,
+        ExitReason::DeadlineExceeded => pb::ExitReason::DeadlineExceeded,
+        ExitReason::Lost => pb::ExitReason::Lost,
+    }
+}

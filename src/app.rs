@@ -1,0 +1,591 @@
+//! Applications: the registry, and one actor (task) per application that owns its engine.
+//!
+//! The registry maps application ids to handles. A handle holds what can be checked without the
+//! actor (the token) and channels to it. The actor is the only writer of its engine: it takes
+//! commands and backend observations in order, sleeps until the engine's next deadline, carries
+//! out the engine's actions on the backend, and publishes the last event sequence number and a
+//! summary. Once the application has ended and every executor is gone it removes itself from the
+//! registry. No DashMap guard is held across an `.await`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use stoker_core::{
+    Action, AppId, AppPhase, BackendObservation, Engine, EngineConfig, EngineError, Event,
+    EventKind, ExecutorBackend, ExecutorEvent, ExecutorId, ExecutorPhase, ExecutorTemplate, LaunchRequest, Millis,
+    Observation, ProfileId,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::clock::Clock;
+use crate::error::ApiError;
+use crate::metrics::{Metrics, ReasonLabel};
+
+/// A snapshot of an application, published by its actor after every input.
+#[derive(Clone, Debug, Default)]
+pub struct AppSummary {
+    /// Application name.
+    pub app_name: String,
+    /// SPARK_USER.
+    pub spark_user: String,
+    /// Phase name.
+    pub phase: &'static str,
+    /// Targets per profile.
+    pub targets: BTreeMap<ProfileId, u32>,
+    /// Executors requested or pending.
+    pub pending: u32,
+    /// Executors running.
+    pub running: u32,
+    /// Executors being removed.
+    pub deleting: u32,
+    /// Executors exited so far.
+    pub exited: u64,
+    /// Failures counted toward the limit.
+    pub failures: u32,
+    /// When the lease expires (monotonic ms).
+    pub lease_deadline: Millis,
+    /// Last event sequence number.
+    pub last_seq: u64,
+    /// When the application registered (Unix ms).
+    pub registered_unix_ms: i64,
+}
+
+/// One executor as GetApplication shows it.
+#[derive(Clone, Debug)]
+pub struct ExecutorView {
+    /// Id.
+    pub id: ExecutorId,
+    /// Profile.
+    pub profile: ProfileId,
+    /// Phase.
+    pub phase: ExecutorPhase,
+    /// Host.
+    pub host: String,
+    /// Pod name or pid.
+    pub backend_name: String,
+    /// Being removed.
+    pub deleting: bool,
+    /// Creation time (Unix ms).
+    pub created_unix_ms: i64,
+}
+
+/// What an actor answers to a re-registration.
+#[derive(Clone, Debug)]
+pub struct Reattached {
+    /// Last event sequence number.
+    pub last_seq: u64,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+
+/// Commands to an application's actor.
+pub enum AppCommand {
+    /// A driver registered again with the same token.
+    Reattach {
+        /// Its (possibly larger) template.
+        template: Arc<ExecutorTemplate>,
+        /// Its current totals.
+        targets: Vec<(ProfileId, u64)>,
+        /// Its highest executor id.
+        last_executor_id: u64,
+        /// Reply.
+        reply: Reply<Reattached>,
+    },
+    /// RequestTotalExecutors.
+    SetTargets {
+        /// Totals.
+        targets: Vec<(ProfileId, u64)>,
+        /// Reply.
+        reply: Reply<()>,
+    },
+    /// KillExecutors.
+    Kill {
+        /// Ids.
+        ids: Vec<ExecutorId>,
+        /// Lower targets.
+        adjust_target: bool,
+        /// Reply with the ids killed.
+        reply: Reply<Vec<ExecutorId>>,
+    },
+    /// DecommissionExecutors.
+    Decommission {
+        /// Ids.
+        ids: Vec<ExecutorId>,
+        /// Lower targets.
+        adjust_target: bool,
+        /// Reply with the ids affected.
+        reply: Reply<Vec<ExecutorId>>,
+    },
+    /// Heartbeat.
+    Heartbeat {
+        /// Highest sequence handled by the driver.
+        acked_seq: u64,
+        /// Reply.
+        reply: Reply<()>,
+    },
+    /// UnregisterApplication.
+    Unregister {
+        /// Reply with the number of executors being removed.
+        reply: Reply<usize>,
+    },
+    /// Events after a sequence number (at most `limit`).
+    Events {
+        /// Cursor.
+        after_seq: u64,
+        /// Batch size.
+        limit: usize,
+        /// Reply.
+        reply: oneshot::Sender<Vec<Event>>,
+    },
+    /// Executors for GetApplication.
+    Executors {
+        /// Reply.
+        reply: oneshot::Sender<Vec<ExecutorView>>,
+    },
+    /// Something the backend saw.
+    Observe(ExecutorId, Observation),
+}
+
+/// The registry's entry for an application.
+pub struct AppHandle {
+    /// The application.
+    pub app_id: AppId,
+    token: String,
+    generation: u64,
+    commands: mpsc::UnboundedSender<AppCommand>,
+    /// Last event sequence number, updated by the actor.
+    pub seq: watch::Receiver<u64>,
+    /// Summary, updated by the actor.
+    pub summary: watch::Receiver<AppSummary>,
+}
+
+impl AppHandle {
+    /// Whether `token` is this application's, compared in constant time.
+    pub fn token_matches(&self, token: &str) -> bool {
+        constant_time_eq(self.token.as_bytes(), token.as_bytes())
+    }
+
+    /// The application's token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Sends a command and waits for the reply.
+    pub async fn call<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> AppCommand,
+    ) -> Result<T, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())?
+    }
+
+    /// Asks for events after `after_seq`; empty if the actor is gone.
+    pub async fn events(&self, after_seq: u64, limit: usize) -> Option<Vec<Event>> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(AppCommand::Events {
+                after_seq,
+                limit,
+                reply: tx,
+            })
+            .ok()?;
+        rx.await.ok()
+    }
+
+    /// Asks for the executors; None if the actor is gone.
+    pub async fn executors(&self) -> Option<Vec<ExecutorView>> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(AppCommand::Executors { reply: tx }).ok()?;
+        rx.await.ok()
+    }
+
+    /// Forwards a backend observation.
+    pub fn observe(&self, id: ExecutorId, observation: Observation) {
+        let _ = self.commands.send(AppCommand::Observe(id, observation));
+    }
+
+    fn gone(&self) -> ApiError {
+        ApiError::Unavailable(format!(
+            "application {} has ended; register again",
+            self.app_id
+        ))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Shared server state.
+pub struct Apps {
+    /// The registry.
+    pub registry: DashMap<AppId, Arc<AppHandle>>,
+    generation: AtomicU64,
+    /// The backend.
+    pub backend: Arc<dyn ExecutorBackend>,
+    /// The clock.
+    pub clock: Clock,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// What a new application starts with.
+pub struct NewApp {
+    /// Its id.
+    pub app_id: AppId,
+    /// Its token.
+    pub token: String,
+    /// Name.
+    pub app_name: String,
+    /// Template.
+    pub template: Arc<ExecutorTemplate>,
+    /// Engine policy.
+    pub config: EngineConfig,
+    /// Initial targets.
+    pub targets: Vec<(ProfileId, u64)>,
+    /// The driver's highest executor id.
+    pub last_executor_id: u64,
+    /// Executors the driver believes alive.
+    pub known_executor_ids: Vec<ExecutorId>,
+}
+
+impl Apps {
+    /// Empty state.
+    pub fn new(backend: Arc<dyn ExecutorBackend>, clock: Clock, metrics: Arc<Metrics>) -> Self {
+        Self {
+            registry: DashMap::new(),
+            generation: AtomicU64::new(0),
+            backend,
+            clock,
+            metrics,
+        }
+    }
+
+    /// Looks an application up.
+    pub fn get(&self, app_id: &AppId) -> Option<Arc<AppHandle>> {
+        self.registry.get(app_id).map(|e| Arc::clone(e.value()))
+    }
+
+    /// Routes a backend observation to its application's actor.
+    pub fn route(&self, observation: BackendObservation) {
+        match self.get(&observation.app_id) {
+            Some(handle) => handle.observe(observation.executor_id, observation.observation),
+            None => debug!(
+                app = %observation.app_id,
+                executor = %observation.executor_id,
+                "observation for an application that is gone"
+            ),
+        }
+    }
+
+    /// Creates an application and starts its actor. The engine validates the targets first:
+    /// on error nothing is registered. Fails with `AlreadyExists` if the id was taken
+    /// meanwhile (the caller retries as a re-attachment).
+    pub fn create(self: &Arc<Self>, new: NewApp) -> Result<(Arc<AppHandle>, u64), ApiError> {
+        let now = self.clock.now();
+        let profiles: Vec<ProfileId> = new.template.profiles.keys().copied().collect();
+        let mut engine = Engine::new(new.config, profiles, new.last_executor_id, now);
+        engine.set_targets(&new.targets, now)?;
+        engine.report_unknown_as_lost(&new.known_executor_ids, now);
+
+        let (commands, rx) = mpsc::unbounded_channel();
+        let (seq_tx, seq_rx) = watch::channel(engine.last_seq());
+        let summary = AppSummary {
+            app_name: new.app_name.clone(),
+            spark_user: new.template.spark_user.clone(),
+            registered_unix_ms: self.clock.unix_ms(now),
+            ..AppSummary::default()
+        };
+        let (summary_tx, summary_rx) = watch::channel(summary);
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let handle = Arc::new(AppHandle {
+            app_id: new.app_id.clone(),
+            token: new.token,
+            generation,
+            commands,
+            seq: seq_rx,
+            summary: summary_rx,
+        });
+        match self.registry.entry(new.app_id.clone()) {
+            dashmap::Entry::Occupied(_) => {
+                return Err(ApiError::AlreadyExists(format!(
+                    "application {} is already registered",
+                    new.app_id
+                )))
+            }
+            dashmap::Entry::Vacant(slot) => {
+                slot.insert(Arc::clone(&handle));
+            }
+        }
+        let last_seq = engine.last_seq();
+        let actor = Actor {
+            apps: Arc::clone(self),
+            app_id: new.app_id,
+            generation,
+            engine,
+            template: new.template,
+            commands: rx,
+            seq: seq_tx,
+            summary: summary_tx,
+            counted_seq: 0,
+        };
+        info!(app = %actor.app_id, "application registered");
+        self.metrics.applications_registered.inc();
+        tokio::spawn(actor.run());
+        Ok((handle, last_seq))
+    }
+
+    fn remove(&self, app_id: &AppId, generation: u64) {
+        self.registry
+            .remove_if(app_id, |_, handle| handle.generation == generation);
+    }
+}
+
+struct Actor {
+    apps: Arc<Apps>,
+    app_id: AppId,
+    generation: u64,
+    engine: Engine,
+    template: Arc<ExecutorTemplate>,
+    commands: mpsc::UnboundedReceiver<AppCommand>,
+    seq: watch::Sender<u64>,
+    summary: watch::Sender<AppSummary>,
+    counted_seq: u64,
+}
+
+impl Actor {
+    async fn run(mut self) {
+        self.after_input();
+        loop {
+            if self.engine.is_finished() {
+                break;
+            }
+            let deadline = self.engine.next_deadline();
+            let sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(self.apps.clock.instant(at)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(command) => self.handle(command),
+                    // Every handle is gone: only possible once removed from the registry.
+                    None => break,
+                },
+                () = sleep => {
+                    let now = self.apps.clock.now();
+                    let before = self.engine.phase();
+                    self.engine.tick(now);
+                    if before != AppPhase::Ending && self.engine.phase() == AppPhase::Ending {
+                        warn!(app = %self.app_id, "driver lease expired; removing the application's executors");
+                        self.apps.metrics.leases_expired.inc();
+                    }
+                }
+            }
+            self.after_input();
+        }
+        self.apps.remove(&self.app_id, self.generation);
+        info!(app = %self.app_id, exited = self.engine.exited_total(), "application removed");
+    }
+
+    fn handle(&mut self, command: AppCommand) {
+        let now = self.apps.clock.now();
+        match command {
+            AppCommand::Reattach {
+                template,
+                targets,
+                last_executor_id,
+                reply,
+            } => {
+                let result = self.reattach(template, &targets, last_executor_id, now);
+                let _ = reply.send(result);
+            }
+            AppCommand::SetTargets { targets, reply } => {
+                let result = self.engine.set_targets(&targets, now).map_err(ApiError::from);
+                let _ = reply.send(result);
+            }
+            AppCommand::Kill {
+                ids,
+                adjust_target,
+                reply,
+            } => {
+                let result = self.engine.kill(&ids, adjust_target, now).map_err(ApiError::from);
+                let _ = reply.send(result);
+            }
+            AppCommand::Decommission {
+                ids,
+                adjust_target,
+                reply,
+            } => {
+                let result = self
+                    .engine
+                    .decommission(&ids, adjust_target, now)
+                    .map_err(ApiError::from);
+                let _ = reply.send(result);
+            }
+            AppCommand::Heartbeat { acked_seq, reply } => {
+                let result = if self.engine.phase() == AppPhase::Ending {
+                    Err(ApiError::Engine(EngineError::Ending))
+                } else {
+                    self.engine.heartbeat(acked_seq, now);
+                    Ok(())
+                };
+                let _ = reply.send(result);
+            }
+            AppCommand::Unregister { reply } => {
+                let removed = self.engine.unregister(now);
+                info!(app = %self.app_id, removed, "application unregistered");
+                let _ = reply.send(Ok(removed));
+            }
+            AppCommand::Events {
+                after_seq,
+                limit,
+                reply,
+            } => {
+                let events = self.engine.events_after(after_seq).take(limit).cloned().collect();
+                let _ = reply.send(events);
+            }
+            AppCommand::Executors { reply } => {
+                let clock = self.apps.clock;
+                let views = self
+                    .engine
+                    .executors()
+                    .map(|e| ExecutorView {
+                        id: e.id,
+                        profile: e.profile,
+                        phase: e.phase,
+                        host: e.host.clone(),
+                        backend_name: e.backend_name.clone(),
+                        deleting: e.deleting.is_some(),
+                        created_unix_ms: clock.unix_ms(e.created_at),
+                    })
+                    .collect();
+                let _ = reply.send(views);
+            }
+            AppCommand::Observe(id, observation) => {
+                self.observe(id, observation, now);
+            }
+        }
+    }
+
+    fn reattach(
+        &mut self,
+        template: Arc<ExecutorTemplate>,
+        targets: &[(ProfileId, u64)],
+        last_executor_id: u64,
+        now: Millis,
+    ) -> Result<Reattached, ApiError> {
+        if self.engine.phase() == AppPhase::Ending {
+            return Err(ApiError::Unavailable(format!(
+                "application {} is ending (unregistered or lease expired); register again once it is gone",
+                self.app_id
+            )));
+        }
+        self.engine
+            .add_profiles(template.profiles.keys().copied());
+        self.engine.raise_last_executor_id(last_executor_id);
+        if !targets.is_empty() {
+            self.engine.set_targets(targets, now)?;
+        } else {
+            self.engine.heartbeat(0, now);
+        }
+        self.template = template;
+        info!(app = %self.app_id, "driver re-attached");
+        Ok(Reattached {
+            last_seq: self.engine.last_seq(),
+        })
+    }
+
+    fn observe(&mut self, id: ExecutorId, observation: Observation, now: Millis) {
+        if let Observation::Exited { reason, code, .. } = &observation {
+            debug!(app = %self.app_id, executor = %id, ?code, %reason, "executor exited");
+        }
+        if !self.engine.observe(id, observation, now) {
+            debug!(app = %self.app_id, executor = %id, "observation for an untracked executor");
+        }
+    }
+
+    /// Carries out actions and publishes state.
+    fn after_input(&mut self) {
+        let backend = Arc::clone(&self.apps.backend);
+        let backend_name = backend.name();
+        for action in self.engine.take_actions() {
+            match action {
+                Action::Launch { id, profile } => {
+                    debug!(app = %self.app_id, executor = %id, profile, "launching executor");
+                    self.apps.metrics.backend_op(backend_name, "launch");
+                    backend.launch(LaunchRequest {
+                        app_id: self.app_id.clone(),
+                        executor_id: id,
+                        profile,
+                        template: Arc::clone(&self.template),
+                    });
+                }
+                Action::Terminate { id, grace } => {
+                    debug!(app = %self.app_id, executor = %id, grace_ms = grace, "terminating executor");
+                    self.apps.metrics.backend_op(backend_name, "terminate");
+                    backend.terminate(&self.app_id, id, grace);
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&mut self) {
+        let last_seq = self.engine.last_seq();
+        for event in self.engine.events_after(self.counted_seq) {
+            if let EventKind::Executor(ExecutorEvent {
+                exit: Some(exit), ..
+            }) = &event.kind
+            {
+                self.apps
+                    .metrics
+                    .executor_exits
+                    .get_or_create(&ReasonLabel {
+                        reason: exit.reason.as_str().to_owned(),
+                    })
+                    .inc();
+            }
+        }
+        self.counted_seq = last_seq;
+        self.seq.send_if_modified(|seq| {
+            let changed = *seq != last_seq;
+            *seq = last_seq;
+            changed
+        });
+        let mut pending = 0;
+        let mut running = 0;
+        let mut deleting = 0;
+        for executor in self.engine.executors() {
+            if executor.deleting.is_some() {
+                deleting += 1;
+            }
+            match executor.phase {
+                ExecutorPhase::Running => running += 1,
+                _ => pending += 1,
+            }
+        }
+        let engine = &self.engine;
+        self.summary.send_modify(|s| {
+            s.phase = engine.phase().as_str();
+            s.targets = engine.targets().clone();
+            s.pending = pending;
+            s.running = running;
+            s.deleting = deleting;
+            s.exited = engine.exited_total();
+            s.failures = engine.failures();
+            s.lease_deadline = engine.lease_deadline();
+            s.last_seq = last_seq;
+        });
+    }
+}

@@ -1,0 +1,151 @@
+//! The `stoker apps` and `stoker executors` commands: tables from a running server.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+use crate::config::ClientArgs;
+use crate::proto::v1 as pb;
+use crate::proto::v1::executor_allocator_client::ExecutorAllocatorClient;
+
+fn token(args: &ClientArgs) -> anyhow::Result<String> {
+    if let Some(token) = &args.token {
+        return Ok(token.clone());
+    }
+    let dir = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/tmp/stoker"));
+    let path = dir.join("admin-token");
+    let token = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no --token given and cannot read {}; pass --token or --work-dir",
+            path.display()
+        )
+    })?;
+    Ok(token.trim().to_owned())
+}
+
+async fn client(
+    args: &ClientArgs,
+) -> anyhow::Result<ExecutorAllocatorClient<tonic::transport::Channel>> {
+    ExecutorAllocatorClient::connect(args.server.clone())
+        .await
+        .with_context(|| format!("cannot connect to stoker at {}", args.server))
+}
+
+fn status_error(status: tonic::Status, what: &str) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {} ({:?})", status.message(), status.code())
+}
+
+/// `stoker apps`.
+pub async fn apps(args: ClientArgs) -> anyhow::Result<String> {
+    let admin_token = token(&args)?;
+    let mut client = client(&args).await?;
+    let response = client
+        .list_applications(pb::ListApplicationsRequest { admin_token })
+        .await
+        .map_err(|s| status_error(s, "cannot list applications"))?
+        .into_inner();
+    Ok(apps_table(&response.applications))
+}
+
+/// Renders the application table.
+pub fn apps_table(apps: &[pb::ApplicationInfo]) -> String {
+    let mut rows = vec![[
+        "APP".to_owned(),
+        "NAME".to_owned(),
+        "USER".to_owned(),
+        "PHASE".to_owned(),
+        "TARGET".to_owned(),
+        "PENDING".to_owned(),
+        "RUNNING".to_owned(),
+        "EXITED".to_owned(),
+        "FAILURES".to_owned(),
+        "LEASE".to_owned(),
+    ]];
+    for app in apps {
+        let target: i64 = app.targets.iter().map(|t| t.total).sum();
+        rows.push([
+            app.app_id.clone(),
+            app.app_name.clone(),
+            app.spark_user.clone(),
+            app.phase.clone(),
+            target.to_string(),
+            app.pending.to_string(),
+            app.running.to_string(),
+            app.exited.to_string(),
+            app.failures.to_string(),
+            format!("{:.1}s", app.lease_remaining_ms as f64 / 1000.0),
+        ]);
+    }
+    table(&rows)
+}
+
+/// `stoker executors <app>`.
+pub async fn executors(app_id: String, args: ClientArgs) -> anyhow::Result<String> {
+    let token = token(&args)?;
+    let mut client = client(&args).await?;
+    let info = client
+        .get_application(pb::GetApplicationRequest {
+            app_id: app_id.clone(),
+            token,
+        })
+        .await
+        .map_err(|s| status_error(s, &format!("cannot get application {app_id}")))?
+        .into_inner();
+    if info.app_id != app_id {
+        bail!("server answered for {} instead of {app_id}", info.app_id);
+    }
+    Ok(executors_table(&info))
+}
+
+/// Renders the executor table.
+pub fn executors_table(info: &pb::ApplicationInfo) -> String {
+    let mut rows = vec![[
+        "EXECUTOR".to_owned(),
+        "PROFILE".to_owned(),
+        "STATE".to_owned(),
+        "HOST".to_owned(),
+        "BACKEND".to_owned(),
+        "DELETING".to_owned(),
+    ]];
+    for e in &info.executors {
+        let state = pb::ExecutorState::try_from(e.state)
+            .map(|s| s.as_str_name().trim_start_matches("EXECUTOR_STATE_").to_owned())
+            .unwrap_or_else(|_| e.state.to_string());
+        rows.push([
+            e.executor_id.clone(),
+            e.resource_profile_id.to_string(),
+            state,
+            e.host.clone(),
+            e.backend_name.clone(),
+            if e.deleting { "yes" } else { "" }.to_owned(),
+        ]);
+    }
+    table(&rows)
+}
+
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                let _ = write!(line, "{cell}");
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,235 @@
+//! The `stoker` command: `serve`, `apps`, `executors`.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use stoker::config::{BackendKind, Cli, Command, LogFormat, ServeArgs};
+use stoker::server::{self, Settings};
+use stoker_core::{EngineConfig, ExecutorBackend};
+use stoker_local::{LocalBackend, LocalConfig};
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+/// The Spark version the project's set-up installs (pyspark from PyPI).
+const SPARK_VERSION: &str = "4.2.0";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::ExecGuard { parent, command } = &cli.command {
+        return exec_guard(*parent, command);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("stoker: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(*args).await,
+            Command::Apps(args) => {
+                print!("{}", stoker::cli::apps(args).await?);
+                Ok(())
+            }
+            Command::Executors { app_id, client } => {
+                print!("{}", stoker::cli::executors(app_id, client).await?);
+                Ok(())
+            }
+            Command::ExecGuard { .. } => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("stoker: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Ties the life of `command` to the stoker process `parent`: asks the kernel for SIGKILL when
+/// the parent dies, then becomes the command (exec keeps the death signal).
+fn exec_guard(parent: i32, command: &[String]) -> ExitCode {
+    use nix::sys::signal::Signal;
+    if let Err(err) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
+        eprintln!("stoker exec-guard: cannot set the parent-death signal: {err}");
+        return ExitCode::from(126);
+    }
+    // The parent may have died before the death signal was armed.
+    if nix::unistd::getppid().as_raw() != parent {
+        eprintln!("stoker exec-guard: stoker (pid {parent}) is gone; not starting");
+        return ExitCode::from(125);
+    }
+    let Some((program, args)) = command.split_first() else {
+        eprintln!("stoker exec-guard: no command given");
+        return ExitCode::from(2);
+    };
+    let err = std::process::Command::new(program).args(args).exec();
+    eprintln!("stoker exec-guard: cannot run {program}: {err}");
+    ExitCode::from(127)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    std::fs::create_dir_all(&args.work_dir)
+        .with_context(|| format!("cannot create work directory {}", args.work_dir.display()))?;
+    let admin_token = match &args.admin_token {
+        Some(token) if token.len() >= 16 => token.clone(),
+        Some(_) => bail!("--admin-token must be at least 16 characters"),
+        None => {
+            let token = stoker::random_token();
+            write_secret(&args.work_dir.join("admin-token"), &token)?;
+            token
+        }
+    };
+    let engine = EngineConfig {
+        lease_ttl: args.lease_ttl,
+        start_timeout: args.start_timeout,
+        delete_grace: args.delete_grace,
+        decommission_timeout: args.decommission_timeout,
+        max_failures: args.default_max_failures,
+        failure_window: None,
+        max_executors_per_profile: args.limits.max_executors_per_profile,
+        max_event_log: 100_000,
+    };
+    let settings = Settings {
+        listen: args.listen,
+        metrics_listen: Some(args.metrics_listen),
+        engine,
+        limits: args.limits.clone(),
+        admin_token,
+        incarnation: stoker::random_token()[..16].to_owned(),
+    };
+    let local = match args.backend {
+        BackendKind::Local => local_config(&args)?,
+    };
+    info!(
+        backend = "local",
+        spark_home = %local.spark_home.display(),
+        java = %local.java.display(),
+        work_dir = %local.work_dir.display(),
+        "starting stoker"
+    );
+    let mut backend_slot: Option<LocalBackend> = None;
+    let running = server::start(settings, |sink| {
+        let backend = LocalBackend::new(local, sink)?;
+        backend_slot = Some(backend.clone());
+        Ok(Arc::new(backend) as Arc<dyn ExecutorBackend>)
+    })
+    .await?;
+    println!(
+        "stoker listening on {} (metrics on {})",
+        running.grpc_addr,
+        running
+            .metrics_addr
+            .map_or_else(|| "-".to_owned(), |a| a.to_string())
+    );
+
+    wait_for_signal().await?;
+    info!("shutting down: ending streams, then stopping executors");
+    let shutdown = running.shutdown().await;
+    if let Some(backend) = backend_slot {
+        backend.shutdown(args.delete_grace.min(10_000)).await;
+    }
+    if let Err(err) = &shutdown {
+        error!(error = %err, "server stopped with an error");
+    }
+    info!("stopped");
+    shutdown
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    Ok(())
+}
+
+fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(secret.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn local_config(args: &ServeArgs) -> anyhow::Result<LocalConfig> {
+    let spark_home = match &args.spark_home {
+        Some(path) => path.clone(),
+        None => default_spark_home().context(
+            "no Spark installation found: pass --spark-home (or STOKER_SPARK_HOME), or run the \
+             project's set-up (scripts/setup.sh) that installs pyspark",
+        )?,
+    };
+    let java = match &args.java {
+        Some(java) => java.clone(),
+        None => match std::env::var_os("JAVA_HOME") {
+            Some(home) => PathBuf::from(home).join("bin/java"),
+            None => PathBuf::from("java"),
+        },
+    };
+    let exe = std::env::current_exe().context("cannot find the stoker executable")?;
+    let wrapper = vec![
+        exe.display().to_string(),
+        "exec-guard".to_owned(),
+        "--parent".to_owned(),
+        std::process::id().to_string(),
+        "--".to_owned(),
+    ];
+    Ok(LocalConfig {
+        spark_home,
+        java,
+        work_dir: args.work_dir.clone(),
+        host: args.executor_host.clone(),
+        wrapper,
+    })
+}
+
+/// The pyspark package of the project's set-up, else the one `python3` imports.
+fn default_spark_home() -> Option<PathBuf> {
+    let cache = std::env::var_os("STOKER_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/stoker")))?;
+    let venv_lib = cache.join(format!("venv-pyspark-{SPARK_VERSION}")).join("lib");
+    if let Ok(entries) = std::fs::read_dir(&venv_lib) {
+        for entry in entries.flatten() {
+            let candidate = entry.path().join("site-packages/pyspark");
+            if candidate.join("jars").is_dir() {
+                return Some(candidate);
+            }
+        }
+    }
+    let output = std::process::Command::new("python3")
+        .args(["-c", "import os, pyspark; print(os.path.dirname(pyspark.__file__))"])
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    path.join("jars").is_dir().then_some(path)
+}

@@ -1,0 +1,178 @@
+//! Prometheus metrics, served over HTTP at `/metrics`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of RPC metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    /// The RPC method.
+    pub method: String,
+    /// The gRPC status code name.
+    pub code: String,
+}
+
+/// Labels of backend operations.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// Backend name.
+    pub backend: String,
+    /// Operation.
+    pub operation: String,
+}
+
+/// A single string label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// Executor state.
+    pub state: String,
+}
+
+/// A single reason label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Exit reason.
+    pub reason: String,
+}
+
+/// Every metric stoker exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Applications registered now.
+    pub applications: Gauge,
+    /// Executors by state.
+    pub executors: Family<StateLabel, Gauge>,
+    /// RPC latency.
+    pub rpc_duration: Family<RpcLabels, Histogram>,
+    /// Backend operations requested.
+    pub backend_operations: Family<BackendLabels, Counter>,
+    /// Executor exits by reason (backend failures among them).
+    pub executor_exits: Family<ReasonLabel, Counter>,
+    /// Applications registered since start.
+    pub applications_registered: Counter,
+    /// Leases that expired.
+    pub leases_expired: Counter,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("stoker");
+        let applications = Gauge::default();
+        registry.register(
+            "applications",
+            "Applications registered now",
+            applications.clone(),
+        );
+        let executors = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "executors",
+            "Executors by state (pending, running, deleting)",
+            executors.clone(),
+        );
+        let rpc_duration = Family::<RpcLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+        });
+        registry.register(
+            "rpc_duration_seconds",
+            "gRPC request latency by method and status code",
+            rpc_duration.clone(),
+        );
+        let backend_operations = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "backend_operations",
+            "Executor launches and terminations asked of the backend",
+            backend_operations.clone(),
+        );
+        let executor_exits = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "executor_exits",
+            "Executor exits by reason (ERROR, OOM_KILLED, START_FAILED, ... are failures)",
+            executor_exits.clone(),
+        );
+        let applications_registered = Counter::default();
+        registry.register(
+            "applications_registered",
+            "Applications registered since start",
+            applications_registered.clone(),
+        );
+        let leases_expired = Counter::default();
+        registry.register(
+            "leases_expired",
+            "Driver leases that expired",
+            leases_expired.clone(),
+        );
+        Self {
+            registry,
+            applications,
+            executors,
+            rpc_duration,
+            backend_operations,
+            executor_exits,
+            applications_registered,
+            leases_expired,
+        }
+    }
+
+    /// Counts a backend operation.
+    pub fn backend_op(&self, backend: &str, operation: &str) {
+        self.backend_operations
+            .get_or_create(&BackendLabels {
+                backend: backend.to_owned(),
+                operation: operation.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records an RPC's latency.
+    pub fn rpc(&self, method: &str, code: tonic::Code, started: Instant) {
+        self.rpc_duration
+            .get_or_create(&RpcLabels {
+                method: method.to_owned(),
+                code: format!("{code:?}"),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `/metrics` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    refresh: Arc<dyn Fn() -> String + Send + Sync>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let refresh = Arc::clone(&refresh);
+            async move { refresh() }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,184 @@
+//! Wiring: the gRPC server (stoker's service, health, reflection), the metrics endpoint, and
+//! the route from backend observations to application actors.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use anyhow::Context;
+use stoker_core::{BackendObservation, EngineConfig, ExecutorBackend, ObservationSink};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::api::Service;
+use crate::app::Apps;
+use crate::clock::Clock;
+use crate::config::Limits;
+use crate::metrics::{Metrics, StateLabel};
+use crate::proto::v1::executor_allocator_server::ExecutorAllocatorServer;
+use crate::proto::FILE_DESCRIPTOR_SET;
+
+/// What the server needs besides a backend.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// gRPC address (port 0 for any).
+    pub listen: SocketAddr,
+    /// Metrics address, if metrics are served.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Engine policy defaults.
+    pub engine: EngineConfig,
+    /// Request limits.
+    pub limits: Limits,
+    /// Admin token.
+    pub admin_token: String,
+    /// This run's identity, reported to drivers.
+    pub incarnation: String,
+}
+
+/// A running server.
+pub struct Running {
+    /// Where gRPC listens.
+    pub grpc_addr: SocketAddr,
+    /// Where metrics are served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The applications.
+    pub apps: Arc<Apps>,
+    shutdown: watch::Sender<bool>,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    metrics: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Running {
+    /// Stops accepting requests, ends event streams and waits for the servers to stop.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.grpc
+            .await
+            .context("gRPC server task failed")?
+            .context("gRPC server failed")?;
+        if let Some(metrics) = self.metrics {
+            metrics
+                .await
+                .context("metrics server task failed")?
+                .context("metrics server failed")?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts the server with the backend that `make_backend` builds around the observation sink.
+pub async fn start(
+    settings: Settings,
+    make_backend: impl FnOnce(ObservationSink) -> anyhow::Result<Arc<dyn ExecutorBackend>>,
+) -> anyhow::Result<Running> {
+    let apps_cell: Arc<OnceLock<Weak<Apps>>> = Arc::new(OnceLock::new());
+    let sink_cell = Arc::clone(&apps_cell);
+    let sink: ObservationSink = Arc::new(move |observation: BackendObservation| {
+        if let Some(apps) = sink_cell.get().and_then(Weak::upgrade) {
+            apps.route(observation);
+        }
+    });
+    let backend = make_backend(sink)?;
+    let metrics = Arc::new(Metrics::new());
+    let apps = Arc::new(Apps::new(backend, Clock::new(), Arc::clone(&metrics)));
+    let _ = apps_cell.set(Arc::downgrade(&apps));
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let service = Service::new(
+        Arc::clone(&apps),
+        settings.limits.clone(),
+        settings.engine.clone(),
+        settings.incarnation.clone(),
+        settings.admin_token.clone(),
+        shutdown_rx.clone(),
+    );
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ExecutorAllocatorServer<Service>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build the reflection service")?;
+
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen for gRPC on {}", settings.listen))?;
+    let grpc_addr = listener.local_addr().context("no local address")?;
+    let mut grpc_shutdown = shutdown_rx.clone();
+    let reporter = health_reporter.clone();
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(ExecutorAllocatorServer::new(service))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = grpc_shutdown.wait_for(|stop| *stop).await;
+                reporter
+                    .set_not_serving::<ExecutorAllocatorServer<Service>>()
+                    .await;
+            }),
+    );
+    info!(addr = %grpc_addr, incarnation = %settings.incarnation, "gRPC listening");
+
+    let (metrics_addr, metrics_task) = match settings.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+            let bound = listener.local_addr().context("no local address")?;
+            let refresh_apps = Arc::downgrade(&apps);
+            let refresh: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+                let Some(apps) = refresh_apps.upgrade() else {
+                    return String::new();
+                };
+                refresh_gauges(&apps);
+                apps.metrics.encode()
+            });
+            let mut stop = shutdown_rx.clone();
+            let task = tokio::spawn(crate::metrics::serve(listener, refresh, async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            }));
+            info!(addr = %bound, "metrics listening on /metrics");
+            (Some(bound), Some(task))
+        }
+        None => (None, None),
+    };
+
+    Ok(Running {
+        grpc_addr,
+        metrics_addr,
+        apps,
+        shutdown: shutdown_tx,
+        grpc,
+        metrics: metrics_task,
+    })
+}
+
+fn refresh_gauges(apps: &Apps) {
+    let (mut pending, mut running, mut deleting) = (0i64, 0i64, 0i64);
+    let mut count = 0i64;
+    for entry in apps.registry.iter() {
+        let summary = entry.value().summary.borrow();
+        pending += i64::from(summary.pending);
+        running += i64::from(summary.running);
+        deleting += i64::from(summary.deleting);
+        count += 1;
+    }
+    apps.metrics.applications.set(count);
+    for (state, value) in [("pending", pending), ("running", running), ("deleting", deleting)] {
+        apps.metrics
+            .executors
+            .get_or_create(&StateLabel {
+                state: state.to_owned(),
+            })
+            .set(value);
+    }
+}

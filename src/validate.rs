@@ -1,0 +1,429 @@
+//! Validation of requests into domain types. Every error names the field at fault.
+
+use std::collections::{BTreeMap, HashMap};
+
+use stoker_core::{
+    AppId, ExecutorId, ExecutorTemplate, KubernetesSettings, ProfileId, ResourceProfile,
+};
+
+use crate::config::Limits;
+use crate::error::ApiError;
+use crate::proto::v1 as pb;
+
+/// Shortest token a driver may choose.
+pub const MIN_TOKEN_LEN: usize = 32;
+/// Longest token accepted.
+pub const MAX_TOKEN_LEN: usize = 256;
+
+/// A validated RegisterApplication request.
+#[derive(Debug)]
+pub struct Registration {
+    /// The application.
+    pub app_id: AppId,
+    /// Its name.
+    pub app_name: String,
+    /// The token the driver presented or proposed, if any.
+    pub token: Option<String>,
+    /// The template.
+    pub template: ExecutorTemplate,
+    /// Targets to apply.
+    pub targets: Vec<(ProfileId, u64)>,
+    /// The driver's highest executor id.
+    pub last_executor_id: u64,
+    /// Executors the driver believes alive.
+    pub known_executor_ids: Vec<ExecutorId>,
+    /// Failure limit (None: server default).
+    pub max_failures: Option<u32>,
+    /// Failure validity window (None: forever).
+    pub failure_window: Option<u64>,
+}
+
+/// Validates the application id field.
+pub fn app_id(raw: &str) -> Result<AppId, ApiError> {
+    Ok(AppId::parse(raw)?)
+}
+
+/// Validates a token field: present, of sane length and characters.
+pub fn token(raw: &str) -> Result<&str, ApiError> {
+    if raw.is_empty() {
+        return Err(ApiError::Unauthenticated);
+    }
+    check_token_shape("token", raw)?;
+    Ok(raw)
+}
+
+fn check_token_shape(field: &str, raw: &str) -> Result<(), ApiError> {
+    if raw.len() > MAX_TOKEN_LEN {
+        return Err(ApiError::invalid(
+            field,
+            format!("is {} bytes long, more than {MAX_TOKEN_LEN}", raw.len()),
+        ));
+    }
+    if !raw.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::invalid(
+            field,
+            "must be printable ASCII without spaces",
+        ));
+    }
+    Ok(())
+}
+
+/// Validates executor ids.
+pub fn executor_ids(
+    field: &str,
+    raw: &[String],
+    limits: &Limits,
+) -> Result<Vec<ExecutorId>, ApiError> {
+    if raw.len() > limits.max_ids {
+        return Err(ApiError::invalid(
+            field,
+            format!("has {} ids, more than {}", raw.len(), limits.max_ids),
+        ));
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(i, id)| {
+            id.parse::<ExecutorId>()
+                .map_err(|problem| ApiError::invalid(format!("{field}[{i}]"), problem))
+        })
+        .collect()
+}
+
+/// Validates targets (profile membership is the engine's check).
+pub fn targets(
+    field: &str,
+    raw: &[pb::ProfileTarget],
+    limits: &Limits,
+) -> Result<Vec<(ProfileId, u64)>, ApiError> {
+    if raw.len() > limits.max_entries {
+        return Err(ApiError::invalid(
+            field,
+            format!("has {} entries, more than {}", raw.len(), limits.max_entries),
+        ));
+    }
+    let mut seen = HashMap::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, target) in raw.iter().enumerate() {
+        if target.total < 0 {
+            return Err(ApiError::invalid(
+                format!("{field}[{i}].total"),
+                format!("{} is negative", target.total),
+            ));
+        }
+        let total = target.total.unsigned_abs();
+        if total > u64::from(limits.max_executors_per_profile) {
+            return Err(ApiError::invalid(
+                format!("{field}[{i}].total"),
+                format!(
+                    "{total} exceeds the limit of {} executors per profile",
+                    limits.max_executors_per_profile
+                ),
+            ));
+        }
+        if let Some(first) = seen.insert(target.resource_profile_id, i) {
+            return Err(ApiError::invalid(
+                format!("{field}[{i}].resource_profile_id"),
+                format!(
+                    "profile {} already given at {field}[{first}]",
+                    target.resource_profile_id
+                ),
+            ));
+        }
+        out.push((target.resource_profile_id, total));
+    }
+    Ok(out)
+}
+
+/// Validates a RegisterApplication request.
+pub fn registration(
+    request: pb::RegisterApplicationRequest,
+    limits: &Limits,
+) -> Result<Registration, ApiError> {
+    let app_id = app_id(&request.app_id)?;
+    string("app_name", &request.app_name, limits)?;
+    let token = if request.token.is_empty() {
+        None
+    } else {
+        check_token_shape("token", &request.token)?;
+        if request.token.len() < MIN_TOKEN_LEN {
+            return Err(ApiError::invalid(
+                "token",
+                format!(
+                    "is {} bytes long; a token chosen by the driver needs at least {MIN_TOKEN_LEN}",
+                    request.token.len()
+                ),
+            ));
+        }
+        Some(request.token)
+    };
+    let template = request
+        .template
+        .ok_or_else(|| ApiError::invalid("template", "is required"))?;
+    let template = executor_template(template, limits)?;
+    let targets = targets("initial_targets", &request.initial_targets, limits)?;
+    for (i, (profile, _)) in targets.iter().enumerate() {
+        if !template.profiles.contains_key(profile) {
+            return Err(ApiError::invalid(
+                format!("initial_targets[{i}].resource_profile_id"),
+                format!("profile {profile} is not in template.profiles"),
+            ));
+        }
+    }
+    if request.last_executor_id > ExecutorId::MAX {
+        return Err(ApiError::invalid(
+            "last_executor_id",
+            format!(
+                "{} is above the largest executor id {}",
+                request.last_executor_id,
+                ExecutorId::MAX
+            ),
+        ));
+    }
+    let known_executor_ids =
+        executor_ids("known_executor_ids", &request.known_executor_ids, limits)?;
+    let policy = request.failure_policy.unwrap_or_default();
+    Ok(Registration {
+        app_id,
+        app_name: request.app_name,
+        token,
+        template,
+        targets,
+        last_executor_id: request.last_executor_id,
+        known_executor_ids,
+        max_failures: (policy.max_failures > 0).then_some(policy.max_failures),
+        failure_window: (policy.validity_interval_ms > 0).then_some(policy.validity_interval_ms),
+    })
+}
+
+fn executor_template(
+    raw: pb::ExecutorTemplate,
+    limits: &Limits,
+) -> Result<ExecutorTemplate, ApiError> {
+    string("template.driver_url", &raw.driver_url, limits)?;
+    if !raw.driver_url.starts_with("spark://") {
+        return Err(ApiError::invalid(
+            "template.driver_url",
+            format!(
+                "{:?} is not a Spark RPC address (spark://CoarseGrainedScheduler@host:port)",
+                truncate(&raw.driver_url)
+            ),
+        ));
+    }
+    string("template.spark_version", &raw.spark_version, limits)?;
+    string("template.spark_user", &raw.spark_user, limits)?;
+    string("template.extra_class_path", &raw.extra_class_path, limits)?;
+    string("template.auth_secret", &raw.auth_secret, limits)?;
+    if raw.profiles.is_empty() {
+        return Err(ApiError::invalid(
+            "template.profiles",
+            "must define at least the default profile",
+        ));
+    }
+    count("template.profiles", raw.profiles.len(), limits)?;
+    let mut profiles = BTreeMap::new();
+    for (i, p) in raw.profiles.into_iter().enumerate() {
+        let field = format!("template.profiles[{i}]");
+        if p.id < 0 {
+            return Err(ApiError::invalid(
+                format!("{field}.id"),
+                format!("{} is negative", p.id),
+            ));
+        }
+        if p.cores == 0 || p.cores > 4_096 {
+            return Err(ApiError::invalid(
+                format!("{field}.cores"),
+                format!("{} is outside 1..=4096", p.cores),
+            ));
+        }
+        const MAX_MIB: u64 = 64 * 1024 * 1024; // 64 TiB
+        for (name, value) in [
+            ("heap_mib", p.heap_mib),
+            ("overhead_mib", p.overhead_mib),
+            ("off_heap_mib", p.off_heap_mib),
+            ("pyspark_mib", p.pyspark_mib),
+        ] {
+            if value > MAX_MIB {
+                return Err(ApiError::invalid(
+                    format!("{field}.{name}"),
+                    format!("{value} MiB is absurd (more than {MAX_MIB})"),
+                ));
+            }
+        }
+        if p.heap_mib == 0 {
+            return Err(ApiError::invalid(format!("{field}.heap_mib"), "must be positive"));
+        }
+        let resources = map_u64(&format!("{field}.resources"), p.resources, limits)?;
+        let resource_vendors = map(&format!("{field}.resource_vendors"), p.resource_vendors, limits)?;
+        let profile = ResourceProfile {
+            id: p.id,
+            cores: p.cores,
+            heap_mib: p.heap_mib,
+            overhead_mib: p.overhead_mib,
+            off_heap_mib: p.off_heap_mib,
+            pyspark_mib: p.pyspark_mib,
+            resources,
+            resource_vendors,
+        };
+        if profiles.insert(p.id, profile).is_some() {
+            return Err(ApiError::invalid(
+                format!("{field}.id"),
+                format!("profile {} is defined twice", p.id),
+            ));
+        }
+    }
+    let environment = map("template.environment", raw.environment, limits)?;
+    for key in environment.keys() {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            return Err(ApiError::invalid(
+                "template.environment",
+                format!("{:?} is not a valid environment variable name", truncate(key)),
+            ));
+        }
+    }
+    count("template.java_options", raw.java_options.len(), limits)?;
+    for (i, option) in raw.java_options.iter().enumerate() {
+        string(&format!("template.java_options[{i}]"), option, limits)?;
+    }
+    let startup_conf = map("template.startup_conf", raw.startup_conf, limits)?;
+    for key in startup_conf.keys() {
+        if !key.starts_with("spark.") {
+            return Err(ApiError::invalid(
+                "template.startup_conf",
+                format!("{:?} is not a spark.* key", truncate(key)),
+            ));
+        }
+    }
+    let labels = map("template.labels", raw.labels, limits)?;
+    let annotations = map("template.annotations", raw.annotations, limits)?;
+    let kubernetes = kubernetes(raw.kubernetes.unwrap_or_default(), limits)?;
+    Ok(ExecutorTemplate {
+        driver_url: raw.driver_url,
+        spark_version: raw.spark_version,
+        spark_user: raw.spark_user,
+        profiles,
+        environment,
+        java_options: raw.java_options,
+        startup_conf,
+        extra_class_path: raw.extra_class_path,
+        labels,
+        annotations,
+        kubernetes,
+        auth_secret: raw.auth_secret,
+    })
+}
+
+fn kubernetes(raw: pb::KubernetesSettings, limits: &Limits) -> Result<KubernetesSettings, ApiError> {
+    for (name, value) in [
+        ("namespace", &raw.namespace),
+        ("image", &raw.image),
+        ("image_pull_policy", &raw.image_pull_policy),
+        ("service_account", &raw.service_account),
+        ("scheduler_name", &raw.scheduler_name),
+        ("request_cores", &raw.request_cores),
+        ("limit_cores", &raw.limit_cores),
+        ("driver_pod_name", &raw.driver_pod_name),
+        ("driver_pod_uid", &raw.driver_pod_uid),
+    ] {
+        string(&format!("template.kubernetes.{name}"), value, limits)?;
+    }
+    if raw.pod_template_yaml.len() > limits.max_pod_template_bytes {
+        return Err(ApiError::invalid(
+            "template.kubernetes.pod_template_yaml",
+            format!(
+                "is {} bytes, more than {}",
+                raw.pod_template_yaml.len(),
+                limits.max_pod_template_bytes
+            ),
+        ));
+    }
+    count(
+        "template.kubernetes.image_pull_secrets",
+        raw.image_pull_secrets.len(),
+        limits,
+    )?;
+    for (i, secret) in raw.image_pull_secrets.iter().enumerate() {
+        string(
+            &format!("template.kubernetes.image_pull_secrets[{i}]"),
+            secret,
+            limits,
+        )?;
+    }
+    Ok(KubernetesSettings {
+        namespace: raw.namespace,
+        image: raw.image,
+        image_pull_policy: raw.image_pull_policy,
+        image_pull_secrets: raw.image_pull_secrets,
+        service_account: raw.service_account,
+        node_selector: map("template.kubernetes.node_selector", raw.node_selector, limits)?,
+        scheduler_name: raw.scheduler_name,
+        pod_template_yaml: raw.pod_template_yaml,
+        request_cores: raw.request_cores,
+        limit_cores: raw.limit_cores,
+        driver_pod_name: raw.driver_pod_name,
+        driver_pod_uid: raw.driver_pod_uid,
+        other: map("template.kubernetes.other", raw.other, limits)?,
+    })
+}
+
+fn string(field: &str, value: &str, limits: &Limits) -> Result<(), ApiError> {
+    if value.len() > limits.max_string_bytes {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "is {} bytes, more than {}",
+                value.len(),
+                limits.max_string_bytes
+            ),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(ApiError::invalid(field, "contains a NUL character"));
+    }
+    Ok(())
+}
+
+fn count(field: &str, len: usize, limits: &Limits) -> Result<(), ApiError> {
+    if len > limits.max_entries {
+        return Err(ApiError::invalid(
+            field,
+            format!("has {len} entries, more than {}", limits.max_entries),
+        ));
+    }
+    Ok(())
+}
+
+fn map(
+    field: &str,
+    raw: HashMap<String, String>,
+    limits: &Limits,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    count(field, raw.len(), limits)?;
+    for (key, value) in &raw {
+        if key.is_empty() {
+            return Err(ApiError::invalid(field, "has an empty key"));
+        }
+        string(&format!("{field}[{}]", truncate(key)), key, limits)?;
+        string(&format!("{field}[{}]", truncate(key)), value, limits)?;
+    }
+    Ok(raw.into_iter().collect())
+}
+
+fn map_u64(
+    field: &str,
+    raw: HashMap<String, u64>,
+    limits: &Limits,
+) -> Result<BTreeMap<String, u64>, ApiError> {
+    count(field, raw.len(), limits)?;
+    for key in raw.keys() {
+        if key.is_empty() {
+            return Err(ApiError::invalid(field, "has an empty key"));
+        }
+        string(&format!("{field}[{}]", truncate(key)), key, limits)?;
+    }
+    Ok(raw.into_iter().collect())
+}
+
+/// At most 64 characters of a value, for error messages.
+fn truncate(value: &str) -> String {
+    value.chars().take(64).collect()
+}
