@@ -5,9 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use stoker_core::{
-    AppId, EngineConfig, Event, EventKind, ExecutorPhase, ExitReason, ProfileId,
-};
+use stoker_core::{AppId, EngineConfig, Event, EventKind, ExecutorPhase, ExitReason, ProfileId};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -279,40 +277,42 @@ impl ExecutorAllocator for Service {
     ) -> Result<Response<Self::WatchExecutorsStream>, Status> {
         let started = Instant::now();
         let request = request.into_inner();
-        let result = self.authorize(&request.app_id, &request.token).map(|handle| {
-            let (tx, rx) = mpsc::channel(EVENT_BATCH);
-            let clock = self.apps.clock;
-            let mut shutdown = self.shutdown.clone();
-            tokio::spawn(async move {
-                let mut cursor = request.after_seq;
-                let mut seq = handle.seq.clone();
-                loop {
-                    if *shutdown.borrow() {
-                        return;
-                    }
-                    seq.borrow_and_update();
-                    let Some(batch) = handle.events(cursor, EVENT_BATCH).await else {
-                        return;
-                    };
-                    if batch.is_empty() {
-                        tokio::select! {
-                            changed = seq.changed() => if changed.is_err() { return },
-                            _ = shutdown.changed() => return,
-                            () = tx.closed() => return,
-                        }
-                        continue;
-                    }
-                    for event in batch {
-                        cursor = event.seq;
-                        let message = watch_event(&event, clock.unix_ms(event.at));
-                        if tx.send(Ok(message)).await.is_err() {
+        let result = self
+            .authorize(&request.app_id, &request.token)
+            .map(|handle| {
+                let (tx, rx) = mpsc::channel(EVENT_BATCH);
+                let clock = self.apps.clock;
+                let mut shutdown = self.shutdown.clone();
+                tokio::spawn(async move {
+                    let mut cursor = request.after_seq;
+                    let mut seq = handle.seq.clone();
+                    loop {
+                        if *shutdown.borrow() {
                             return;
                         }
+                        seq.borrow_and_update();
+                        let Some(batch) = handle.events(cursor, EVENT_BATCH).await else {
+                            return;
+                        };
+                        if batch.is_empty() {
+                            tokio::select! {
+                                changed = seq.changed() => if changed.is_err() { return },
+                                _ = shutdown.changed() => return,
+                                () = tx.closed() => return,
+                            }
+                            continue;
+                        }
+                        for event in batch {
+                            cursor = event.seq;
+                            let message = watch_event(&event, clock.unix_ms(event.at));
+                            if tx.send(Ok(message)).await.is_err() {
+                                return;
+                            }
+                        }
                     }
-                }
+                });
+                Box::pin(ReceiverStream::new(rx)) as EventStream
             });
-            Box::pin(ReceiverStream::new(rx)) as EventStream
-        });
         self.finish("WatchExecutors", started, result)
     }
 
@@ -345,7 +345,9 @@ impl ExecutorAllocator for Service {
         let request = request.into_inner();
         let result = async {
             let handle = self.authorize(&request.app_id, &request.token)?;
-            let removed = handle.call(|reply| AppCommand::Unregister { reply }).await?;
+            let removed = handle
+                .call(|reply| AppCommand::Unregister { reply })
+                .await?;
             Ok(pb::UnregisterApplicationResponse {
                 removed_executors: u32::try_from(removed).unwrap_or(u32::MAX),
             })
@@ -467,8 +469,13 @@ pub fn watch_event(event: &Event, time_unix_ms: i64) -> pb::WatchEvent {
             reason: ev
                 .exit
                 .as_ref()
-                .map_or(pb::ExitReason::Unspecified, |e| reason(e.reason)) as i32,
-            message: ev.exit.as_ref().map(|e| e.message.clone()).unwrap_or_default(),
+                .map_or(pb::ExitReason::Unspecified, |e| reason(e.reason))
+                as i32,
+            message: ev
+                .exit
+                .as_ref()
+                .map(|e| e.message.clone())
+                .unwrap_or_default(),
             caused_by_app: ev.exit.as_ref().is_some_and(|e| e.caused_by_app),
         }),
         EventKind::AppFailed { message } => {

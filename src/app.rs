@@ -14,8 +14,8 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use stoker_core::{
     Action, AppId, AppPhase, BackendObservation, Engine, EngineConfig, EngineError, Event,
-    EventKind, ExecutorBackend, ExecutorEvent, ExecutorId, ExecutorPhase, ExecutorTemplate, LaunchRequest, Millis,
-    Observation, ProfileId,
+    EventKind, ExecutorBackend, ExecutorEvent, ExecutorId, ExecutorPhase, ExecutorTemplate,
+    LaunchRequest, Millis, Observation, ProfileId,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
@@ -174,14 +174,9 @@ impl AppHandle {
     }
 
     /// Sends a command and waits for the reply.
-    pub async fn call<T>(
-        &self,
-        make: impl FnOnce(Reply<T>) -> AppCommand,
-    ) -> Result<T, ApiError> {
+    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> AppCommand) -> Result<T, ApiError> {
         let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(make(tx))
-            .map_err(|_| self.gone())?;
+        self.commands.send(make(tx)).map_err(|_| self.gone())?;
         rx.await.map_err(|_| self.gone())?
     }
 
@@ -201,7 +196,9 @@ impl AppHandle {
     /// Asks for the executors; None if the actor is gone.
     pub async fn executors(&self) -> Option<Vec<ExecutorView>> {
         let (tx, rx) = oneshot::channel();
-        self.commands.send(AppCommand::Executors { reply: tx }).ok()?;
+        self.commands
+            .send(AppCommand::Executors { reply: tx })
+            .ok()?;
         rx.await.ok()
     }
 
@@ -411,7 +408,10 @@ impl Actor {
                 let _ = reply.send(result);
             }
             AppCommand::SetTargets { targets, reply } => {
-                let result = self.engine.set_targets(&targets, now).map_err(ApiError::from);
+                let result = self
+                    .engine
+                    .set_targets(&targets, now)
+                    .map_err(ApiError::from);
                 let _ = reply.send(result);
             }
             AppCommand::Kill {
@@ -419,7 +419,10 @@ impl Actor {
                 adjust_target,
                 reply,
             } => {
-                let result = self.engine.kill(&ids, adjust_target, now).map_err(ApiError::from);
+                let result = self
+                    .engine
+                    .kill(&ids, adjust_target, now)
+                    .map_err(ApiError::from);
                 let _ = reply.send(result);
             }
             AppCommand::Decommission {
@@ -452,7 +455,12 @@ impl Actor {
                 limit,
                 reply,
             } => {
-                let events = self.engine.events_after(after_seq).take(limit).cloned().collect();
+                let events = self
+                    .engine
+                    .events_after(after_seq)
+                    .take(limit)
+                    .cloned()
+                    .collect();
                 let _ = reply.send(events);
             }
             AppCommand::Executors { reply } => {
@@ -491,8 +499,7 @@ impl Actor {
                 self.app_id
             )));
         }
-        self.engine
-            .add_profiles(template.profiles.keys().copied());
+        self.engine.add_profiles(template.profiles.keys().copied());
         self.engine.raise_last_executor_id(last_executor_id);
         if !targets.is_empty() {
             self.engine.set_targets(targets, now)?;

@@ -113,7 +113,11 @@ pub fn executors_table(info: &pb::ApplicationInfo) -> String {
     ]];
     for e in &info.executors {
         let state = pb::ExecutorState::try_from(e.state)
-            .map(|s| s.as_str_name().trim_start_matches("EXECUTOR_STATE_").to_owned())
+            .map(|s| {
+                s.as_str_name()
+                    .trim_start_matches("EXECUTOR_STATE_")
+                    .to_owned()
+            })
             .unwrap_or_else(|_| e.state.to_string());
         rows.push([
             e.executor_id.clone(),

@@ -132,13 +132,21 @@ pub struct Limits {
     #[arg(long, env = "STOKER_MAX_APPLICATIONS", default_value_t = 1_000)]
     pub max_applications: usize,
     /// Executors per resource profile of one application.
-    #[arg(long, env = "STOKER_MAX_EXECUTORS_PER_PROFILE", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "STOKER_MAX_EXECUTORS_PER_PROFILE",
+        default_value_t = 10_000
+    )]
     pub max_executors_per_profile: u32,
     /// Bytes in one string field.
     #[arg(long, env = "STOKER_MAX_STRING_BYTES", default_value_t = 16_384)]
     pub max_string_bytes: usize,
     /// Bytes of the executor pod template.
-    #[arg(long, env = "STOKER_MAX_POD_TEMPLATE_BYTES", default_value_t = 1_048_576)]
+    #[arg(
+        long,
+        env = "STOKER_MAX_POD_TEMPLATE_BYTES",
+        default_value_t = 1_048_576
+    )]
     pub max_pod_template_bytes: usize,
     /// Entries in one map or list field.
     #[arg(long, env = "STOKER_MAX_ENTRIES", default_value_t = 1_024)]
@@ -164,9 +172,7 @@ impl Default for Limits {
 /// Parses a duration such as `500ms`, `30s`, `10m`, `1h` or plain milliseconds.
 pub fn parse_millis(raw: &str) -> Result<Millis, String> {
     let raw = raw.trim();
-    let split = raw
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(raw.len());
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
     let (number, unit) = raw.split_at(split);
     let value: u64 = number
         .parse()

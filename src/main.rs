@@ -23,7 +23,10 @@ fn main() -> ExitCode {
     if let Command::ExecGuard { parent, command } = &cli.command {
         return exec_guard(*parent, command);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("stoker: cannot start the async runtime: {err}");
@@ -77,7 +80,9 @@ fn exec_guard(parent: i32, command: &[String]) -> ExitCode {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -214,7 +219,9 @@ fn default_spark_home() -> Option<PathBuf> {
     let cache = std::env::var_os("STOKER_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/stoker")))?;
-    let venv_lib = cache.join(format!("venv-pyspark-{SPARK_VERSION}")).join("lib");
+    let venv_lib = cache
+        .join(format!("venv-pyspark-{SPARK_VERSION}"))
+        .join("lib");
     if let Ok(entries) = std::fs::read_dir(&venv_lib) {
         for entry in entries.flatten() {
             let candidate = entry.path().join("site-packages/pyspark");
@@ -224,7 +231,10 @@ fn default_spark_home() -> Option<PathBuf> {
         }
     }
     let output = std::process::Command::new("python3")
-        .args(["-c", "import os, pyspark; print(os.path.dirname(pyspark.__file__))"])
+        .args([
+            "-c",
+            "import os, pyspark; print(os.path.dirname(pyspark.__file__))",
+        ])
         .output()
         .ok()?;
     if !output.status.success() {

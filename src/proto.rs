@@ -1,6 +1,9 @@
 //! Code generated from `proto/stoker/v1/stoker.proto`.
 
-#![allow(missing_docs, reason = "generated code; the .proto file documents every item")]
+#![allow(
+    missing_docs,
+    reason = "generated code; the .proto file documents every item"
+)]
 #![allow(clippy::all, reason = "generated code")]
 
 /// The `stoker.v1` package.

@@ -173,7 +173,11 @@ fn refresh_gauges(apps: &Apps) {
         count += 1;
     }
     apps.metrics.applications.set(count);
-    for (state, value) in [("pending", pending), ("running", running), ("deleting", deleting)] {
+    for (state, value) in [
+        ("pending", pending),
+        ("running", running),
+        ("deleting", deleting),
+    ] {
         apps.metrics
             .executors
             .get_or_create(&StateLabel {

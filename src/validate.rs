@@ -98,7 +98,11 @@ pub fn targets(
     if raw.len() > limits.max_entries {
         return Err(ApiError::invalid(
             field,
-            format!("has {} entries, more than {}", raw.len(), limits.max_entries),
+            format!(
+                "has {} entries, more than {}",
+                raw.len(),
+                limits.max_entries
+            ),
         ));
     }
     let mut seen = HashMap::new();
@@ -250,10 +254,17 @@ fn executor_template(
             }
         }
         if p.heap_mib == 0 {
-            return Err(ApiError::invalid(format!("{field}.heap_mib"), "must be positive"));
+            return Err(ApiError::invalid(
+                format!("{field}.heap_mib"),
+                "must be positive",
+            ));
         }
         let resources = map_u64(&format!("{field}.resources"), p.resources, limits)?;
-        let resource_vendors = map(&format!("{field}.resource_vendors"), p.resource_vendors, limits)?;
+        let resource_vendors = map(
+            &format!("{field}.resource_vendors"),
+            p.resource_vendors,
+            limits,
+        )?;
         let profile = ResourceProfile {
             id: p.id,
             cores: p.cores,
@@ -276,7 +287,10 @@ fn executor_template(
         if key.is_empty() || key.contains('=') || key.contains('\0') {
             return Err(ApiError::invalid(
                 "template.environment",
-                format!("{:?} is not a valid environment variable name", truncate(key)),
+                format!(
+                    "{:?} is not a valid environment variable name",
+                    truncate(key)
+                ),
             ));
         }
     }
@@ -312,7 +326,10 @@ fn executor_template(
     })
 }
 
-fn kubernetes(raw: pb::KubernetesSettings, limits: &Limits) -> Result<KubernetesSettings, ApiError> {
+fn kubernetes(
+    raw: pb::KubernetesSettings,
+    limits: &Limits,
+) -> Result<KubernetesSettings, ApiError> {
     for (name, value) in [
         ("namespace", &raw.namespace),
         ("image", &raw.image),
@@ -354,7 +371,11 @@ fn kubernetes(raw: pb::KubernetesSettings, limits: &Limits) -> Result<Kubernetes
         image_pull_policy: raw.image_pull_policy,
         image_pull_secrets: raw.image_pull_secrets,
         service_account: raw.service_account,
-        node_selector: map("template.kubernetes.node_selector", raw.node_selector, limits)?,
+        node_selector: map(
+            "template.kubernetes.node_selector",
+            raw.node_selector,
+            limits,
+        )?,
         scheduler_name: raw.scheduler_name,
         pod_template_yaml: raw.pod_template_yaml,
         request_cores: raw.request_cores,

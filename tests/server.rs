@@ -50,7 +50,10 @@ impl FakeBackend {
     fn crash(&self, app: &str, id: u64, code: i32) {
         let app_id = AppId::parse(app).expect("app id");
         let executor_id = ExecutorId::new(id);
-        self.alive.lock().expect("alive").remove(&(app_id.clone(), executor_id));
+        self.alive
+            .lock()
+            .expect("alive")
+            .remove(&(app_id.clone(), executor_id));
         self.emit(
             &app_id,
             executor_id,
@@ -267,7 +270,12 @@ async fn register_is_idempotent_and_reattaches_with_the_same_token() {
 
     let mut again = register_request("app-1");
     again.token = first.token.clone();
-    let second = h.client.register_application(again).await.expect("reattach").into_inner();
+    let second = h
+        .client
+        .register_application(again)
+        .await
+        .expect("reattach")
+        .into_inner();
     assert!(second.reattached);
     assert_eq!(second.token, first.token);
 
@@ -280,7 +288,11 @@ async fn register_is_idempotent_and_reattaches_with_the_same_token() {
 
     let mut wrong = register_request("app-1");
     wrong.token = "x".repeat(40);
-    let status = h.client.register_application(wrong).await.expect_err("wrong token");
+    let status = h
+        .client
+        .register_application(wrong)
+        .await
+        .expect_err("wrong token");
     assert_eq!(status.code(), Code::PermissionDenied);
     h.running.shutdown().await.expect("shutdown");
 }
@@ -465,7 +477,11 @@ async fn bad_input_gets_its_status_and_changes_nothing() {
         .await
         .expect_err("malformed id");
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains("executor_ids[1]"), "{}", status.message());
+    assert!(
+        status.message().contains("executor_ids[1]"),
+        "{}",
+        status.message()
+    );
 
     // Registration field checks.
     let mut bad = Vec::new();
@@ -727,7 +743,11 @@ async fn failure_limit_sends_a_terminal_application_event() {
         panic!("last event is the application's");
     };
     assert_eq!(app.kind, pb::application_event::Kind::Failed as i32);
-    assert!(app.message.contains("max number of executor failures (2)"), "{}", app.message);
+    assert!(
+        app.message.contains("max number of executor failures (2)"),
+        "{}",
+        app.message
+    );
     assert_eq!(info(&mut h.client, "app-1").await.phase, "failed");
     h.running.shutdown().await.expect("shutdown");
 }

@@ -34,9 +34,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::error::EngineError;
-use crate::types::{
-    ExecutorId, ExecutorPhase, ExitInfo, ExitReason, Millis, ProfileId,
-};
+use crate::types::{ExecutorId, ExecutorPhase, ExitInfo, ExitReason, Millis, ProfileId};
 
 /// Per-application policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -351,9 +349,11 @@ impl Engine {
             let candidate = match (executor.deleting, executor.decommission_deadline) {
                 (Some(_), _) => None,
                 (None, Some(deadline)) => Some(deadline),
-                (None, None) if executor.phase != ExecutorPhase::Running => {
-                    Some(executor.created_at.saturating_add(self.config.start_timeout))
-                }
+                (None, None) if executor.phase != ExecutorPhase::Running => Some(
+                    executor
+                        .created_at
+                        .saturating_add(self.config.start_timeout),
+                ),
                 (None, None) => None,
             };
             next = match (next, candidate) {
@@ -655,7 +655,10 @@ impl Engine {
                 continue;
             }
             if executor.phase != ExecutorPhase::Running
-                && now >= executor.created_at.saturating_add(self.config.start_timeout)
+                && now
+                    >= executor
+                        .created_at
+                        .saturating_add(self.config.start_timeout)
             {
                 overdue.push((executor.id, ExitReason::StartTimeout));
             }
@@ -757,8 +760,7 @@ impl Engine {
         if self.phase != AppPhase::Active {
             return;
         }
-        let profiles: Vec<(ProfileId, u32)> =
-            self.targets.iter().map(|(&p, &t)| (p, t)).collect();
+        let profiles: Vec<(ProfileId, u32)> = self.targets.iter().map(|(&p, &t)| (p, t)).collect();
         for (profile, target) in profiles {
             let counted: Vec<&Executor> = self
                 .executors

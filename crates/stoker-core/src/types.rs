@@ -29,7 +29,10 @@ impl AppId {
         if raw.len() > MAX_APP_ID_LEN {
             return Err(InvalidInput::new(
                 "app_id",
-                format!("is {} characters long, more than {MAX_APP_ID_LEN}", raw.len()),
+                format!(
+                    "is {} characters long, more than {MAX_APP_ID_LEN}",
+                    raw.len()
+                ),
             ));
         }
         if let Some(bad) = raw
@@ -234,7 +237,11 @@ impl ExitReason {
     pub fn caused_by_app(self) -> bool {
         matches!(
             self,
-            Self::Completed | Self::Error | Self::OomKilled | Self::Signaled | Self::DeadlineExceeded
+            Self::Completed
+                | Self::Error
+                | Self::OomKilled
+                | Self::Signaled
+                | Self::DeadlineExceeded
         )
     }
 

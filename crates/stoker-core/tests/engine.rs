@@ -86,7 +86,9 @@ fn ids_start_above_the_drivers_last_id() {
 #[test]
 fn unknown_profile_is_rejected_and_changes_nothing() {
     let mut e = engine(EngineConfig::default());
-    let err = e.set_targets(&[(0, 2), (7, 1)], 1).expect_err("profile 7 is unknown");
+    let err = e
+        .set_targets(&[(0, 2), (7, 1)], 1)
+        .expect_err("profile 7 is unknown");
     assert_eq!(err, EngineError::UnknownProfile(7));
     assert!(e.take_actions().is_empty());
     assert!(e.targets().is_empty());
@@ -357,8 +359,20 @@ fn adopted_executors_count_toward_the_target() {
 
 #[test]
 fn executor_id_parsing_rejects_malformed_ids() {
-    for bad in ["", "0", "-1", "1.5", "abc", "99999999999", "2147483648", " 1"] {
-        assert!(bad.parse::<ExecutorId>().is_err(), "{bad:?} should be rejected");
+    for bad in [
+        "",
+        "0",
+        "-1",
+        "1.5",
+        "abc",
+        "99999999999",
+        "2147483648",
+        " 1",
+    ] {
+        assert!(
+            bad.parse::<ExecutorId>().is_err(),
+            "{bad:?} should be rejected"
+        );
     }
     assert_eq!("2147483647".parse::<ExecutorId>(), Ok(id(2_147_483_647)));
 }

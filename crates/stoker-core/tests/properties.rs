@@ -237,7 +237,9 @@ impl Harness {
                 .engine
                 .executors()
                 .filter(|e| {
-                    e.profile == profile && e.deleting.is_none() && e.decommission_deadline.is_none()
+                    e.profile == profile
+                        && e.deleting.is_none()
+                        && e.decommission_deadline.is_none()
                 })
                 .collect();
             let running = counted
@@ -250,7 +252,10 @@ impl Harness {
                 "profile {profile}: {count} counted executors, target {target}, running {running}"
             );
             if self.engine.phase() == AppPhase::Active {
-                assert!(count >= target, "profile {profile}: {count} below target {target}");
+                assert!(
+                    count >= target,
+                    "profile {profile}: {count} below target {target}"
+                );
             }
         }
     }

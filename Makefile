@@ -1,0 +1,29 @@
+# The two commands: `make demo` runs a real PySpark job through stoker on the local backend;
+# `make test` runs every test. Both install what they need through scripts/setup.sh.
+SHELL := /bin/bash
+CACHE ?= $(HOME)/.cache/stoker
+VENV := $(CACHE)/venv-pyspark-4.2.0
+JAR := spark-plugin/target/stoker-spark-plugin.jar
+
+.PHONY: setup demo test test-rust test-plugin test-e2e lint
+
+setup:
+	scripts/setup.sh
+
+demo: setup
+	scripts/demo.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+test-rust:
+	cargo test --workspace --locked
+
+test-plugin:
+	cd spark-plugin && mvn -B -q test
+
+test-e2e:
+	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python -m pytest -v -p no:cacheprovider tests/e2e
+
+test: setup lint test-rust test-plugin test-e2e

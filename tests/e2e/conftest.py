@@ -1,0 +1,190 @@
+"""Fixtures for end-to-end tests: a real stoker server on the local backend, and real PySpark
+drivers (pyspark from PyPI, with the stoker plugin jar) talking to it over loopback."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STOKER = Path(os.environ.get("STOKER_BIN", ROOT / "target" / "debug" / "stoker"))
+JAR = Path(os.environ.get("STOKER_PLUGIN_JAR", ROOT / "spark-plugin" / "target" / "stoker-spark-plugin.jar"))
+JOBS = Path(__file__).resolve().parent / "jobs"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def executor_pids(work_dir):
+    """Executor JVMs started by this stoker, found by their work directory."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    pids = []
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if "CoarseGrainedExecutorBackend" in args and str(work_dir) in args:
+            pids.append(int(pid))
+    return pids
+
+
+def wait_until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Stoker:
+    def __init__(self, work_dir, lease_ttl="6s"):
+        self.work_dir = work_dir
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.lease_ttl = lease_ttl
+        self.proc = None
+        self.log_path = work_dir / "stoker.log"
+
+    def start(self):
+        assert STOKER.exists(), f"{STOKER} missing: run scripts/setup.sh"
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            [
+                str(STOKER), "serve",
+                "--listen", f"127.0.0.1:{self.port}",
+                "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
+                "--work-dir", str(self.work_dir),
+                "--lease-ttl", self.lease_ttl,
+                "--delete-grace", "3s",
+            ],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        wait_until(self._listening, 30, "stoker to listen")
+        return self
+
+    def _listening(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"stoker exited: {self.log_path.read_text()[-3000:]}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    @property
+    def address(self):
+        return f"127.0.0.1:{self.port}"
+
+    def cli(self, *args):
+        out = subprocess.run(
+            [str(STOKER), *args, "--server", f"http://{self.address}", "--work-dir", str(self.work_dir)],
+            capture_output=True, text=True, timeout=30,
+        )
+        return out
+
+    def apps(self):
+        out = self.cli("apps")
+        assert out.returncode == 0, out.stderr
+        rows = [line.split() for line in out.stdout.strip().splitlines()[1:]]
+        return {r[0]: r for r in rows}
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Driver:
+    """A PySpark driver process running tests/e2e/jobs/shuffle.py."""
+
+    def __init__(self, stoker, work_dir, *args):
+        assert JAR.exists(), f"{JAR} missing: run scripts/setup.sh"
+        env = dict(os.environ)
+        env["STOKER_PLUGIN_JAR"] = str(JAR)
+        env["PYSPARK_PYTHON"] = sys.executable
+        env["PYSPARK_DRIVER_PYTHON"] = sys.executable
+        env.pop("SPARK_HOME", None)
+        self.log_path = work_dir / f"driver-{time.monotonic_ns()}.log"
+        self.out_path = work_dir / f"driver-{time.monotonic_ns()}.out"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(JOBS / "shuffle.py"), stoker.address, *args],
+            stdout=open(self.out_path, "w"), stderr=open(self.log_path, "w"), env=env,
+            start_new_session=True,
+        )
+
+    def events(self):
+        lines = self.out_path.read_text().splitlines()
+        return [json.loads(l) for l in lines if l.startswith("{")]
+
+    def event(self, name):
+        return next((e for e in self.events() if e.get("event") == name), None)
+
+    def wait_event(self, name, timeout):
+        def check():
+            if self.proc.poll() is not None and not self.event(name):
+                raise AssertionError(
+                    f"driver exited {self.proc.returncode} before {name}:\n{self.log()[-6000:]}"
+                )
+            return self.event(name)
+        return wait_until(check, timeout, f"driver event {name}")
+
+    def log(self):
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def wait(self, timeout):
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+            raise AssertionError(f"driver did not finish in {timeout}s:\n{self.log()[-6000:]}")
+        assert code == 0, f"driver failed ({code}):\n{self.log()[-8000:]}"
+        return self.event("result")
+
+    def kill9(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def work_dir(tmp_path):
+    return tmp_path
+
+
+@pytest.fixture
+def stoker(work_dir):
+    server = Stoker(work_dir).start()
+    yield server
+    server.stop()
+    # Nothing may outlive stoker.
+    wait_until(lambda: not executor_pids(work_dir), 30, "executor processes to end")
+
+
+@pytest.fixture
+def driver_factory(work_dir):
+    drivers = []
+
+    def make(stoker, *args):
+        d = Driver(stoker, work_dir, *args)
+        drivers.append(d)
+        return d
+
+    yield make
+    for d in drivers:
+        if d.proc.poll() is None:
+            d.kill9()

@@ -1,0 +1,104 @@
+"""A Spark job with a shuffle, run through stoker. Prints one JSON line with the result.
+
+Usage: shuffle.py STOKER_HOST:PORT [--executors N] [--rows N] [--partitions N] [--slow-ms MS]
+       [--dynamic] [--jobs N] [--pause-s S]
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("stoker")
+    p.add_argument("--executors", type=int, default=2)
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--partitions", type=int, default=50)
+    p.add_argument("--slow-ms", type=int, default=0, help="sleep per map partition (Python UDF)")
+    p.add_argument("--dynamic", action="store_true")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--pause-s", type=float, default=0.0, help="idle time between jobs")
+    p.add_argument("--max-failures", type=int, default=0)
+    a = p.parse_args()
+
+    jar = os.environ["STOKER_PLUGIN_JAR"]
+    b = (
+        SparkSession.builder.master(f"spark+stoker://{a.stoker}")
+        .appName("stoker-e2e-shuffle")
+        .config("spark.driver.extraClassPath", jar)
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.executor.memory", "512m")
+        .config("spark.executor.cores", "1")
+        .config("spark.sql.shuffle.partitions", str(a.partitions))
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.adaptive.enabled", "false")
+        .config("spark.scheduler.minRegisteredResourcesRatio", "1.0")
+        .config("spark.scheduler.maxRegisteredResourcesWaitingTime", "120s")
+    )
+    if a.max_failures:
+        b = b.config("spark.executor.maxNumFailures", str(a.max_failures))
+    if a.dynamic:
+        b = (
+            b.config("spark.dynamicAllocation.enabled", "true")
+            .config("spark.dynamicAllocation.shuffleTracking.enabled", "true")
+            .config("spark.dynamicAllocation.minExecutors", "0")
+            .config("spark.dynamicAllocation.initialExecutors", "0")
+            .config("spark.dynamicAllocation.maxExecutors", str(a.executors))
+            .config("spark.dynamicAllocation.executorIdleTimeout", "3s")
+            .config("spark.dynamicAllocation.shuffleTracking.timeout", "3s")
+            .config("spark.dynamicAllocation.schedulerBacklogTimeout", "1s")
+        )
+    else:
+        b = b.config("spark.executor.instances", str(a.executors))
+    spark = b.getOrCreate()
+    sc = spark.sparkContext
+    print(json.dumps({"event": "started", "app_id": sc.applicationId}), flush=True)
+
+    results = []
+    for job in range(a.jobs):
+        if job and a.pause_s:
+            print(json.dumps({"event": "idle", "job": job}), flush=True)
+            time.sleep(a.pause_s)
+        df = spark.range(0, a.rows, numPartitions=a.partitions)
+        if a.slow_ms:
+            slow_s = a.slow_ms / 1000.0
+
+            def slow(rows):
+                time.sleep(slow_s)
+                return rows
+
+            df = spark.createDataFrame(df.rdd.mapPartitions(slow), df.schema)
+        print(json.dumps({"event": "job-start", "job": job}), flush=True)
+        groups = (
+            df.groupBy((F.col("id") % 1000).alias("k"))
+            .agg(F.count("*").alias("n"), F.sum("id").alias("s"))
+            .collect()
+        )
+        infos = sc._jsc.sc().statusTracker().getExecutorInfos()
+        results.append(
+            {
+                "groups": len(groups),
+                "count": sum(r["n"] for r in groups),
+                "sum": sum(r["s"] for r in groups),
+                # getExecutorInfos includes the driver.
+                "executors_alive": len(infos) - 1,
+            }
+        )
+        print(json.dumps({"event": "job-done", "job": job, **results[-1]}), flush=True)
+
+    print(
+        json.dumps({"event": "result", "results": results, "expected_count": a.rows,
+                    "expected_sum": a.rows * (a.rows - 1) // 2}),
+        flush=True,
+    )
+    spark.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

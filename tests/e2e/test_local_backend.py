@@ -1,0 +1,89 @@
+"""End-to-end: real Spark drivers get their executors from stoker's local backend."""
+import re
+import time
+
+from conftest import Stoker, executor_pids, wait_until
+
+import os
+import signal
+
+
+def check_result(result, rows=1_000_000):
+    for r in result["results"]:
+        assert r["groups"] == 1000
+        assert r["count"] == rows
+        assert r["sum"] == rows * (rows - 1) // 2
+
+
+def test_shuffle_job_returns_the_right_answer_on_two_executors(stoker, driver_factory, work_dir):
+    driver = driver_factory(stoker, "--executors", "2")
+    result = driver.wait(timeout=300)
+    check_result(result)
+    assert result["results"][0]["executors_alive"] >= 2
+    log = driver.log()
+    assert "re-attached" not in log
+    # stoker launched executors 1 and 2 as processes with their own logs.
+    app_logs = list(work_dir.glob("*/executor-*.log"))
+    assert len(app_logs) >= 2, app_logs
+
+
+def test_killed_executor_is_reported_replaced_and_the_job_finishes(stoker, driver_factory, work_dir):
+    driver = driver_factory(stoker, "--executors", "2", "--slow-ms", "1500", "--partitions", "24")
+    driver.wait_event("job-start", timeout=180)
+    pids = wait_until(lambda: executor_pids(work_dir) if len(executor_pids(work_dir)) >= 2 else None,
+                      120, "two executors")
+    time.sleep(3)  # tasks are running
+    victim = pids[0]
+    os.kill(victim, signal.SIGKILL)
+    result = driver.wait(timeout=400)
+    check_result(result)
+    log = driver.log()
+    # The driver was told, with the exit code (SIGKILL: 128 + 9).
+    assert re.search(r"stoker: executor \d+ exited with code 137 \(SIGNALED\)", log), log[-5000:]
+    # A replacement was started: a third executor log exists.
+    assert len(list(work_dir.glob("*/executor-*.log"))) >= 3
+
+
+def test_dynamic_allocation_scales_up_and_down(stoker, driver_factory, work_dir):
+    driver = driver_factory(
+        stoker, "--dynamic", "--executors", "3", "--slow-ms", "800", "--partitions", "30",
+        "--jobs", "2", "--pause-s", "15",
+    )
+    driver.wait_event("job-start", timeout=180)
+    wait_until(lambda: len(executor_pids(work_dir)) >= 2, 120, "scale-up to at least 2 executors")
+    driver.wait_event("idle", timeout=300)
+    # Idle: executors are released after the idle timeout.
+    wait_until(lambda: len(executor_pids(work_dir)) == 0, 60, "scale-down to 0 when idle")
+    result = driver.wait(timeout=400)
+    check_result(result)
+
+
+def test_driver_sigkill_removes_every_executor_within_the_lease(stoker, driver_factory, work_dir):
+    driver = driver_factory(stoker, "--executors", "2", "--jobs", "2", "--pause-s", "120")
+    started = driver.wait_event("started", timeout=120)
+    driver.wait_event("idle", timeout=300)
+    assert len(executor_pids(work_dir)) == 2
+    app_id = started["app_id"]
+    assert app_id in stoker.apps()
+    driver.kill9()
+    killed_at = time.monotonic()
+    # Lease 6s: stoker forgets the application and every executor process is gone.
+    wait_until(lambda: app_id not in stoker.apps(), 6 + 15, "lease expiry")
+    wait_until(lambda: not executor_pids(work_dir), 6 + 15, "executors to be removed")
+    assert time.monotonic() - killed_at < 6 + 15
+
+
+def test_driver_reattaches_after_stoker_restart(work_dir, driver_factory):
+    server = Stoker(work_dir).start()
+    try:
+        driver = driver_factory(server, "--executors", "2", "--jobs", "2", "--pause-s", "20")
+        driver.wait_event("idle", timeout=300)
+        server.kill9()
+        # Executors die with stoker (parent-death signal): nothing is orphaned.
+        wait_until(lambda: not executor_pids(work_dir), 30, "executors to die with stoker")
+        server.start()
+        result = driver.wait(timeout=400)
+        check_result(result)
+        assert "re-attached to stoker" in driver.log()
+    finally:
+        server.stop()
