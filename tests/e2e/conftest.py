@@ -24,14 +24,21 @@ def free_port():
 
 
 def executor_pids(work_dir):
-    """Executor JVMs started by this stoker, found by their work directory."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    """Executor JVMs started by this stoker, found by their work directory in /proc."""
     pids = []
-    for line in out.splitlines():
-        pid, _, args = line.strip().partition(" ")
-        if "CoarseGrainedExecutorBackend" in args and str(work_dir) in args:
-            pids.append(int(pid))
-    return pids
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in args]
+        if "org.apache.spark.executor.CoarseGrainedExecutorBackend" in text and any(
+            str(work_dir) in a for a in text
+        ):
+            pids.append(int(entry.name))
+    return sorted(pids)
 
 
 def wait_until(predicate, timeout, what):

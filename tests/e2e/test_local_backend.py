@@ -84,6 +84,8 @@ def test_driver_reattaches_after_stoker_restart(work_dir, driver_factory):
         server.start()
         result = driver.wait(timeout=400)
         check_result(result)
-        assert "re-attached to stoker" in driver.log()
+        # The restarted stoker saw the driver register again and started new executors for it.
+        log = server.log_path.read_text()
+        assert log.count("application registered") >= 2, log[-3000:]
     finally:
         server.stop()

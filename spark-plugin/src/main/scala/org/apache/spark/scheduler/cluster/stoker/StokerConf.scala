@@ -1,0 +1,124 @@
+/*
+ * stoker: a cluster manager that gives Spark executors.
+ */
+package org.apache.spark.scheduler.cluster.stoker
+
+import java.net.{URI, URISyntaxException}
+import java.util.Locale
+
+import org.apache.spark.{SparkConf, SparkException}
+
+/** Where the stoker server is: parsed from the Spark master URL. */
+private[spark] case class StokerMaster(host: String, port: Int) {
+
+  /** `host:port`, with IPv6 literals in brackets, for messages. */
+  def hostPort: String = if (host.contains(":")) s"[$host]:$port" else s"$host:$port"
+
+  /** The gRPC target: DNS resolution that is redone when connections fail. */
+  def grpcTarget: String = s"dns:///$hostPort"
+}
+
+private[spark] object StokerMaster {
+  /** The schemes the plugin answers to. `spark+stoker` passes spark-submit's master check. */
+  val Schemes: Seq[String] = Seq("spark+stoker", "stoker")
+
+  private val Expected = "expected spark+stoker://host:port or stoker://host:port"
+
+  /** Whether a master URL is meant for stoker (the scheme alone decides; see [[parse]]). */
+  def isStokerUrl(masterURL: String): Boolean = {
+    masterURL != null && {
+      val lower = masterURL.trim.toLowerCase(Locale.ROOT)
+      Schemes.exists(s => lower.startsWith(s + "://"))
+    }
+  }
+
+  /**
+   * Parses `spark+stoker://host:port` or `stoker://host:port` (host may be a name, an IPv4
+   * address or a bracketed IPv6 address). Anything else is an `IllegalArgumentException` that
+   * says what was expected.
+   */
+  def parse(masterURL: String): StokerMaster = {
+    def bad(why: String): Nothing =
+      throw new IllegalArgumentException(s"Invalid stoker master URL '$masterURL': $why ($Expected)")
+
+    if (!isStokerUrl(masterURL)) bad("unknown scheme")
+    val uri = try new URI(masterURL.trim) catch {
+      case e: URISyntaxException => bad(e.getMessage)
+    }
+    if (uri.getRawUserInfo != null) bad("user information is not supported")
+    if (uri.getRawQuery != null || uri.getRawFragment != null) {
+      bad("a query or fragment is not supported")
+    }
+    val path = uri.getRawPath
+    if (path != null && path.nonEmpty && path != "/") bad(s"unexpected path '$path'")
+    val rawHost = uri.getHost
+    if (rawHost == null || rawHost.isEmpty) bad("missing or malformed host")
+    if (uri.getPort == -1) bad("missing port")
+    if (uri.getPort < 1 || uri.getPort > 65535) bad(s"port ${uri.getPort} out of range")
+    val host = rawHost.stripPrefix("[").stripSuffix("]")
+    StokerMaster(host, uri.getPort)
+  }
+}
+
+/**
+ * The plugin's own settings. Every key is optional.
+ *
+ *  - `spark.stoker.registration.timeout` (default 60s): how long `SparkContext` start-up keeps
+ *    trying to register the application with stoker before failing with a clear error.
+ *  - `spark.stoker.rpc.timeout` (default 5s): deadline of each unary call to stoker
+ *    (RegisterApplication attempt, RequestTotalExecutors, KillExecutors, DecommissionExecutors,
+ *    Heartbeat).
+ *  - `spark.stoker.rpc.retryTimeout` (default 30s): how long a request made by Spark (new totals,
+ *    kills, decommissions) keeps being retried while stoker is unreachable before the Future
+ *    Spark waits on completes with `false`. Keep it below `spark.rpc.askTimeout` (120s).
+ *  - `spark.stoker.unregister.timeout` (default 10s): deadline of UnregisterApplication when the
+ *    SparkContext stops.
+ *  - `spark.stoker.reconnect.initialBackoff` (default 100ms) and
+ *    `spark.stoker.reconnect.maxBackoff` (default 5s): the jittered exponential backoff between
+ *    attempts to re-attach to stoker after the event stream or a heartbeat failed.
+ *  - `spark.stoker.heartbeat.interval` (default: a third of the lease TTL stoker returns): how
+ *    often the driver renews its lease. Never more than a third of the lease TTL.
+ */
+private[spark] case class StokerSettings(
+    registrationTimeoutMs: Long = 60000L,
+    rpcTimeoutMs: Long = 5000L,
+    retryTimeoutMs: Long = 30000L,
+    unregisterTimeoutMs: Long = 10000L,
+    initialBackoffMs: Long = 100L,
+    maxBackoffMs: Long = 5000L,
+    heartbeatIntervalMs: Option[Long] = None)
+
+private[spark] object StokerSettings {
+  val RegistrationTimeout = "spark.stoker.registration.timeout"
+  val RpcTimeout = "spark.stoker.rpc.timeout"
+  val RetryTimeout = "spark.stoker.rpc.retryTimeout"
+  val UnregisterTimeout = "spark.stoker.unregister.timeout"
+  val InitialBackoff = "spark.stoker.reconnect.initialBackoff"
+  val MaxBackoff = "spark.stoker.reconnect.maxBackoff"
+  val HeartbeatInterval = "spark.stoker.heartbeat.interval"
+
+  val AllKeys: Seq[String] = Seq(RegistrationTimeout, RpcTimeout, RetryTimeout, UnregisterTimeout,
+    InitialBackoff, MaxBackoff, HeartbeatInterval)
+
+  def fromConf(conf: SparkConf): StokerSettings = {
+    def positiveMs(key: String, default: String): Long = {
+      val v = try conf.getTimeAsMs(key, default) catch {
+        case e: NumberFormatException =>
+          throw new SparkException(s"$key: '${conf.get(key)}' is not a duration (${e.getMessage})")
+      }
+      if (v <= 0) throw new SparkException(s"$key: must be positive, got '${conf.get(key)}'")
+      v
+    }
+    val initial = positiveMs(InitialBackoff, "100ms")
+    val max = positiveMs(MaxBackoff, "5s")
+    StokerSettings(
+      registrationTimeoutMs = positiveMs(RegistrationTimeout, "60s"),
+      rpcTimeoutMs = positiveMs(RpcTimeout, "5s"),
+      retryTimeoutMs = positiveMs(RetryTimeout, "30s"),
+      unregisterTimeoutMs = positiveMs(UnregisterTimeout, "10s"),
+      initialBackoffMs = initial,
+      maxBackoffMs = math.max(initial, max),
+      heartbeatIntervalMs =
+        if (conf.contains(HeartbeatInterval)) Some(positiveMs(HeartbeatInterval, "10s")) else None)
+  }
+}

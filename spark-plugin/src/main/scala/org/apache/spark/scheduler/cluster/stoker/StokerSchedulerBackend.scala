@@ -1,0 +1,245 @@
+/*
+ * stoker: a cluster manager that gives Spark executors.
+ */
+package org.apache.spark.scheduler.cluster.stoker
+
+import java.security.SecureRandom
+import java.util.concurrent.{ConcurrentHashMap, TimeUnit}
+import java.util.concurrent.atomic.AtomicBoolean
+
+import scala.concurrent.Future
+import scala.jdk.CollectionConverters._
+import scala.util.control.NonFatal
+
+import dev.stoker.proto.v1.{ExecutorTemplate, ResourceProfile => ProtoProfile}
+import io.grpc.ManagedChannel
+import io.grpc.netty.shaded.io.grpc.netty.NettyChannelBuilder
+
+import org.apache.spark.SparkContext
+import org.apache.spark.internal.config.SCHEDULER_MIN_REGISTERED_RESOURCES_RATIO
+import org.apache.spark.resource.ResourceProfile
+import org.apache.spark.rpc.RpcAddress
+import org.apache.spark.scheduler.{ExecutorDecommission, ExecutorDecommissionInfo, ExecutorLossReason, TaskSchedulerImpl}
+import org.apache.spark.scheduler.cluster.{CoarseGrainedSchedulerBackend, SchedulerBackendUtils}
+import org.apache.spark.util.Utils
+
+/**
+ * A CoarseGrainedSchedulerBackend whose executors come from stoker. Executors are started by
+ * stoker and register with the driver through Spark's own RPC, as on Kubernetes; this class
+ * tells stoker how many executors to run and which to remove, and reports every executor stoker
+ * saw exit to Spark exactly once, with a structured reason.
+ *
+ * Built and tested against Spark 4.2.0: it relies on private[spark] APIs.
+ */
+private[spark] class StokerSchedulerBackend(
+    scheduler: TaskSchedulerImpl,
+    sc: SparkContext,
+    master: StokerMaster)
+  extends CoarseGrainedSchedulerBackend(scheduler, sc.env.rpcEnv) {
+
+  // As the Kubernetes backend: wait for 80% of the initial executors unless told otherwise.
+  protected override val minRegisteredRatio: Double =
+    if (conf.get(SCHEDULER_MIN_REGISTERED_RESOURCES_RATIO).isEmpty) {
+      0.8
+    } else {
+      super.minRegisteredRatio
+    }
+
+  private val initialExecutors = SchedulerBackendUtils.getInitialTargetExecutorNumber(conf)
+  private val minRegisteredExecutors = initialExecutors * minRegisteredRatio
+
+  private val settings = StokerSettings.fromConf(conf)
+  private val appId = {
+    val configured = conf.getOption("spark.app.id")
+    val id = StokerSchedulerBackend.chooseAppId(configured)
+    configured.filter(_.trim != id).foreach { c =>
+      logWarning(s"spark.app.id '$c' is not a valid stoker application id (at most 63 " +
+        s"characters of [A-Za-z0-9._-], alphanumeric at both ends): using $id")
+    }
+    id
+  }
+  private val profiles = new ConcurrentHashMap[Int, ProtoProfile]()
+  private val stopping = new AtomicBoolean(false)
+
+  @volatile private var baseTemplate: ExecutorTemplate = null
+  @volatile private var channel: ManagedChannel = null
+  @volatile private var session: StokerSession = null
+
+  /** A stable id chosen before start(): SparkContext sets spark.app.id from it afterwards. */
+  override def applicationId(): String = appId
+
+  override def start(): Unit = {
+    super.start()
+    val defaultProfile = sc.resourceProfileManager.defaultResourceProfile
+    profiles.put(defaultProfile.id, StokerTemplate.profile(defaultProfile, conf))
+    baseTemplate = StokerTemplate.build(
+      conf = conf,
+      appId = appId,
+      sparkUser = sc.sparkUser,
+      executorEnvs = sc.executorEnvs.toMap,
+      authSecret = StokerTemplate.authSecret(conf, sc.env.securityManager),
+      profiles = Nil,
+      readFile = StokerTemplate.readPodTemplate(_, conf))
+
+    channel = NettyChannelBuilder.forTarget(master.grpcTarget)
+      .usePlaintext()
+      .keepAliveTime(30, TimeUnit.SECONDS)
+      .keepAliveTimeout(10, TimeUnit.SECONDS)
+      .maxInboundMessageSize(64 << 20)
+      .userAgent(s"stoker-spark-plugin/${org.apache.spark.SPARK_VERSION}")
+      .build()
+
+    val hooks = new StokerDriver {
+      override def driverExecutorIds(): Seq[String] = getExecutorIds()
+      override def removeExecutor(executorId: String, reason: ExecutorLossReason): Unit =
+        StokerSchedulerBackend.this.removeExecutor(executorId, reason)
+      override def applicationFailed(message: String): Unit = dead(message)
+    }
+    session = new StokerSession(channel, master.hostPort, appId, sc.appName,
+      StokerSession.newToken(), () => currentTemplate(), StokerTemplate.failurePolicy(conf),
+      hooks, settings)
+    logInfo(s"Registering application $appId with stoker at ${master.hostPort} " +
+      s"($initialExecutors initial executor(s))")
+    try {
+      session.start(Map(defaultProfile.id -> initialExecutors))
+    } catch {
+      case e: Throwable =>
+        Utils.tryLogNonFatalError(session.stop())
+        closeChannel()
+        throw e
+    }
+  }
+
+  /** The base template with one entry per resource profile known so far. */
+  private def currentTemplate(): ExecutorTemplate = {
+    val ps = profiles.values().asScala.toSeq.sortBy(_.getId)
+    baseTemplate.toBuilder.clearProfiles().addAllProfiles(ps.asJava).build()
+  }
+
+  override def stop(): Unit = {
+    if (!stopping.compareAndSet(false, true)) return
+    val s = session
+    if (s != null) {
+      Utils.tryLogNonFatalError(s.stop())
+      // No replacements while Spark stops its executors (super.stop() asks them to exit).
+      Utils.tryLogNonFatalError(s.releaseTargets())
+    }
+    Utils.tryLogNonFatalError(super.stop())
+    if (s != null) Utils.tryLogNonFatalError(s.unregister())
+    closeChannel()
+  }
+
+  private def closeChannel(): Unit = {
+    val ch = channel
+    if (ch != null) {
+      Utils.tryLogNonFatalError {
+        ch.shutdown()
+        if (!ch.awaitTermination(2, TimeUnit.SECONDS)) ch.shutdownNow()
+      }
+    }
+  }
+
+  /** As StandaloneSchedulerBackend.dead: fail the jobs and stop the SparkContext. */
+  private def dead(reason: String): Unit = {
+    if (!stopping.get) {
+      logError(s"Application has been killed. Reason: $reason")
+      try {
+        scheduler.error(reason)
+      } catch {
+        case NonFatal(e) => logDebug(s"scheduler.error: $e")
+      } finally {
+        // Ensure the application terminates, as we can no longer run jobs.
+        sc.stopInNewThread()
+      }
+    }
+  }
+
+  /**
+   * Never blocks (Spark calls it under its scheduler locks): records the totals and queues the
+   * request; a resource profile seen for the first time extends the template first.
+   */
+  override def doRequestTotalExecutors(
+      resourceProfileToTotalExecs: Map[ResourceProfile, Int]): Future[Boolean] = {
+    val s = session
+    if (s == null) return Future.successful(false)
+    var newProfile = false
+    resourceProfileToTotalExecs.keys.foreach { rp =>
+      if (!profiles.containsKey(rp.id)) {
+        try {
+          if (profiles.putIfAbsent(rp.id, StokerTemplate.profile(rp, conf)) == null) {
+            logInfo(s"stoker: adding resource profile ${rp.id} to the executor template")
+            newProfile = true
+          }
+        } catch {
+          case NonFatal(e) => logError(s"stoker: cannot describe resource profile ${rp.id}", e)
+        }
+      }
+    }
+    s.requestTotals(resourceProfileToTotalExecs.map { case (rp, n) => rp.id -> n }, newProfile)
+  }
+
+  /** Never blocks; Spark has already lowered its totals, so stoker does not adjust them. */
+  override def doKillExecutors(executorIds: Seq[String]): Future[Boolean] = {
+    val s = session
+    if (s == null || executorIds.isEmpty) Future.successful(executorIds.isEmpty)
+    else s.kill(executorIds)
+  }
+
+  override def decommissionExecutors(
+      executorsAndDecomInfo: Array[(String, ExecutorDecommissionInfo)],
+      adjustTargetNumExecutors: Boolean,
+      triggeredByExecutor: Boolean): Seq[String] = {
+    val decommissioned =
+      super.decommissionExecutors(executorsAndDecomInfo, adjustTargetNumExecutors,
+        triggeredByExecutor)
+    val s = session
+    // Spark adjusted its totals itself when asked to; stoker only marks the executors so that it
+    // reports them as DECOMMISSIONED and removes them after the grace period.
+    if (s != null && decommissioned.nonEmpty) s.decommission(decommissioned)
+    decommissioned
+  }
+
+  override def sufficientResourcesRegistered(): Boolean =
+    totalRegisteredExecutors.get() >= minRegisteredExecutors
+
+  override def createDriverEndpoint(): DriverEndpoint = new StokerDriverEndpoint()
+
+  /**
+   * As on Kubernetes: a disconnected executor is only disabled; stoker's EXITED event then
+   * removes it with the real reason (OOM kill, eviction, ...) instead of a generic
+   * "disassociated". Decommissioning executors are removed at once.
+   */
+  private class StokerDriverEndpoint extends DriverEndpoint {
+    override def onDisconnected(rpcAddress: RpcAddress): Unit = {
+      addressToExecutorId.get(rpcAddress).foreach { id =>
+        if (executorsPendingDecommission.contains(id)) {
+          removeExecutor(id, ExecutorDecommission(None))
+        } else {
+          disableExecutor(id)
+        }
+      }
+    }
+  }
+}
+
+private[spark] object StokerSchedulerBackend {
+  /**
+   * The protocol accepts 1..253 characters of [A-Za-z0-9._-]; stoker's Kubernetes backend also
+   * puts the id in a label value (at most 63 characters, alphanumeric at both ends, like Spark's
+   * spark-app-selector label), so the plugin keeps to that subset.
+   */
+  private val ValidAppId = "^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$".r
+
+  def isValidAppId(id: String): Boolean = ValidAppId.matches(id)
+
+  /** "stoker-<epoch millis>-<8 random hex digits>" (29 characters). */
+  def generateAppId(): String = {
+    val bytes = new Array[Byte](4)
+    new SecureRandom().nextBytes(bytes)
+    s"stoker-${System.currentTimeMillis()}-${bytes.map(b => f"${b & 0xff}%02x").mkString}"
+  }
+
+  /** The user's spark.app.id when it is a valid stoker id, else a generated one. */
+  def chooseAppId(configured: Option[String]): String =
+    configured.map(_.trim).filter(isValidAppId).getOrElse(generateAppId())
+}
