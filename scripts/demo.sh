@@ -36,4 +36,4 @@ print(f"result: groups={r['groups']} count={r['count']:,} sum={r['sum']:,} -> {'
 sys.exit(0 if ok else 1)
 PYEOF
 echo "executors stoker started for the job:"
-grep -h "executor process started" "$WORK/stoker.log" | sed -E 's/.*(app=[^ ]+) (executor=[^ ]+) (pid=[^ ]+).*/  \1 \2 \3/'
+grep -h "executor process started" "$WORK/stoker.log" | sed -E "s/\x1b\[[0-9;]*m//g" | sed -E 's/.*(app=[^ ]+) (executor=[^ ]+) (pid=[^ ]+).*/  \1 \2 \3/'
