@@ -89,12 +89,7 @@ impl Service {
     }
 
     fn is_admin(&self, token: &str) -> bool {
-        token.len() == self.admin_token.len()
-            && token
-                .bytes()
-                .zip(self.admin_token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        crate::app::constant_time_eq(token.as_bytes(), self.admin_token.as_bytes())
     }
 
     async fn register(
