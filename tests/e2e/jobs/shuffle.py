@@ -1,6 +1,6 @@
 """A Spark job with a shuffle, run through stoker. Prints one JSON line with the result.
 
-Usage: shuffle.py STOKER_HOST:PORT [--executors N] [--rows N] [--partitions N] [--slow-ms MS]
+Usage: shuffle.py MASTER [--executors N] [--rows N] [--partitions N] [--slow-ms MS]
        [--dynamic] [--jobs N] [--pause-s S]
 """
 import argparse
@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("stoker")
+    p.add_argument("master", help="HOST:PORT of a stoker, or a full Spark master URL (k8s://...)")
     p.add_argument("--executors", type=int, default=2)
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--partitions", type=int, default=50)
@@ -24,14 +24,20 @@ def main():
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--pause-s", type=float, default=0.0, help="idle time between jobs")
     p.add_argument("--max-failures", type=int, default=0)
+    p.add_argument("--conf", action="append", default=[], help="extra Spark setting KEY=VALUE")
     a = p.parse_args()
 
-    jar = os.environ["STOKER_PLUGIN_JAR"]
+    master = a.master if "://" in a.master else f"spark+stoker://{a.master}"
+    b = SparkSession.builder.master(master).appName("stoker-e2e-shuffle")
+    if master.startswith("spark+stoker://"):
+        b = b.config("spark.driver.extraClassPath", os.environ["STOKER_PLUGIN_JAR"])
+    for kv in a.conf:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            p.error(f"--conf needs KEY=VALUE, got {kv!r}")
+        b = b.config(key, value)
     b = (
-        SparkSession.builder.master(f"spark+stoker://{a.stoker}")
-        .appName("stoker-e2e-shuffle")
-        .config("spark.driver.extraClassPath", jar)
-        .config("spark.driver.host", "127.0.0.1")
+        b.config("spark.driver.host", "127.0.0.1")
         .config("spark.driver.bindAddress", "127.0.0.1")
         .config("spark.executor.memory", "512m")
         .config("spark.executor.cores", "1")

@@ -1,0 +1,411 @@
+//! Pure translation of a container spec into a local command: quantities, `$(VAR)` expansion,
+//! mount-path rewriting and the official `apache/spark` image's entrypoint roles.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Why a container cannot be turned into a command.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SpecError {
+    /// Neither `command` nor `args`, and the image's entrypoint is not one we know.
+    #[error("image {image:?} has no entrypoint known to the test-bed kubelet; give the container a command")]
+    UnknownEntrypoint {
+        /// The container image.
+        image: String,
+    },
+    /// An environment variable the entrypoint needs is missing.
+    #[error("the {role} role of image {image:?} needs the environment variable {var}")]
+    MissingEnv {
+        /// The entrypoint role (`executor`).
+        role: &'static str,
+        /// The image.
+        image: String,
+        /// The variable.
+        var: &'static str,
+    },
+    /// A resource quantity that does not parse.
+    #[error("bad quantity {0:?}")]
+    Quantity(String),
+}
+
+/// Parses a Kubernetes memory quantity (`512Mi`, `1G`, `1e3`, `2048`) into bytes.
+pub fn parse_bytes(q: &str) -> Result<u64, SpecError> {
+    let bad = || SpecError::Quantity(q.to_string());
+    let q = q.trim();
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
+    let (num, suffix) = q.split_at(split);
+    let value: f64 = num.parse().map_err(|_| bad())?;
+    let factor: f64 = match suffix {
+        "" => 1.0,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "m" => 1e-3,
+        s if s.starts_with('e') || s.starts_with('E') => {
+            let exp: i32 = s[1..].parse().map_err(|_| bad())?;
+            10f64.powi(exp)
+        }
+        _ => return Err(bad()),
+    };
+    Ok((value * factor).ceil() as u64)
+}
+
+/// Parses a CPU quantity (`2`, `500m`, `0.5`) into millicores.
+pub fn parse_millicores(q: &str) -> Result<u64, SpecError> {
+    let q = q.trim();
+    if let Some(m) = q.strip_suffix('m') {
+        return m.parse().map_err(|_| SpecError::Quantity(q.to_string()));
+    }
+    let v: f64 = q.parse().map_err(|_| SpecError::Quantity(q.to_string()))?;
+    Ok((v * 1000.0).ceil() as u64)
+}
+
+/// Expands `$(NAME)` references against `env` as Kubernetes does: `$$` escapes, unknown
+/// references stay as written.
+pub fn expand(input: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i + 1..];
+        if let Some(after) = tail.strip_prefix('$') {
+            out.push('$');
+            rest = after;
+        } else if let Some(body) = tail.strip_prefix('(') {
+            match body.find(')') {
+                Some(end) => {
+                    let name = &body[..end];
+                    match env.get(name) {
+                        Some(v) => out.push_str(v),
+                        None => {
+                            out.push_str("$(");
+                            out.push_str(name);
+                            out.push(')');
+                        }
+                    }
+                    rest = &body[end + 1..];
+                }
+                None => {
+                    out.push_str("$(");
+                    rest = body;
+                }
+            }
+        } else {
+            out.push('$');
+            rest = tail;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Container paths mapped to local folders, longest first so that nested mounts win.
+#[derive(Debug, Default, Clone)]
+pub struct PathMap {
+    entries: Vec<(String, PathBuf)>,
+}
+
+impl PathMap {
+    /// Adds a mapping of `container_path` to `local`.
+    pub fn add(&mut self, container_path: &str, local: &Path) {
+        let key = container_path.trim_end_matches('/').to_string();
+        if key.is_empty() {
+            return;
+        }
+        self.entries.retain(|(k, _)| k != &key);
+        self.entries.push((key, local.to_path_buf()));
+        self.entries.sort_by_key(|e| std::cmp::Reverse(e.0.len()));
+    }
+
+    /// Rewrites every occurrence of a mapped container path that starts a path (at the start,
+    /// after `:`, `=`, `,` or a space) and ends at a path boundary.
+    pub fn rewrite(&self, value: &str) -> String {
+        let mut out = String::with_capacity(value.len());
+        let bytes = value.as_bytes();
+        let mut i = 0;
+        'outer: while i < value.len() {
+            let at_start = i == 0 || matches!(bytes[i - 1], b':' | b'=' | b',' | b' ');
+            if at_start && bytes[i] == b'/' {
+                for (k, local) in &self.entries {
+                    if value[i..].starts_with(k.as_str()) {
+                        let end = i + k.len();
+                        let boundary = end == value.len()
+                            || matches!(bytes[end], b'/' | b':' | b',' | b' ' | b';');
+                        if boundary {
+                            out.push_str(&local.to_string_lossy());
+                            i = end;
+                            continue 'outer;
+                        }
+                    }
+                }
+            }
+            // Copy one UTF-8 character.
+            let ch_len = value[i..].chars().next().map_or(1, char::len_utf8);
+            out.push_str(&value[i..i + ch_len]);
+            i += ch_len;
+        }
+        out
+    }
+}
+
+/// True for the official Spark images (`apache/spark`, `spark`, with any registry and tag).
+pub fn is_spark_image(image: &str) -> bool {
+    let without_digest = image.split('@').next().unwrap_or(image);
+    // The tag is after the last ':' that follows the last '/'.
+    let last_slash = without_digest.rfind('/').map_or(0, |i| i + 1);
+    let repo_end = without_digest[last_slash..]
+        .find(':')
+        .map_or(without_digest.len(), |i| last_slash + i);
+    let repo = &without_digest[..repo_end];
+    repo == "spark" || repo.ends_with("/spark")
+}
+
+/// A local command for a container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandLine {
+    /// Program to run.
+    pub program: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+}
+
+/// Local installation facts the image's entrypoint relies on.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// `SPARK_HOME` of the local Spark (stands in for `/opt/spark` of the image).
+    pub spark_home: PathBuf,
+    /// The `java` to run.
+    pub java: String,
+}
+
+/// The command a container runs, with the `apache/spark` entrypoint's `executor` role mapped to
+/// the same `java … KubernetesExecutorBackend` command the image's `entrypoint.sh` builds.
+pub fn command_line(
+    image: &str,
+    command: &[String],
+    args: &[String],
+    env: &BTreeMap<String, String>,
+    host: &Host,
+) -> Result<CommandLine, SpecError> {
+    if command.is_empty()
+        && is_spark_image(image)
+        && args.first().map(String::as_str) == Some("executor")
+    {
+        return spark_executor(image, env, host);
+    }
+    let mut all: Vec<String> = command.iter().chain(args).map(|a| expand(a, env)).collect();
+    if all.is_empty() {
+        return Err(SpecError::UnknownEntrypoint {
+            image: image.to_string(),
+        });
+    }
+    let program = all.remove(0);
+    Ok(CommandLine { program, args: all })
+}
+
+fn spark_executor(
+    image: &str,
+    env: &BTreeMap<String, String>,
+    host: &Host,
+) -> Result<CommandLine, SpecError> {
+    let need = |var: &'static str| {
+        env.get(var).cloned().ok_or(SpecError::MissingEnv {
+            role: "executor",
+            image: image.to_string(),
+            var,
+        })
+    };
+    // entrypoint.sh: SPARK_JAVA_OPT_<n> in numeric order of <n>.
+    let mut opts: Vec<(u64, &String)> = env
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("SPARK_JAVA_OPT_")
+                .and_then(|n| n.parse().ok())
+                .map(|n| (n, v))
+        })
+        .collect();
+    opts.sort_by_key(|(n, _)| *n);
+    let jars = host.spark_home.join("jars").join("*");
+    let mut classpath = env.get("SPARK_CLASSPATH").cloned().unwrap_or_default();
+    classpath = format!("{classpath}:{}", jars.display());
+    if let Some(extra) = env.get("SPARK_EXTRA_CLASSPATH") {
+        classpath = format!("{classpath}:{extra}");
+    }
+    if let Some(conf) = env.get("HADOOP_CONF_DIR") {
+        classpath = format!("{conf}:{classpath}");
+    }
+    match env.get("SPARK_CONF_DIR") {
+        Some(conf) => classpath = format!("{conf}:{classpath}"),
+        None => classpath = format!("{}:{classpath}", host.spark_home.join("conf").display()),
+    }
+    let dist = env.get("SPARK_DIST_CLASSPATH").cloned().unwrap_or_default();
+    let memory = need("SPARK_EXECUTOR_MEMORY")?;
+    let mut args: Vec<String> = opts.into_iter().map(|(_, v)| v.clone()).collect();
+    args.extend([
+        format!("-Xms{memory}"),
+        format!("-Xmx{memory}"),
+        "-cp".to_string(),
+        format!("{classpath}:{dist}"),
+        "org.apache.spark.scheduler.cluster.k8s.KubernetesExecutorBackend".to_string(),
+        "--driver-url".to_string(),
+        need("SPARK_DRIVER_URL")?,
+        "--executor-id".to_string(),
+        need("SPARK_EXECUTOR_ID")?,
+        "--cores".to_string(),
+        need("SPARK_EXECUTOR_CORES")?,
+        "--app-id".to_string(),
+        need("SPARK_APPLICATION_ID")?,
+        "--hostname".to_string(),
+        need("SPARK_EXECUTOR_POD_IP")?,
+        "--resourceProfileId".to_string(),
+        env.get("SPARK_RESOURCE_PROFILE_ID")
+            .cloned()
+            .unwrap_or_else(|| "0".to_string()),
+        "--podName".to_string(),
+        need("SPARK_EXECUTOR_POD_NAME")?,
+    ]);
+    Ok(CommandLine {
+        program: host.java.clone(),
+        args,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_bytes("1408Mi"), Ok(1408 * 1024 * 1024));
+        assert_eq!(parse_bytes("1G"), Ok(1_000_000_000));
+        assert_eq!(parse_bytes("2048"), Ok(2048));
+        assert_eq!(parse_bytes("1e3"), Ok(1000));
+        assert!(parse_bytes("12Qi").is_err());
+        assert_eq!(parse_millicores("500m"), Ok(500));
+        assert_eq!(parse_millicores("2"), Ok(2000));
+        assert_eq!(parse_millicores("0.25"), Ok(250));
+        assert!(parse_millicores("x").is_err());
+    }
+
+    #[test]
+    fn expansion() {
+        let env: BTreeMap<String, String> = [("A".to_string(), "1".to_string())].into();
+        assert_eq!(expand("x$(A)y", &env), "x1y");
+        assert_eq!(expand("$(B)", &env), "$(B)");
+        assert_eq!(expand("$$(A)", &env), "$(A)");
+        assert_eq!(expand("$(A", &env), "$(A");
+        assert_eq!(expand("$A", &env), "$A");
+    }
+
+    #[test]
+    fn path_rewrite() {
+        let mut m = PathMap::default();
+        m.add("/opt/spark", Path::new("/local/spark"));
+        m.add("/opt/spark/conf", Path::new("/pod/conf"));
+        m.add("/var/data/spark-1", Path::new("/pod/v1"));
+        assert_eq!(m.rewrite("/opt/spark/conf"), "/pod/conf");
+        assert_eq!(
+            m.rewrite("/opt/spark/conf/x.properties"),
+            "/pod/conf/x.properties"
+        );
+        assert_eq!(m.rewrite("/opt/spark/jars/*"), "/local/spark/jars/*");
+        assert_eq!(m.rewrite("/opt/sparkle"), "/opt/sparkle");
+        assert_eq!(
+            m.rewrite("/var/data/spark-1,/var/data/spark-12"),
+            "/pod/v1,/var/data/spark-12"
+        );
+        assert_eq!(m.rewrite("-Dx=/opt/spark/conf"), "-Dx=/pod/conf");
+        assert_eq!(m.rewrite("a/opt/spark"), "a/opt/spark");
+    }
+
+    #[test]
+    fn spark_images() {
+        assert!(is_spark_image("apache/spark:4.2.0"));
+        assert!(is_spark_image(
+            "docker.io/apache/spark:4.2.0-scala2.13-java17-ubuntu"
+        ));
+        assert!(is_spark_image("spark"));
+        assert!(is_spark_image("registry:5000/spark@sha256:abc"));
+        assert!(!is_spark_image("apache/spark-py:v3"));
+        assert!(!is_spark_image("busybox"));
+    }
+
+    #[test]
+    fn executor_role_matches_entrypoint() {
+        let env: BTreeMap<String, String> = [
+            (
+                "SPARK_DRIVER_URL",
+                "spark://CoarseGrainedScheduler@127.0.0.1:7078",
+            ),
+            ("SPARK_EXECUTOR_ID", "3"),
+            ("SPARK_EXECUTOR_CORES", "1"),
+            ("SPARK_EXECUTOR_MEMORY", "1024m"),
+            ("SPARK_APPLICATION_ID", "spark-abc"),
+            ("SPARK_EXECUTOR_POD_IP", "127.0.0.1"),
+            ("SPARK_EXECUTOR_POD_NAME", "pod-exec-3"),
+            ("SPARK_JAVA_OPT_10", "-Dten"),
+            ("SPARK_JAVA_OPT_2", "-Dtwo"),
+            ("SPARK_CONF_DIR", "/pod/conf"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let host = Host {
+            spark_home: PathBuf::from("/sh"),
+            java: "java".to_string(),
+        };
+        let cl = command_line(
+            "apache/spark:4.2.0",
+            &[],
+            &["executor".to_string()],
+            &env,
+            &host,
+        )
+        .expect("executor role");
+        assert_eq!(cl.program, "java");
+        assert_eq!(&cl.args[..4], ["-Dtwo", "-Dten", "-Xms1024m", "-Xmx1024m"]);
+        assert_eq!(cl.args[5], "/pod/conf::/sh/jars/*:");
+        assert!(cl.args.contains(&"pod-exec-3".to_string()));
+        let rp = cl
+            .args
+            .iter()
+            .position(|a| a == "--resourceProfileId")
+            .expect("rp");
+        assert_eq!(cl.args[rp + 1], "0");
+
+        let mut missing = env.clone();
+        missing.remove("SPARK_DRIVER_URL");
+        assert!(matches!(
+            command_line(
+                "apache/spark:4.2.0",
+                &[],
+                &["executor".to_string()],
+                &missing,
+                &host
+            ),
+            Err(SpecError::MissingEnv {
+                var: "SPARK_DRIVER_URL",
+                ..
+            })
+        ));
+        let other = command_line(
+            "busybox",
+            &["sh".into()],
+            &["-c".into(), "echo $(SPARK_EXECUTOR_ID)".into()],
+            &env,
+            &host,
+        )
+        .expect("plain command");
+        assert_eq!(other.args, ["-c", "echo 3"]);
+        assert!(command_line("busybox", &[], &[], &env, &host).is_err());
+    }
+}
