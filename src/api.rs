@@ -97,6 +97,10 @@ impl Service {
         request: pb::RegisterApplicationRequest,
     ) -> Result<pb::RegisterApplicationResponse, ApiError> {
         let registration = validate::registration(request, &self.limits)?;
+        self.apps
+            .backend
+            .check_template(&registration.template)
+            .map_err(|problem| ApiError::invalid("template", problem))?;
         let template = Arc::new(registration.template);
         // Two attempts: a concurrent first registration of the same id turns the second into a
         // re-attachment.

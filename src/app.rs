@@ -291,9 +291,13 @@ impl Apps {
     pub fn create(self: &Arc<Self>, new: NewApp) -> Result<(Arc<AppHandle>, u64), ApiError> {
         let now = self.clock.now();
         let profiles: Vec<ProfileId> = new.template.profiles.keys().copied().collect();
-        let mut engine = Engine::new(new.config, profiles, new.last_executor_id, now);
+        let mut engine = Engine::new(
+            new.config.clone(),
+            profiles.clone(),
+            new.last_executor_id,
+            now,
+        );
         engine.set_targets(&new.targets, now)?;
-        engine.report_unknown_as_lost(&new.known_executor_ids, now);
 
         let (commands, rx) = mpsc::unbounded_channel();
         let (seq_tx, seq_rx) = watch::channel(engine.last_seq());
@@ -307,7 +311,7 @@ impl Apps {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(AppHandle {
             app_id: new.app_id.clone(),
-            token: new.token,
+            token: new.token.clone(),
             generation,
             commands,
             seq: seq_rx,
@@ -324,6 +328,32 @@ impl Apps {
                 slot.insert(Arc::clone(&handle));
             }
         }
+        // Only now that the id is ours: take over the executors an earlier stoker started for
+        // this application (found by the backend after a restart), before the targets are
+        // applied, so that they count toward them and no duplicates are created.
+        let recovered = self.backend.claim(&new.app_id, &new.token);
+        if !recovered.is_empty() {
+            let mut adopted = Engine::new(new.config, profiles, new.last_executor_id, now);
+            for r in &recovered {
+                if !adopted.adopt(
+                    r.executor_id,
+                    r.profile,
+                    r.running_host.clone(),
+                    r.backend_name.clone(),
+                    now,
+                ) {
+                    warn!(app = %new.app_id, executor = %r.executor_id, "recovered executor not adopted (duplicate id)");
+                }
+            }
+            // The same targets were accepted above on an engine with the same profiles.
+            if let Err(err) = adopted.set_targets(&new.targets, now) {
+                warn!(app = %new.app_id, error = %err, "targets refused after adoption; keeping the adopted executors only");
+            }
+            info!(app = %new.app_id, adopted = recovered.len(), "adopted executors from an earlier stoker");
+            engine = adopted;
+        }
+        engine.report_unknown_as_lost(&new.known_executor_ids, now);
+        let _ = seq_tx.send(engine.last_seq());
         let last_seq = engine.last_seq();
         let actor = Actor {
             apps: Arc::clone(self),
@@ -331,6 +361,7 @@ impl Apps {
             generation,
             engine,
             template: new.template,
+            token: Arc::from(new.token.as_str()),
             commands: rx,
             seq: seq_tx,
             summary: summary_tx,
@@ -354,6 +385,7 @@ struct Actor {
     generation: u64,
     engine: Engine,
     template: Arc<ExecutorTemplate>,
+    token: Arc<str>,
     commands: mpsc::UnboundedReceiver<AppCommand>,
     seq: watch::Sender<u64>,
     summary: watch::Sender<AppSummary>,
@@ -537,6 +569,7 @@ impl Actor {
                         executor_id: id,
                         profile,
                         template: Arc::clone(&self.template),
+                        token: Arc::clone(&self.token),
                     });
                 }
                 Action::Terminate { id, grace } => {

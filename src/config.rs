@@ -62,6 +62,9 @@ pub struct ClientArgs {
 pub enum BackendKind {
     /// Local JVM processes from a Spark installation.
     Local,
+    /// Pods on Kubernetes (official apache/spark image), through the cluster in KUBECONFIG or
+    /// the in-cluster service account.
+    Kubernetes,
 }
 
 /// Log output format.
@@ -120,9 +123,51 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "STOKER_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,
+    /// Kubernetes backend settings.
+    #[command(flatten)]
+    pub kube: KubeArgs,
     /// Request limits.
     #[command(flatten)]
     pub limits: Limits,
+}
+
+/// Settings of the Kubernetes backend.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KubeArgs {
+    /// Namespace for applications that set no spark.kubernetes.namespace.
+    #[arg(
+        long = "kube-namespace",
+        env = "STOKER_KUBE_NAMESPACE",
+        default_value = "default"
+    )]
+    pub namespace: String,
+    /// Executor image for applications that set no spark.kubernetes.container.image.
+    #[arg(long = "kube-image", env = "STOKER_KUBE_IMAGE")]
+    pub image: Option<String>,
+    /// Value of the stoker.dev/instance label: this stoker's pods. Unique per stoker in a
+    /// cluster.
+    #[arg(
+        long = "kube-instance",
+        env = "STOKER_KUBE_INSTANCE",
+        default_value = "stoker"
+    )]
+    pub instance: String,
+    /// Watch and manage pods in this namespace only (for a namespaced Role); default: all.
+    #[arg(long = "kube-watch-namespace", env = "STOKER_KUBE_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Client-side limit on pod create/delete requests per second (0: none).
+    #[arg(long = "kube-qps", env = "STOKER_KUBE_QPS", default_value_t = 200.0)]
+    pub qps: f64,
+    /// Burst above --kube-qps.
+    #[arg(long = "kube-burst", env = "STOKER_KUBE_BURST", default_value_t = 400)]
+    pub burst: u32,
+    /// Pod creations in flight at once.
+    #[arg(
+        long = "kube-create-concurrency",
+        env = "STOKER_KUBE_CREATE_CONCURRENCY",
+        default_value_t = 64
+    )]
+    pub create_concurrency: usize,
 }
 
 /// Limits on requests; anything beyond them is INVALID_ARGUMENT or RESOURCE_EXHAUSTED.

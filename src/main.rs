@@ -12,6 +12,8 @@ use clap::Parser;
 use stoker::config::{BackendKind, Cli, Command, LogFormat, ServeArgs};
 use stoker::server::{self, Settings};
 use stoker_core::{EngineConfig, ExecutorBackend};
+use stoker_k8s::pod::PodDefaults;
+use stoker_k8s::{KubernetesBackend, KubernetesConfig};
 use stoker_local::{LocalBackend, LocalConfig};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
@@ -122,23 +124,62 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin_token,
         incarnation: stoker::random_token()[..16].to_owned(),
     };
-    let local = match args.backend {
-        BackendKind::Local => local_config(&args)?,
-    };
-    info!(
-        backend = "local",
-        spark_home = %local.spark_home.display(),
-        java = %local.java.display(),
-        work_dir = %local.work_dir.display(),
-        "starting stoker"
-    );
     let mut backend_slot: Option<LocalBackend> = None;
-    let running = server::start(settings, |sink| {
-        let backend = LocalBackend::new(local, sink)?;
-        backend_slot = Some(backend.clone());
-        Ok(Arc::new(backend) as Arc<dyn ExecutorBackend>)
-    })
-    .await?;
+    let running = match args.backend {
+        BackendKind::Local => {
+            let local = local_config(&args)?;
+            info!(
+                backend = "local",
+                spark_home = %local.spark_home.display(),
+                java = %local.java.display(),
+                work_dir = %local.work_dir.display(),
+                "starting stoker"
+            );
+            server::start(settings, |sink| {
+                let backend = LocalBackend::new(local, sink)?;
+                backend_slot = Some(backend.clone());
+                Ok(Arc::new(backend) as Arc<dyn ExecutorBackend>)
+            })
+            .await?
+        }
+        BackendKind::Kubernetes => {
+            let client = kube::Client::try_default().await.context(
+                "no Kubernetes configuration: set KUBECONFIG, or run in a pod with a service account",
+            )?;
+            let config = KubernetesConfig {
+                defaults: PodDefaults {
+                    namespace: args.kube.namespace.clone(),
+                    image: args.kube.image.clone(),
+                    instance: args.kube.instance.clone(),
+                },
+                qps: args.kube.qps,
+                burst: args.kube.burst,
+                create_concurrency: args.kube.create_concurrency,
+                watch_namespace: args.kube.watch_namespace.clone(),
+                // A driver re-attaches within a lease; give it one more.
+                adoption_window: std::time::Duration::from_millis(args.lease_ttl.saturating_mul(2)),
+            };
+            info!(backend = "kubernetes", instance = %config.defaults.instance,
+                watch_namespace = ?config.watch_namespace, qps = config.qps, "starting stoker");
+            // The backend's own start is async (it lists its pods), so it starts before the
+            // server and gets its sink through a slot the server fills.
+            let slot: Arc<std::sync::OnceLock<stoker_core::ObservationSink>> = Arc::default();
+            let forward = Arc::clone(&slot);
+            let sink: stoker_core::ObservationSink = Arc::new(move |o| {
+                if let Some(s) = forward.get() {
+                    s(o);
+                }
+            });
+            let backend = KubernetesBackend::start(client, config, sink)
+                .await
+                .context("cannot start the Kubernetes backend")?;
+            server::start(settings, move |real_sink| {
+                let _ = slot.set(real_sink);
+                Ok(Arc::new(backend) as Arc<dyn ExecutorBackend>)
+            })
+            .await?
+        }
+    };
     println!(
         "stoker listening on {} (metrics on {})",
         running.grpc_addr,

@@ -5,6 +5,19 @@ use std::sync::Arc;
 use crate::engine::Observation;
 use crate::types::{AppId, ExecutorId, ExecutorTemplate, Millis, ProfileId};
 
+/// An executor an earlier stoker started that is still there (found after a restart).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveredExecutor {
+    /// Its id.
+    pub executor_id: ExecutorId,
+    /// Its resource profile.
+    pub profile: ProfileId,
+    /// Its host when it runs.
+    pub running_host: Option<String>,
+    /// Pod name or `pid:N`.
+    pub backend_name: String,
+}
+
 /// A request to start one executor.
 #[derive(Clone, Debug)]
 pub struct LaunchRequest {
@@ -16,6 +29,9 @@ pub struct LaunchRequest {
     pub profile: ProfileId,
     /// The application's template.
     pub template: Arc<ExecutorTemplate>,
+    /// The application's token (a backend may record a digest of it, so that only the same
+    /// driver can adopt the executor after a stoker restart).
+    pub token: Arc<str>,
 }
 
 /// An observation with the executor it concerns.
@@ -42,4 +58,14 @@ pub trait ExecutorBackend: Send + Sync {
     /// Stops an executor: a graceful signal, then a hard kill after `grace` milliseconds. The
     /// backend reports `Exited` when it is gone, also if it was never started.
     fn terminate(&self, app_id: &AppId, executor_id: ExecutorId, grace: Millis);
+    /// Checks an application's template at registration, before anything is created. The error
+    /// names the field that is wrong.
+    fn check_template(&self, _template: &ExecutorTemplate) -> Result<(), String> {
+        Ok(())
+    }
+    /// Hands over, once, the executors of `app_id` that an earlier stoker started for the same
+    /// `token` and that still exist. Called when the application registers.
+    fn claim(&self, _app_id: &AppId, _token: &str) -> Vec<RecoveredExecutor> {
+        Vec::new()
+    }
 }

@@ -8,7 +8,9 @@ pub mod engine;
 pub mod error;
 pub mod types;
 
-pub use backend::{BackendObservation, ExecutorBackend, LaunchRequest, ObservationSink};
+pub use backend::{
+    BackendObservation, ExecutorBackend, LaunchRequest, ObservationSink, RecoveredExecutor,
+};
 pub use engine::{
     Action, AppPhase, Engine, EngineConfig, Event, EventKind, Executor, ExecutorEvent, Observation,
 };

@@ -1,0 +1,295 @@
+//! What a pod's status means for its executor: pure classification, no I/O.
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use stoker_core::ExitReason;
+
+use crate::pod::{ANNOTATION_CONTAINER, DEFAULT_CONTAINER};
+
+/// The executor's state as the pod shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodView {
+    /// Created, not running yet (scheduling, pulling, starting).
+    Pending,
+    /// The executor container runs.
+    Running {
+        /// Pod IP.
+        ip: String,
+    },
+    /// Over: the executor will not run (again). The pod should be deleted.
+    Exited {
+        /// Container exit code, when there is one.
+        code: Option<i32>,
+        /// Structured reason.
+        reason: ExitReason,
+        /// For people.
+        message: String,
+    },
+}
+
+fn executor_status(pod: &Pod) -> Option<&ContainerStatus> {
+    let name = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_CONTAINER))
+        .map_or(DEFAULT_CONTAINER, String::as_str);
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.iter().find(|s| s.name == name)
+}
+
+/// Waiting reasons after which the container will never start without a change to the pod.
+const START_FAILURES: [&str; 6] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+];
+
+/// Classifies a pod.
+pub fn classify(pod: &Pod) -> PodView {
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+    let pod_reason = status.and_then(|s| s.reason.as_deref()).unwrap_or_default();
+    let pod_message = status
+        .and_then(|s| s.message.as_deref())
+        .unwrap_or_default();
+    let exec = executor_status(pod);
+    let terminated = exec
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref());
+
+    if pod_reason == "Evicted" {
+        return PodView::Exited {
+            code: terminated.map(|t| t.exit_code),
+            reason: ExitReason::Evicted,
+            message: format!("pod evicted: {pod_message}"),
+        };
+    }
+    if pod_reason == "DeadlineExceeded" {
+        return PodView::Exited {
+            code: terminated.map(|t| t.exit_code),
+            reason: ExitReason::DeadlineExceeded,
+            message: format!("pod ran past activeDeadlineSeconds: {pod_message}"),
+        };
+    }
+    if pod_reason == "NodeLost" || pod_reason == "UnexpectedAdmissionError" {
+        return PodView::Exited {
+            code: None,
+            reason: ExitReason::NodeLost,
+            message: format!("{pod_reason}: {pod_message}"),
+        };
+    }
+    if let Some(t) = terminated {
+        // The executor container is done; with restartPolicy Never it stays done.
+        let container_reason = t.reason.as_deref().unwrap_or_default();
+        let (reason, what) = if container_reason == "OOMKilled" {
+            (
+                ExitReason::OomKilled,
+                "killed for exceeding its memory limit (OOMKilled)".to_string(),
+            )
+        } else if t.exit_code == 0 {
+            (ExitReason::Completed, "exited with code 0".to_string())
+        } else if matches!(container_reason, "StartError" | "ContainerCannotRun") {
+            (
+                ExitReason::StartFailed,
+                format!("could not start ({container_reason})"),
+            )
+        } else {
+            (
+                ExitReason::Error,
+                format!(
+                    "exited with code {} ({})",
+                    t.exit_code,
+                    if container_reason.is_empty() {
+                        "Error"
+                    } else {
+                        container_reason
+                    }
+                ),
+            )
+        };
+        let detail = t.message.as_deref().filter(|m| !m.is_empty());
+        return PodView::Exited {
+            code: Some(t.exit_code),
+            reason,
+            message: match detail {
+                Some(d) => format!("{what}: {d}"),
+                None => what,
+            },
+        };
+    }
+    if matches!(phase, "Failed" | "Succeeded") {
+        return PodView::Exited {
+            code: None,
+            reason: if phase == "Failed" {
+                ExitReason::Error
+            } else {
+                ExitReason::Completed
+            },
+            message: format!("pod {phase}: {pod_reason} {pod_message}")
+                .trim()
+                .to_string(),
+        };
+    }
+    if let Some(w) = exec
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.waiting.as_ref())
+    {
+        let reason = w.reason.as_deref().unwrap_or_default();
+        if START_FAILURES.contains(&reason) {
+            return PodView::Exited {
+                code: None,
+                reason: ExitReason::StartFailed,
+                message: format!(
+                    "{reason}: {}",
+                    w.message.as_deref().unwrap_or("the container cannot start")
+                ),
+            };
+        }
+    }
+    // A node that stopped reporting: the node lifecycle controller marks the pod not ready
+    // with reason NodeNotReady (its taint manager may later evict it).
+    let conditions = status.and_then(|s| s.conditions.as_ref());
+    let node_gone = conditions.into_iter().flatten().any(|c| {
+        (c.type_ == "Ready" && c.status == "False" && c.reason.as_deref() == Some("NodeNotReady"))
+            || (c.type_ == "DisruptionTarget"
+                && c.status == "True"
+                && c.reason.as_deref() == Some("DeletionByTaintManager"))
+    });
+    if node_gone && phase == "Running" {
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .unwrap_or("?");
+        return PodView::Exited {
+            code: None,
+            reason: ExitReason::NodeLost,
+            message: format!("node {node} stopped reporting; the executor is presumed lost"),
+        };
+    }
+    let running = exec
+        .and_then(|c| c.state.as_ref())
+        .is_some_and(|s| s.running.is_some());
+    if phase == "Running" && running {
+        let ip = status.and_then(|s| s.pod_ip.clone()).unwrap_or_default();
+        return PodView::Running { ip };
+    }
+    PodView::Pending
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "annotations": {ANNOTATION_CONTAINER: "exec"}},
+            "spec": {"containers": [{"name": "exec"}], "nodeName": "n1"},
+            "status": status,
+        }))
+        .expect("pod")
+    }
+
+    fn terminated(code: i32, reason: &str) -> serde_json::Value {
+        json!({"phase": "Failed", "containerStatuses": [{"name": "exec", "image": "i", "imageID": "", "ready": false,
+            "restartCount": 0, "state": {"terminated": {"exitCode": code, "reason": reason}}}]})
+    }
+
+    #[test]
+    fn classifies_exits() {
+        let v = classify(&pod(terminated(137, "OOMKilled")));
+        assert!(
+            matches!(
+                v,
+                PodView::Exited {
+                    code: Some(137),
+                    reason: ExitReason::OomKilled,
+                    ..
+                }
+            ),
+            "{v:?}"
+        );
+        let v = classify(&pod(terminated(42, "Error")));
+        assert!(
+            matches!(
+                v,
+                PodView::Exited {
+                    code: Some(42),
+                    reason: ExitReason::Error,
+                    ..
+                }
+            ),
+            "{v:?}"
+        );
+        let v = classify(&pod(terminated(0, "Completed")));
+        assert!(matches!(
+            v,
+            PodView::Exited {
+                code: Some(0),
+                reason: ExitReason::Completed,
+                ..
+            }
+        ));
+        let mut s = terminated(137, "Error");
+        s["reason"] = json!("Evicted");
+        s["message"] = json!("low on memory");
+        let v = classify(&pod(s));
+        assert!(
+            matches!(
+                v,
+                PodView::Exited {
+                    reason: ExitReason::Evicted,
+                    ..
+                }
+            ),
+            "{v:?}"
+        );
+        let mut s = json!({"phase": "Failed", "reason": "DeadlineExceeded"});
+        s["message"] = json!("x");
+        assert!(matches!(
+            classify(&pod(s)),
+            PodView::Exited {
+                reason: ExitReason::DeadlineExceeded,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn classifies_start_and_running() {
+        assert_eq!(
+            classify(&pod(json!({"phase": "Pending"}))),
+            PodView::Pending
+        );
+        let pull = json!({"phase": "Pending", "containerStatuses": [{"name": "exec", "image": "i", "imageID": "",
+            "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}}}]});
+        let v = classify(&pod(pull));
+        assert!(
+            matches!(&v, PodView::Exited { reason: ExitReason::StartFailed, message, .. } if message.contains("not found")),
+            "{v:?}"
+        );
+        let running = json!({"phase": "Running", "podIP": "10.1.2.3", "containerStatuses": [{"name": "exec", "image": "i",
+            "imageID": "", "ready": true, "restartCount": 0, "state": {"running": {}}}],
+            "conditions": [{"type": "Ready", "status": "True"}]});
+        assert_eq!(
+            classify(&pod(running.clone())),
+            PodView::Running {
+                ip: "10.1.2.3".into()
+            }
+        );
+        let mut lost = running;
+        lost["conditions"] =
+            json!([{"type": "Ready", "status": "False", "reason": "NodeNotReady"}]);
+        assert!(matches!(
+            classify(&pod(lost)),
+            PodView::Exited {
+                reason: ExitReason::NodeLost,
+                ..
+            }
+        ));
+    }
+}
