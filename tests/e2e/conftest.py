@@ -195,3 +195,80 @@ def driver_factory(work_dir):
     for d in drivers:
         if d.proc.poll() is None:
             d.kill9()
+
+
+# ---- Kubernetes test bed (tests/testbed) and process kubelets (tests/kubelet) ----------------
+
+from testbed import Kubelet, Testbed, processes_under  # noqa: E402
+
+PROCESS_NODE = "testbed-node"
+
+
+def spark_home():
+    """The Spark installation of the pyspark package (stands in for the image's /opt/spark)."""
+    import pyspark
+
+    return Path(pyspark.__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def testbed(tmp_path_factory):
+    """One control plane for the session (about 10 s to start), stopped at the end."""
+    plane = Testbed(tmp_path_factory.mktemp("testbed")).start()
+    try:
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture(scope="session")
+def kubelet_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kubelets")
+    yield root
+    # No container process of any kubelet may outlive the session.
+    left = wait_until_quiet(root)
+    assert not left, f"container processes left behind: {left}"
+
+
+def wait_until_quiet(root, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        left = processes_under(root)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def process_kubelet(testbed, kubelet_root):
+    """The session's process kubelet: node testbed-node, containers as local processes."""
+    k = Kubelet(testbed, kubelet_root, PROCESS_NODE, spark_home=spark_home()).start()
+    try:
+        yield k
+    finally:
+        k.stop()
+
+
+@pytest.fixture
+def kubelet_factory(testbed, kubelet_root):
+    """Further kubelets on their own nodes for one test; stopped (their nodes and pods removed)
+    when the test ends."""
+    started = []
+
+    def make(node_name, **kwargs):
+        kwargs.setdefault("spark_home", spark_home())
+        k = Kubelet(testbed, kubelet_root, node_name, **kwargs)
+        started.append(k)
+        return k.start()
+
+    yield make
+    api = testbed.api
+    for k in started:
+        k.stop()
+        # A SIGKILLed or lost kubelet leaves its Node and pods behind.
+        api.delete(f"/api/v1/nodes/{k.node}")
+        for pod in api.get("/api/v1/pods", fieldSelector=f"spec.nodeName={k.node}")["items"]:
+            api.delete_pod(pod["metadata"]["name"], pod["metadata"]["namespace"], force=True)
+    for k in started:
+        left = wait_until_quiet(k.work_dir)
+        assert not left, f"container processes of {k.node} left behind: {left}"

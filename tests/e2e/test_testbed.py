@@ -1,0 +1,338 @@
+"""End-to-end tests of the Kubernetes test bed: a real control plane (tests/testbed) and the
+process kubelet (tests/kubelet) running pods as local processes, up to Spark's own Kubernetes
+backend running a shuffle job on it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import JOBS, PROCESS_NODE
+from testbed import (
+    FAULT, LOST, alive, condition, container_pid, group_members, phase, pod_manifest,
+    processes_under, running, terminated, wait_until,
+)
+
+SLEEPER = ["sh", "-c", "echo started; while true; do sleep 0.2; done"]
+
+
+def uniq(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def cleanup_pods(testbed):
+    """Names of pods (namespace default) to force-delete when the test ends."""
+    names = []
+    yield names
+    for name in names:
+        testbed.api.delete_pod(name, force=True)
+
+
+def run_pod(testbed, cleanup_pods, manifest, timeout=60):
+    """Creates the pod and waits until all its containers run."""
+    name = manifest["metadata"]["name"]
+    cleanup_pods.append(name)
+    testbed.api.create_pod(manifest)
+    return testbed.api.wait_pod(name, running, timeout, "Running")
+
+
+# ---- a. pod lifecycle ---------------------------------------------------------------------------
+
+def test_pod_lifecycle_env_volume_and_graceful_delete(testbed, process_kubelet, cleanup_pods):
+    api = testbed.api
+    name = uniq("life")
+    api.create("/api/v1/namespaces/default/configmaps",
+               {"metadata": {"name": name}, "data": {"greeting": "hello from a configmap"}})
+    script = (
+        "trap 'echo got-TERM; exit 7' TERM; "
+        "echo \"pod=$POD_NAME ip=$POD_IP node=$NODE app=$APP\"; "
+        "cat /etc/cfg/greeting; echo; echo ready; "
+        "while true; do sleep 0.2; done"
+    )
+    manifest = pod_manifest(
+        name, ["sh", "-c", script], PROCESS_NODE, labels={"app": "lifecycle"}, grace=20,
+        env=[
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+        ],
+        volumes=[{"name": "cfg", "configMap": {"name": name}}],
+        mounts=[{"name": "cfg", "mountPath": "/etc/cfg"}],
+    )
+    cleanup_pods.append(name)
+    try:
+        watch = api.watch("/api/v1/namespaces/default/pods", fieldSelector=f"metadata.name={name}")
+        api.create_pod(manifest)
+        _, first = watch.wait_for(lambda t, o: True, 30, "the first pod event")
+        assert phase(first) == "Pending"
+        _, pod = watch.wait_for(lambda t, o: running(o), 60, "pod Running")
+        st = pod["status"]
+        assert st["podIP"] == "127.0.0.1"
+        assert st["hostIP"] == "127.0.0.1"
+        assert pod["spec"]["nodeName"] == PROCESS_NODE
+        [cs] = st["containerStatuses"]
+        assert cs["name"] == "main" and cs["ready"] is True and cs["restartCount"] == 0
+        assert condition(pod, "Ready") == "True"
+        # Nothing ran before the pod was Pending; the phases seen are Pending then Running.
+        phases = [phase(o) for _, o in watch.objects()]
+        assert phases.index("Pending") < phases.index("Running")
+
+        pid = container_pid(pod)
+        assert pid and alive(pid), f"container pid {pid} not running"
+        log_path = process_kubelet.pod_dir(pod) / "main.log"
+        log = wait_until(lambda: "ready" in log_path.read_text() and log_path.read_text(), 20,
+                         "the container to print ready")
+        assert f"pod={name} ip=127.0.0.1 node={PROCESS_NODE} app=lifecycle" in log
+        assert "hello from a configmap" in log
+        # The configMap volume is a real folder of the pod.
+        assert (process_kubelet.pod_dir(pod) / "volumes" / "cfg" / "greeting").read_text() \
+            == "hello from a configmap"
+
+        # Graceful deletion: SIGTERM reaches the trap, exit 7 is reported, then the object goes.
+        api.delete_pod(name)
+        _, gone = watch.wait_for(lambda t, o: t == "DELETED", 60, "the pod object to be deleted")
+        finals = [terminated(o) for _, o in watch.objects() if terminated(o)]
+        assert finals, "no terminated state was reported before deletion"
+        assert finals[-1]["exitCode"] == 7, finals[-1]
+        assert finals[-1]["reason"] == "Error"
+        assert "got-TERM" in log_path.read_text()
+        assert api.pod(name) is None
+        wait_until(lambda: not group_members(pid), 10, "the container processes to end")
+        watch.close()
+    finally:
+        api.delete("/api/v1/namespaces/default/configmaps/" + name)
+
+
+def test_sigterm_ignored_then_sigkill_after_grace(testbed, process_kubelet, cleanup_pods):
+    api = testbed.api
+    name = uniq("stubborn")
+    script = ("trap 'T=1; echo got-TERM' TERM; echo ready; "
+              "while true; do sleep 0.2; [ -n \"$T\" ] && echo alive-after-TERM; done")
+    manifest = pod_manifest(name, ["sh", "-c", script], PROCESS_NODE, grace=3)
+    pod = run_pod(testbed, cleanup_pods, manifest)
+    pid = container_pid(pod)
+    log_path = process_kubelet.pod_dir(pod) / "main.log"
+    wait_until(lambda: "ready" in log_path.read_text(), 20, "ready")
+    watch = api.watch("/api/v1/namespaces/default/pods", fieldSelector=f"metadata.name={name}")
+    api.delete_pod(name)
+    watch.wait_for(lambda t, o: t == "DELETED", 60, "the pod object to be deleted")
+    t = [terminated(o) for _, o in watch.objects() if terminated(o)]
+    assert t and t[-1]["exitCode"] == 137, t
+    log = log_path.read_text()
+    # It got SIGTERM, kept running through the grace period, and only SIGKILL ended it.
+    assert "got-TERM" in log
+    assert "alive-after-TERM" in log
+    assert not group_members(pid)
+    watch.close()
+
+
+# ---- b. faults ----------------------------------------------------------------------------------
+
+def test_real_oom_kill(testbed, process_kubelet, cleanup_pods):
+    # Allocates (and touches) 10 MiB every 50 ms up to 400 MiB against a 64 MiB limit.
+    alloc = ("import time\nb=[]\nfor _ in range(40):\n    b.append(b'x' * (10 << 20))\n"
+             "    time.sleep(0.05)\nprint('survived', flush=True)\ntime.sleep(600)\n")
+    name = uniq("oom")
+    cleanup_pods.append(name)
+    testbed.api.create_pod(pod_manifest(name, [sys.executable, "-c", alloc], PROCESS_NODE,
+                                        memory_limit="64Mi"))
+    pod = testbed.api.wait_pod(name, lambda p: phase(p) in ("Failed", "Succeeded"), 60, "to end")
+    assert phase(pod) == "Failed"
+    t = terminated(pod)
+    assert t["reason"] == "OOMKilled", t
+    assert t["exitCode"] == 137
+    assert "survived" not in (process_kubelet.pod_dir(pod) / "main.log").read_text()
+
+
+@pytest.mark.parametrize("fault,reason,code", [("exit:42", "Error", 42), ("oom", "OOMKilled", 137)])
+def test_injected_container_fault(testbed, process_kubelet, cleanup_pods, fault, reason, code):
+    name = uniq("fault")
+    pod = run_pod(testbed, cleanup_pods, pod_manifest(name, SLEEPER, PROCESS_NODE))
+    pid = container_pid(pod)
+    testbed.api.annotate_pod(name, FAULT, fault)
+    pod = testbed.api.wait_pod(name, lambda p: phase(p) == "Failed", 30, "Failed")
+    t = terminated(pod)
+    assert t["reason"] == reason, t
+    assert t["exitCode"] == code
+    wait_until(lambda: not group_members(pid), 10, "the container processes to end")
+
+
+def test_evict(testbed, process_kubelet, cleanup_pods):
+    name = uniq("evict")
+    pod = run_pod(testbed, cleanup_pods, pod_manifest(name, SLEEPER, PROCESS_NODE))
+    pid = container_pid(pod)
+    testbed.api.annotate_pod(name, FAULT, "evict")
+    pod = testbed.api.wait_pod(name, lambda p: phase(p) == "Failed", 30, "Failed")
+    assert pod["status"]["reason"] == "Evicted"
+    assert condition(pod, "DisruptionTarget") == "True"
+    wait_until(lambda: not group_members(pid), 10, "the container processes to end")
+
+
+def test_image_pull_error(testbed, process_kubelet, cleanup_pods):
+    name = uniq("pull")
+    cleanup_pods.append(name)
+    testbed.api.create_pod(pod_manifest(name, SLEEPER, PROCESS_NODE,
+                                        image="registry.invalid/nonexistent:1"))
+
+    def waiting(p):
+        cs = (p.get("status") or {}).get("containerStatuses") or []
+        return cs and (cs[0].get("state") or {}).get("waiting", {}).get("reason") == "ErrImagePull"
+    pod = testbed.api.wait_pod(name, waiting, 30, "ErrImagePull")
+    assert phase(pod) == "Pending"
+    assert container_pid(pod) is None
+
+
+def test_node_lost(testbed, kubelet_factory, cleanup_pods):
+    api = testbed.api
+    kubelet = kubelet_factory("lost-node")
+    name = uniq("lost")
+    pod = run_pod(testbed, cleanup_pods, pod_manifest(name, SLEEPER, kubelet.node))
+    pid = container_pid(pod)
+    assert group_members(pid)
+    assert condition(pod, "Ready") == "True"
+
+    api.merge_patch(f"/api/v1/nodes/{kubelet.node}", {"metadata": {"annotations": {LOST: "true"}}})
+    # Its containers die at once; the kubelet itself keeps running but reports nothing.
+    wait_until(lambda: not group_members(pid), 15, "the lost node's container processes to end")
+    assert kubelet.proc.poll() is None
+    # The node lifecycle controller notices the missing heartbeats (grace period 20 s).
+    node = wait_until(lambda: (lambda n: n if condition(n, "Ready") == "Unknown" else None)(
+        api.node(kubelet.node)), 90, "node Ready=Unknown", interval=1)
+    taints = {t["key"] for t in node["spec"].get("taints") or []}
+    assert "node.kubernetes.io/unreachable" in taints
+    pod = api.wait_pod(name, lambda p: condition(p, "Ready") == "False", 60, "Ready=False")
+    # Nobody reported the container's end: the last status the kubelet wrote still stands.
+    assert terminated(pod) is None
+    assert phase(pod) == "Running"
+
+
+# ---- c. process-less mode ---------------------------------------------------------------------
+
+def test_no_process_mode_500_pods(testbed, kubelet_factory, kubelet_root):
+    n = 500
+    kubelet = kubelet_factory("scale-node", mode="no-process", max_pods=n + 20)
+    run = uniq("scale")
+    pods = [
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": f"{run}-{i}", "labels": {"scale-run": run}},
+         "spec": {"nodeSelector": {"kubernetes.io/hostname": kubelet.node},
+                  "terminationGracePeriodSeconds": 30,
+                  "containers": [{"name": "c", "image": "apache/spark:4.2.0",
+                                  "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}]}}
+        for i in range(n)
+    ]
+    api = testbed.api
+
+    def count(pred):
+        return sum(1 for p in api.pods(labelSelector=f"scale-run={run}") if pred(p))
+    t0 = time.monotonic()
+    try:
+        testbed.kubectl("create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                               "items": pods}), timeout=300)
+        created = time.monotonic()
+        wait_until(lambda: count(running) == n, 300, f"{n} pods Running", interval=1)
+        up = time.monotonic()
+        items = api.pods(labelSelector=f"scale-run={run}")
+        assert len(items) == n
+        assert all(p["spec"]["nodeName"] == kubelet.node and p["status"]["podIP"] == "127.0.0.1"
+                   for p in items)
+        # No process: nothing was started for them.
+        assert not processes_under(kubelet.work_dir)
+        testbed.kubectl("delete", "pods", "-l", f"scale-run={run}", "--wait=false", timeout=300)
+        wait_until(lambda: not api.pods(labelSelector=f"scale-run={run}"), 300,
+                   f"{n} pods to be removed", interval=1)
+        down = time.monotonic()
+        print(f"\n[no-process] {n} pods: kubectl create {created - t0:.1f}s, all Running after "
+              f"{up - t0:.1f}s, deleted and gone after {down - up:.1f}s more")
+    finally:
+        testbed.kubectl("delete", "pods", "-l", f"scale-run={run}", "--grace-period=0",
+                        "--force", "--wait=false", timeout=300, check=False)
+
+
+# ---- d. fidelity: Spark's own Kubernetes backend -------------------------------------------
+
+def test_spark_builtin_k8s_backend_runs_shuffle(testbed, process_kubelet, tmp_path):
+    api = testbed.api
+    watch = api.watch("/api/v1/namespaces/default/pods", labelSelector="spark-role=executor")
+    env = testbed.client_env()
+    env["SPARK_LOCAL_IP"] = "127.0.0.1"
+    env["PYSPARK_PYTHON"] = sys.executable
+    env["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    env.pop("SPARK_HOME", None)
+    out_path, log_path = tmp_path / "driver.out", tmp_path / "driver.log"
+    confs = {
+        "spark.kubernetes.container.image": "apache/spark:4.2.0",
+        "spark.kubernetes.namespace": "default",
+        # Only the process kubelet's node runs processes.
+        "spark.kubernetes.node.selector.kubernetes.io/hostname": PROCESS_NODE,
+    }
+    args = [sys.executable, str(JOBS / "shuffle.py"), f"k8s://https://127.0.0.1:{testbed.port}",
+            "--executors", "2"]
+    for k, v in confs.items():
+        args += ["--conf", f"{k}={v}"]
+    proc = subprocess.Popen(args, stdout=open(out_path, "w"), stderr=open(log_path, "w"),
+                            env=env, start_new_session=True)
+    try:
+        code = proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        raise AssertionError(f"driver did not finish in 300s:\n{log_path.read_text()[-6000:]}")
+    assert code == 0, f"driver failed ({code}):\n{log_path.read_text()[-8000:]}"
+    events = [json.loads(l) for l in out_path.read_text().splitlines() if l.startswith("{")]
+    result = next(e for e in events if e["event"] == "result")
+    [r] = result["results"]
+    assert r["groups"] == 1000
+    assert r["count"] == result["expected_count"]
+    assert r["sum"] == result["expected_sum"]
+    assert r["executors_alive"] == 2
+    app_id = next(e for e in events if e["event"] == "started")["app_id"]
+
+    # The executor pods: created by Spark, run by the process kubelet, deleted by Spark.
+    seen = {}
+    for _, o in watch.objects():
+        seen[o["metadata"]["uid"]] = o
+    assert len(seen) >= 2, f"executor pods seen: {[o['metadata']['name'] for o in seen.values()]}"
+    for pod in seen.values():
+        labels = pod["metadata"]["labels"]
+        assert labels["spark-role"] == "executor"
+        assert labels["spark-app-selector"] == app_id
+        assert pod["spec"]["nodeName"] == PROCESS_NODE
+        [c] = pod["spec"]["containers"]
+        assert c["image"] == "apache/spark:4.2.0"
+        log = process_kubelet.pod_dir(pod) / f"{c['name']}.log"
+        assert log.exists(), f"no container log {log}"
+        assert "KubernetesExecutorBackend" in log.read_text()
+    ran = [o for _, o in watch.objects() if running(o)]
+    assert {o["metadata"]["uid"] for o in ran} == set(seen)
+    assert all(o["status"]["podIP"] == "127.0.0.1" for o in ran)
+    wait_until(lambda: not api.pods(labelSelector="spark-role=executor"), 60,
+               "the executor pods to be deleted")
+    deleted = {o["metadata"]["uid"] for t, o in watch.objects() if t == "DELETED"}
+    assert deleted == set(seen)
+    wait_until(lambda: not [p for p in processes_under(process_kubelet.work_dir)
+                            if "KubernetesExecutorBackend" in p[1]], 30, "executor JVMs to end")
+    watch.close()
+
+
+# ---- e. no leaks ------------------------------------------------------------------------------
+
+def test_sigkilled_kubelet_leaves_no_processes(testbed, kubelet_factory, cleanup_pods):
+    kubelet = kubelet_factory("leak-node")
+    pids = []
+    for i in range(2):
+        pod = run_pod(testbed, cleanup_pods,
+                      pod_manifest(uniq(f"leak{i}"), SLEEPER, kubelet.node))
+        pids.append(container_pid(pod))
+    assert all(group_members(p) for p in pids)
+    assert len(processes_under(kubelet.work_dir)) >= 2
+    kubelet.kill9()
+    wait_until(lambda: not any(group_members(p) for p in pids), 15,
+               "the container processes to die with the kubelet")
+    assert not processes_under(kubelet.work_dir)
