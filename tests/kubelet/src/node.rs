@@ -16,8 +16,9 @@ use tracing::{info, warn};
 
 use crate::{micro_now, now, Shared, LABEL_KUBELET, LOST_ANNOTATION};
 
-/// How often the Lease is renewed (the real kubelet: 10 s, a quarter of its 40 s duration).
-const LEASE_RENEW: Duration = Duration::from_secs(10);
+/// How often the Lease is renewed (the real kubelet: 10 s against a 50 s grace period; the test
+/// bed's controller manager allows 20 s, see tests/testbed/cmd/testbed/main.go).
+const LEASE_RENEW: Duration = Duration::from_secs(5);
 /// How often the Node status heartbeat is written even without a change.
 const STATUS_EVERY: u32 = 6;
 
