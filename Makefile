@@ -5,7 +5,7 @@ CACHE ?= $(HOME)/.cache/stoker
 VENV := $(CACHE)/venv-pyspark-4.2.0
 JAR := spark-plugin/target/stoker-spark-plugin.jar
 
-.PHONY: setup demo test test-rust test-plugin test-e2e lint
+.PHONY: setup demo test test-rust test-plugin test-e2e test-testbed lint
 
 setup:
 	scripts/setup.sh
@@ -23,7 +23,13 @@ test-rust:
 test-plugin:
 	cd spark-plugin && mvn -B -q test
 
+# Everything under tests/e2e: the local backend and the Kubernetes test bed (tests/testbed with the
+# process kubelet, test_testbed.py), which scripts/setup.sh builds.
 test-e2e:
 	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python -m pytest -v -p no:cacheprovider tests/e2e
+
+# Only the test bed's own tests (about 2 minutes).
+test-testbed: setup
+	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python -m pytest -v -p no:cacheprovider tests/e2e/test_testbed.py
 
 test: setup lint test-rust test-plugin test-e2e

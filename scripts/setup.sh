@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs and builds everything stoker's demo and tests need, on a machine that has Rust, Java 17
-# with Maven and Python 3.11 (and nothing of this project). Expensive results are cached outside
-# the checkout, keyed by version, so a second run costs seconds:
+# with Maven, Python 3.11, Go and kubectl (and nothing of this project). Expensive results are
+# cached outside the checkout, keyed by version, so a second run costs seconds:
 #   $STOKER_CACHE (default ~/.cache/stoker)/venv-pyspark-<version>   Python venv with pyspark, pytest
 #   ~/.m2                                                             Maven's dependency cache
-# Outputs: target/debug/stoker and spark-plugin/target/stoker-spark-plugin.jar.
+#   $STOKER_CACHE/testbed/<versions>-<hash>/bin                       Kubernetes test bed binaries
+#   (and Go's module and build caches, `go env GOMODCACHE GOCACHE`)
+# Outputs: target/debug/stoker, target/debug/process-kubelet and
+# spark-plugin/target/stoker-spark-plugin.jar.
 set -euo pipefail
 
 SPARK_VERSION=4.2.0
@@ -27,9 +30,10 @@ else
   log "venv ok: $VENV"
 fi
 
-# 2. The stoker server (one shared target/ for the demo and the tests).
-log "building stoker (cargo build)"
-(cd "$ROOT" && cargo build --locked --bins --quiet)
+# 2. Every binary of the workspace (one shared target/ for the demo and the tests): the stoker
+#    server and the test bed's process kubelet (target/debug/process-kubelet).
+log "building the workspace binaries (cargo build)"
+(cd "$ROOT" && cargo build --locked --workspace --bins --quiet)
 
 # 3. The Spark plugin: one shaded jar.
 JAR="$ROOT/spark-plugin/target/stoker-spark-plugin.jar"
@@ -37,4 +41,11 @@ log "building the Spark plugin (maven)"
 (cd "$ROOT/spark-plugin" && mvn -B -q -DskipTests package)
 [[ -f "$JAR" ]] || { log "plugin jar missing: $JAR"; exit 1; }
 
-log "ready: $ROOT/target/debug/stoker, $JAR, $VENV"
+# 4. The Kubernetes test bed: etcd, kube-apiserver, kube-controller-manager, kube-scheduler built
+#    from their Go modules (needs Go). Cached under $CACHE/testbed/<versions>-<hash>/bin: a cold
+#    build takes about 13 minutes on 2 cores, later runs only print the folder.
+log "building the Kubernetes test bed (tests/testbed/build.sh; cached)"
+TESTBED_BIN="$(STOKER_CACHE="$CACHE" "$ROOT/tests/testbed/build.sh" | tail -n 1)"
+[[ -x "$TESTBED_BIN/kube-apiserver" ]] || { log "test bed binaries missing in $TESTBED_BIN"; exit 1; }
+
+log "ready: $ROOT/target/debug/stoker, $ROOT/target/debug/process-kubelet, $JAR, $VENV, $TESTBED_BIN"
