@@ -25,7 +25,9 @@ pub fn start(
     cwd: &Path,
     log: &Path,
 ) -> std::io::Result<Started> {
-    let me = std::env::current_exe()?;
+    // /proc/self/exe rather than the path: the forked child runs this very binary even when the
+    // file was replaced (rebuilt) since the kubelet started.
+    let me = std::path::PathBuf::from("/proc/self/exe");
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
