@@ -240,9 +240,11 @@ fn local_config(args: &ServeArgs) -> anyhow::Result<LocalConfig> {
             None => PathBuf::from("java"),
         },
     };
-    let exe = std::env::current_exe().context("cannot find the stoker executable")?;
+    // /proc/self/exe, not the path: in the forked child it is still this binary even when the
+    // file has been replaced (rebuilt, upgraded) since stoker started.
+    std::fs::metadata("/proc/self/exe").context("cannot find the stoker executable")?;
     let wrapper = vec![
-        exe.display().to_string(),
+        "/proc/self/exe".to_owned(),
         "exec-guard".to_owned(),
         "--parent".to_owned(),
         std::process::id().to_string(),

@@ -84,6 +84,8 @@ struct Record {
     pod_name: String,
     created: bool,
     cancelled: bool,
+    /// stoker asked for the deletion (scale-down, kill, application end).
+    deleting: bool,
     reported: Reported,
 }
 
@@ -474,10 +476,22 @@ impl KubernetesBackend {
                     reason,
                     message,
                 } => {
-                    report = Some(Observation::Exited {
-                        code: *code,
-                        reason: *reason,
-                        message: message.clone(),
+                    // A pod being deleted that stoker did not delete: someone else removed it.
+                    let by_someone_else = p.metadata.deletion_timestamp.is_some() && !r.deleting;
+                    report = Some(if by_someone_else {
+                        Observation::Exited {
+                            code: *code,
+                            reason: ExitReason::DeletedExternally,
+                            message: format!(
+                                "pod {name} was deleted (not by stoker); the executor {message}"
+                            ),
+                        }
+                    } else {
+                        Observation::Exited {
+                            code: *code,
+                            reason: *reason,
+                            message: message.clone(),
+                        }
                     });
                     if p.metadata.deletion_timestamp.is_none() {
                         delete_grace = Some(0);
@@ -529,13 +543,18 @@ impl KubernetesBackend {
             .inner
             .records
             .remove_if(&key, |_, r| r.pod_name == name);
-        if removed.is_some() {
+        if let Some((_, record)) = removed {
             let (code, reason, message) = match status::classify(p) {
                 PodView::Exited {
                     code,
                     reason,
                     message,
-                } => (code, reason, message),
+                } if record.deleting => (code, reason, message),
+                PodView::Exited { code, .. } => (
+                    code,
+                    ExitReason::DeletedExternally,
+                    format!("pod {name} was deleted (not by stoker)"),
+                ),
                 _ => (
                     None,
                     ExitReason::DeletedExternally,
@@ -633,6 +652,7 @@ impl ExecutorBackend for KubernetesBackend {
             pod_name: pod_spec.metadata.name.clone().unwrap_or_default(),
             created: false,
             cancelled: false,
+            deleting: false,
             reported: Reported::Nothing,
         };
         debug!(app = %key.0, executor = %key.1, pod = %record.pod_name, "creating executor pod");
@@ -646,6 +666,7 @@ impl ExecutorBackend for KubernetesBackend {
             None => None,
             Some(mut r) => {
                 if r.created {
+                    r.deleting = true;
                     Some((r.namespace.clone(), r.pod_name.clone()))
                 } else {
                     // The create task sees this and reports the exit (or deletes the pod if the
@@ -700,6 +721,7 @@ impl ExecutorBackend for KubernetesBackend {
                     pod_name: u.pod_name.clone(),
                     created: true,
                     cancelled: false,
+                    deleting: false,
                     reported: if running_host.is_some() {
                         Reported::Running
                     } else {

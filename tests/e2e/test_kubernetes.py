@@ -1,0 +1,327 @@
+"""End-to-end: real Spark drivers get their executors as pods from stoker's Kubernetes backend,
+on the test bed (a real API server, scheduler, controller manager; the process kubelet runs the
+apache/spark executor role as local JVMs)."""
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import JAR, JOBS, STOKER, Driver, Stoker, wait_until
+from testbed import FAULT, ROOT
+
+IMAGE = "apache/spark:4.2.0"
+_instances = itertools.count(1)
+
+
+class KubeStoker(Stoker):
+    """stoker with --backend kubernetes against the test bed."""
+
+    def __init__(self, work_dir, testbed, instance, lease_ttl="6s", kubeconfig=None, extra=()):
+        super().__init__(work_dir, lease_ttl)
+        self.testbed = testbed
+        self.instance = instance
+        self.kubeconfig = kubeconfig
+        self.extra = list(extra)
+
+    def start(self):
+        assert STOKER.exists(), f"{STOKER} missing: run scripts/setup.sh"
+        env = self.testbed.client_env()
+        if self.kubeconfig:
+            env["KUBECONFIG"] = str(self.kubeconfig)
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            [
+                str(STOKER), "serve", "--backend", "kubernetes",
+                "--listen", f"127.0.0.1:{self.port}",
+                "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
+                "--work-dir", str(self.work_dir),
+                "--lease-ttl", self.lease_ttl,
+                "--delete-grace", "3s",
+                "--kube-image", IMAGE,
+                "--kube-instance", self.instance,
+                *self.extra,
+            ],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        )
+        wait_until(self._listening, 60, "stoker to listen")
+        return self
+
+    def restart_on_same_port(self):
+        """A new stoker process with the same address, instance and work dir."""
+        self.start()
+        return self
+
+
+def selector(instance, app_id=None):
+    sel = f"app.kubernetes.io/managed-by=stoker,stoker.dev/instance={instance}"
+    if app_id:
+        sel += f",spark-app-selector={app_id}"
+    return sel
+
+
+def pods_of(testbed, instance, app_id=None):
+    return testbed.api.get("/api/v1/pods", labelSelector=selector(instance, app_id))["items"]
+
+
+def running_pods(testbed, instance, app_id=None):
+    return [p for p in pods_of(testbed, instance, app_id)
+            if (p.get("status") or {}).get("phase") == "Running"
+            and not p["metadata"].get("deletionTimestamp")]
+
+
+def check_result(result, rows=1_000_000):
+    assert result["results"], result
+    for r in result["results"]:
+        assert r["groups"] == 1000
+        assert r["count"] == rows
+        assert r["sum"] == rows * (rows - 1) // 2
+
+
+def k8s_args(namespace="default", *more):
+    return ["--conf", f"spark.kubernetes.namespace={namespace}",
+            "--conf", f"spark.kubernetes.container.image={IMAGE}",
+            "--conf", f"spark.executorEnv.PYSPARK_PYTHON={sys.executable}", *more]
+
+
+@pytest.fixture
+def kube(testbed, process_kubelet, work_dir, monkeypatch):
+    """A Kubernetes-backed stoker with its own instance label; after the test no pod of it may
+    be left."""
+    monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
+    instance = f"e2e-{os.getpid()}-{next(_instances)}"
+    server = KubeStoker(work_dir, testbed, instance)
+    server.start()
+    yield server
+    server.stop()
+    left = lambda: [p["metadata"]["name"] for p in pods_of(testbed, instance)]
+    # Executors of a finished driver are deleted; a stoker killed in a test has its pods
+    # removed by the lease (re-started stoker) or garbage collection. Clean up anyway, then fail.
+    try:
+        wait_until(lambda: not left(), 60, "no executor pods left")
+    except AssertionError:
+        names = left()
+        for p in pods_of(testbed, instance):
+            testbed.api.delete_pod(p["metadata"]["name"], p["metadata"]["namespace"], force=True)
+        raise AssertionError(f"executor pods leaked: {names}")
+
+
+@pytest.fixture
+def namespaces(testbed):
+    made = []
+
+    def make(name):
+        testbed.api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                    "metadata": {"name": name}})
+        made.append(name)
+        # The service account controller creates "default"; pods need it.
+        wait_until(lambda: testbed.api.get_opt(f"/api/v1/namespaces/{name}/serviceaccounts/default"),
+                   30, f"service account default in {name}")
+        return name
+
+    yield make
+    for n in made:
+        testbed.api.delete(f"/api/v1/namespaces/{n}")
+
+
+def test_shuffle_job_on_executor_pods(kube, testbed, process_kubelet, driver_factory):
+    watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
+    driver = driver_factory(kube, "--executors", "2", *k8s_args())
+    started = driver.wait_event("started", timeout=180)
+    result = driver.wait(timeout=300)
+    check_result(result)
+    app_id = started["app_id"]
+    created = {o["metadata"]["name"]: o for t, o in watch.objects() if t == "ADDED"}
+    watch.close()
+    assert len(created) == 2, sorted(created)
+    for name, pod in created.items():
+        labels = pod["metadata"]["labels"]
+        assert labels["spark-role"] == "executor"
+        assert labels["spark-app-selector"] == app_id
+        assert labels["spark-exec-id"] in ("1", "2")
+        c = pod["spec"]["containers"][0]
+        assert c["image"] == IMAGE and c["args"] == ["executor"]
+        assert c["resources"]["limits"]["memory"] == c["resources"]["requests"]["memory"] == "896Mi"
+        # The kubelet ran Spark's Kubernetes executor backend for it.
+        logs = list(process_kubelet.pod_dir(pod).glob("*.log"))
+        text = "".join(p.read_text(errors="replace") for p in logs)
+        assert "KubernetesExecutorBackend: Started daemon" in text, text[-2000:]
+    # Unregistering removed every pod.
+    wait_until(lambda: not pods_of(testbed, kube.instance), 60, "pods deleted after the job")
+
+
+def test_oom_and_external_deletion_are_reported_and_replaced(kube, testbed, driver_factory):
+    watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
+    driver = driver_factory(kube, "--executors", "2", "--slow-ms", "1500", "--partitions", "30",
+                            *k8s_args())
+    driver.wait_event("job-start", timeout=180)
+    app_id = driver.event("started")["app_id"]
+    pods = wait_until(lambda: (lambda r: r if len(r) >= 2 else None)(running_pods(testbed, kube.instance, app_id)),
+                      120, "two running executor pods")
+    time.sleep(3)  # tasks are running
+    by_id = {p["metadata"]["labels"]["spark-exec-id"]: p["metadata"]["name"] for p in pods}
+    # The kubelet OOM-kills executor 1, and someone deletes executor 2's pod.
+    testbed.api.annotate_pod(by_id["1"], FAULT, "oom")
+    log_has = lambda pattern: re.search(pattern, driver.log())
+    wait_until(lambda: log_has(r"stoker: executor 1 exited with code 137 \(OOM_KILLED\)"), 60,
+               "the driver to hear of the OOM kill")
+    testbed.api.delete_pod(by_id["2"], grace=1)
+    wait_until(lambda: log_has(r"stoker: executor 2 exited.*\(DELETED_EXTERNALLY\)"), 60,
+               "the driver to hear of the deleted pod")
+    result = driver.wait(timeout=400)
+    check_result(result)
+    ids = {o["metadata"]["labels"]["spark-exec-id"] for t, o in watch.objects() if t == "ADDED"}
+    watch.close()
+    # Both were replaced by new executors (ids are never reused).
+    assert {"1", "2", "3", "4"} <= ids, ids
+
+
+def test_dynamic_allocation_scales_pods_up_and_down(kube, testbed, driver_factory):
+    driver = driver_factory(
+        kube, "--dynamic", "--executors", "3", "--slow-ms", "800", "--partitions", "30",
+        "--jobs", "2", "--pause-s", "15", *k8s_args(),
+    )
+    driver.wait_event("job-start", timeout=180)
+    app_id = driver.event("started")["app_id"]
+    wait_until(lambda: len(running_pods(testbed, kube.instance, app_id)) >= 2, 150,
+               "scale-up to at least 2 executor pods")
+    driver.wait_event("idle", timeout=300)
+    wait_until(lambda: not pods_of(testbed, kube.instance, app_id), 60, "scale-down to 0 pods when idle")
+    check_result(driver.wait(timeout=400))
+
+
+def test_driver_sigkill_deletes_its_pods_within_the_lease(kube, testbed, driver_factory):
+    driver = driver_factory(kube, "--executors", "2", "--jobs", "2", "--pause-s", "120", *k8s_args())
+    started = driver.wait_event("started", timeout=120)
+    driver.wait_event("idle", timeout=300)
+    app_id = started["app_id"]
+    assert len(running_pods(testbed, kube.instance, app_id)) == 2
+    driver.kill9()
+    killed_at = time.monotonic()
+    # Lease 6 s, delete grace 3 s; the kubelet stops the JVMs and the objects go.
+    wait_until(lambda: not pods_of(testbed, kube.instance, app_id), 6 + 20, "pods deleted after the lease")
+    assert time.monotonic() - killed_at < 6 + 20
+
+
+def test_stoker_restart_mid_job_adopts_pods_without_duplicates(kube, testbed, driver_factory):
+    watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
+    driver = driver_factory(kube, "--executors", "2", "--slow-ms", "1500", "--partitions", "24",
+                            *k8s_args())
+    driver.wait_event("job-start", timeout=180)
+    app_id = driver.event("started")["app_id"]
+    wait_until(lambda: len(running_pods(testbed, kube.instance, app_id)) == 2, 120, "two running pods")
+    time.sleep(3)
+    kube.kill9()
+    time.sleep(2)
+    kube.restart_on_same_port()
+    wait_until(lambda: "driver re-registered" in kube.log_path.read_text(), 60, "the driver to re-register")
+    result = driver.wait(timeout=400)
+    check_result(result)
+    created = sorted({o["metadata"]["name"] for t, o in watch.objects() if t == "ADDED"})
+    watch.close()
+    # The new stoker adopted the two pods: nothing was created twice.
+    assert len(created) == 2, created
+    assert "adopted executors from an earlier stoker" in kube.log_path.read_text()
+
+
+def test_two_applications_in_two_namespaces_stay_apart(kube, testbed, driver_factory, namespaces):
+    a, b = namespaces("team-a"), namespaces("team-b")
+    watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
+    da = driver_factory(kube, "--executors", "1", "--jobs", "2", "--pause-s", "60", *k8s_args(a))
+    db = driver_factory(kube, "--executors", "1", "--jobs", "2", "--pause-s", "20", *k8s_args(b))
+    app_a = da.wait_event("started", timeout=180)["app_id"]
+    app_b = db.wait_event("started", timeout=180)["app_id"]
+    da.wait_event("idle", timeout=300)
+    db.wait_event("idle", timeout=300)
+    assert running_pods(testbed, kube.instance, app_a) and running_pods(testbed, kube.instance, app_b)
+    # Driver A dies: only A's pods go; B keeps its executor and finishes with the right answer.
+    b_before = {p["metadata"]["name"] for p in running_pods(testbed, kube.instance, app_b)}
+    da.kill9()
+    wait_until(lambda: not pods_of(testbed, kube.instance, app_a), 30, "app A's pods deleted")
+    assert {p["metadata"]["name"] for p in running_pods(testbed, kube.instance, app_b)} == b_before
+    check_result(db.wait(timeout=400))
+    created = [o for t, o in watch.objects() if t == "ADDED"]
+    watch.close()
+    placed = {(o["metadata"]["labels"]["spark-app-selector"], o["metadata"]["namespace"]) for o in created}
+    assert placed == {(app_a, a), (app_b, b)}, placed
+
+
+def test_driver_pod_deletion_garbage_collects_executors(kube, testbed, process_kubelet, work_dir):
+    """A driver running in the cluster: its executors carry an owner reference, so even with
+    stoker gone, deleting the driver pod removes them (the garbage collector does)."""
+    name = "driver-gc"
+    env = [
+        {"name": "STOKER_PLUGIN_JAR", "value": str(JAR)},
+        {"name": "PYSPARK_PYTHON", "value": sys.executable},
+        {"name": "PYSPARK_DRIVER_PYTHON", "value": sys.executable},
+        {"name": "SPARK_LOCAL_IP", "value": "127.0.0.1"},
+    ]
+    command = [sys.executable, str(JOBS / "shuffle.py"), kube.address, "--executors", "2",
+               "--jobs", "2", "--pause-s", "300", *k8s_args("default"),
+               "--conf", f"spark.kubernetes.driver.pod.name={name}"]
+    pod = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"spark-role": "driver"}},
+        "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 2,
+                 "nodeSelector": {"kubernetes.io/hostname": process_kubelet.node},
+                 "containers": [{"name": "driver", "image": "python:3.11", "command": command,
+                                 "env": env, "resources": {"limits": {"memory": "3Gi"}}}]},
+    }
+    created = testbed.api.create_pod(pod)
+    uid = created["metadata"]["uid"]
+    execs = wait_until(lambda: (lambda r: r if len(r) == 2 else None)(running_pods(testbed, kube.instance)),
+                       180, "the driver pod's two executor pods")
+    for p in execs:
+        owners = p["metadata"].get("ownerReferences") or []
+        assert [(o["kind"], o["name"], o["uid"]) for o in owners] == [("Pod", name, uid)], owners
+    kube.kill9()  # nobody left to delete them but the garbage collector
+    testbed.api.delete_pod(name, grace=0)
+    wait_until(lambda: not pods_of(testbed, kube.instance), 60, "executor pods garbage-collected")
+    testbed.api.wait_pod_gone(name, 60)
+
+
+def test_deploy_manifests_rbac_is_enough_and_no_more(testbed, process_kubelet, work_dir, driver_factory,
+                                                     monkeypatch):
+    """Applies deploy/base to the test bed and runs stoker with the ServiceAccount's own token:
+    a permission missing from the ClusterRole fails this test."""
+    monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
+    rendered = testbed.kubectl("kustomize", str(ROOT / "deploy" / "base")).stdout
+    # The stoker image is not runnable on the process kubelet: keep the Deployment at 0 and run
+    # the binary here with the same identity instead.
+    rendered = rendered.replace("replicas: 1", "replicas: 0")
+    assert "replicas: 0" in rendered
+    testbed.kubectl("apply", "-f", "-", input=rendered)
+    try:
+        sa = "system:serviceaccount:stoker:stoker"
+        can = lambda *a: testbed.kubectl("auth", "can-i", *a, f"--as={sa}", check=False).stdout.strip()
+        for verb in ("create", "delete", "list", "watch", "get"):
+            assert can(verb, "pods", "-n", "default") == "yes", verb
+        for args in (("get", "secrets", "-n", "default"), ("delete", "nodes"), ("create", "deployments"),
+                     ("patch", "pods", "-n", "default"), ("create", "pods", "--subresource=exec")):
+            assert can(*args) == "no", args
+        token = testbed.kubectl("create", "token", "stoker", "-n", "stoker", "--duration=1h").stdout.strip()
+        kubeconfig = work_dir / "stoker-sa.kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+            "clusters": [{"name": "testbed", "cluster": {
+                "server": f"https://127.0.0.1:{testbed.port}",
+                "certificate-authority": testbed.env["CA_CERT"]}}],
+            "users": [{"name": "stoker", "user": {"token": token}}],
+            "contexts": [{"name": "sa", "context": {"cluster": "testbed", "user": "stoker"}}],
+        }))
+        instance = f"rbac-{os.getpid()}"
+        server = KubeStoker(work_dir, testbed, instance, kubeconfig=kubeconfig).start()
+        try:
+            driver = driver_factory(server, "--executors", "2", *k8s_args())
+            check_result(driver.wait(timeout=300))
+            wait_until(lambda: not pods_of(testbed, instance), 60, "pods deleted with the SA's rights")
+        finally:
+            server.stop()
+        assert "Forbidden" not in server.log_path.read_text()
+    finally:
+        testbed.kubectl("delete", "-f", "-", "--wait=false", input=rendered, check=False)
