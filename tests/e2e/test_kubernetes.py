@@ -325,3 +325,28 @@ def test_deploy_manifests_rbac_is_enough_and_no_more(testbed, process_kubelet, w
         assert "Forbidden" not in server.log_path.read_text()
     finally:
         testbed.kubectl("delete", "-f", "-", "--wait=false", input=rendered, check=False)
+
+
+def test_exceeded_quota_keeps_the_executor_requested_and_tells_the_driver(kube, testbed, driver_factory,
+                                                                          namespaces):
+    ns = namespaces("quota")
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "pods"},
+             "spec": {"hard": {"pods": "1"}}}
+    testbed.api.create(f"/api/v1/namespaces/{ns}/resourcequotas", quota)
+    wait_until(lambda: (testbed.api.get(f"/api/v1/namespaces/{ns}/resourcequotas/pods").get("status") or {})
+               .get("hard"), 30, "the quota to be in force")
+    driver = driver_factory(kube, "--executors", "2", *k8s_args(ns))
+    # The driver hears why its second executor is late (while it waits for its executors).
+    wait_until(lambda: re.search(r"stoker: executor \d+ is waiting: .*exceeded quota", driver.log()), 150,
+               "the driver to be told about the quota")
+    pods = testbed.api.pods(ns)
+    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+    # Backoff, not a busy loop: a handful of attempts over several seconds.
+    time.sleep(5)
+    assert kube.log_path.read_text().count("resource quota exceeded") == 1
+    # Quota raised: the executor that stayed requested is created, and the job runs on both.
+    testbed.api.merge_patch(f"/api/v1/namespaces/{ns}/resourcequotas/pods", {"spec": {"hard": {"pods": "4"}}})
+    result = driver.wait(timeout=300)
+    check_result(result)
+    assert result["results"][0]["executors_alive"] == 2
+    assert "exited" not in " ".join(re.findall(r"stoker: executor \d+ exited[^\n]*", driver.log()))

@@ -106,6 +106,12 @@ pub enum Observation {
         /// Pod name or `pid:N`.
         backend_name: String,
     },
+    /// It cannot be created for now (e.g. a resource quota is exhausted); the backend keeps
+    /// trying. The driver is told with an application warning; the executor stays requested.
+    Waiting {
+        /// Why, for people.
+        message: String,
+    },
     /// It is gone, with the backend's view of why.
     Exited {
         /// Exit code, when known.
@@ -598,6 +604,15 @@ impl Engine {
                 }
                 let event = snapshot(executor, None);
                 self.push_event(EventKind::Executor(event));
+            }
+            Observation::Waiting { message } => {
+                if matches!(
+                    executor.phase,
+                    ExecutorPhase::Requested | ExecutorPhase::Pending
+                ) {
+                    let message = format!("executor {id} is waiting: {message}");
+                    self.push_event(EventKind::AppWarning { message });
+                }
             }
             Observation::Exited {
                 code,

@@ -376,3 +376,33 @@ fn executor_id_parsing_rejects_malformed_ids() {
     }
     assert_eq!("2147483647".parse::<ExecutorId>(), Ok(id(2_147_483_647)));
 }
+
+#[test]
+fn waiting_executor_warns_the_driver_and_stays_requested() {
+    let mut e = engine(EngineConfig::default());
+    e.set_targets(&[(0, 1)], 0).expect("target");
+    assert_eq!(launches(&e.take_actions()), vec![1]);
+    let before = e.events_after(0).count();
+    let message = "exceeded quota: pods=1".to_string();
+    assert!(e.observe(id(1), Observation::Waiting { message }, 10));
+    let events: Vec<Event> = e.events_after(0).cloned().collect();
+    assert_eq!(events.len(), before + 1);
+    assert!(matches!(
+        &events[events.len() - 1].kind,
+        EventKind::AppWarning { message } if message.contains("executor 1 is waiting") && message.contains("quota")
+    ));
+    // Nothing is created twice, nothing exits, nothing counts as a failure.
+    assert!(e.take_actions().is_empty());
+    assert_eq!(e.phase(), AppPhase::Active);
+    // Once it runs, a late warning is not repeated.
+    e.observe(id(1), running(), 20);
+    let n = e.events_after(0).count();
+    e.observe(
+        id(1),
+        Observation::Waiting {
+            message: "late".into(),
+        },
+        30,
+    );
+    assert_eq!(e.events_after(0).count(), n);
+}

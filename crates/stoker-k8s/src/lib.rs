@@ -360,6 +360,15 @@ impl KubernetesBackend {
                         told_quota = true;
                         warn!(app = %key.0, executor = %key.1, namespace = %namespace, error = %s.message,
                             "resource quota exceeded: the executor stays requested and creation is retried with backoff");
+                        self.report(
+                            &key,
+                            Observation::Waiting {
+                                message: format!(
+                                    "namespace {namespace}: {} (stoker retries with backoff)",
+                                    s.message
+                                ),
+                            },
+                        );
                     } else {
                         debug!(app = %key.0, executor = %key.1, code = s.code, "pod creation refused for now; backing off");
                     }
