@@ -5,6 +5,8 @@ CACHE ?= $(HOME)/.cache/stoker
 VENV := $(CACHE)/venv-pyspark-4.2.0
 JAR := spark-plugin/target/stoker-spark-plugin.jar
 
+
+.PHONY: bench bench-quick
 .PHONY: setup demo test test-rust test-plugin test-e2e test-testbed lint
 
 setup:
@@ -33,3 +35,10 @@ test-testbed: setup
 	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python -m pytest -v -p no:cacheprovider tests/e2e/test_testbed.py
 
 test: setup lint test-rust test-plugin test-e2e
+
+# Benchmarks (not part of `make test`): stoker against Spark's built-in Kubernetes backend.
+bench:
+	scripts/bench.sh
+
+bench-quick:
+	scripts/bench.sh --quick

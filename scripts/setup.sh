@@ -45,7 +45,10 @@ log "building the Spark plugin (maven)"
 #    from their Go modules (needs Go). Cached under $CACHE/testbed/<versions>-<hash>/bin: a cold
 #    build takes about 13 minutes on 2 cores, later runs only print the folder.
 log "building the Kubernetes test bed (tests/testbed/build.sh; cached)"
-TESTBED_BIN="$(STOKER_CACHE="$CACHE" "$ROOT/tests/testbed/build.sh" | tail -n 1)"
+# The set-up runs its builds one after another, so the Go build may use every core (build.sh's
+# own default is one, for machines shared with other builds).
+TESTBED_BIN="$(TESTBED_GO_PARALLEL="${TESTBED_GO_PARALLEL:-$(nproc)}" STOKER_CACHE="$CACHE" \
+  "$ROOT/tests/testbed/build.sh" | tail -n 1)"
 [[ -x "$TESTBED_BIN/kube-apiserver" ]] || { log "test bed binaries missing in $TESTBED_BIN"; exit 1; }
 
 log "ready: $ROOT/target/debug/stoker, $ROOT/target/debug/process-kubelet, $JAR, $VENV, $TESTBED_BIN"

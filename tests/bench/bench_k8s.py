@@ -1,0 +1,455 @@
+"""stoker against Spark's built-in Kubernetes backend, side by side, on the same test bed.
+
+Both systems are driven by real Spark 4.2.0 drivers (pyspark): `--master k8s://...` (Spark's own
+backend) and `--master spark+stoker://...` (stoker's Kubernetes backend through the plugin).
+Pod times come from one independent watch on the API server, the same for both; API load from
+the API server's own /metrics (apiserver_request_total).
+
+Usage: bench_k8s.py --out DIR [--quick]
+Writes DIR/k8s.md (markdown table) and DIR/k8s-samples.json. Prints the table. Asserts nothing
+about timings.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+from testbed import FAULT, Kubelet, Testbed, wait_until  # noqa: E402
+
+JOBS = Path(__file__).resolve().parent / "jobs"
+JAR = ROOT / "spark-plugin" / "target" / "stoker-spark-plugin.jar"
+IMAGE = "apache/spark:4.2.0"
+NOPROC = "bench-noproc"
+PROC = "bench-proc"
+
+
+def stoker_binary():
+    release, debug = ROOT / "target" / "release" / "stoker", ROOT / "target" / "debug" / "stoker"
+    if release.exists() and (not debug.exists() or release.stat().st_mtime >= debug.stat().st_mtime):
+        return release
+    return debug
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TimedWatch:
+    """Every pod event of a namespace with the time it was received."""
+
+    def __init__(self, api, namespace):
+        self.events = []
+        self.lock = threading.Lock()
+        q = urllib.parse.urlencode({"watch": "1", "timeoutSeconds": "1800"})
+        req = urllib.request.Request(f"{api.url}/api/v1/namespaces/{namespace}/pods?{q}")
+        req.add_header("Authorization", f"Bearer {api.token}")
+        self.resp = urllib.request.urlopen(req, context=api.ctx, timeout=1900)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        try:
+            for line in self.resp:
+                if line.strip():
+                    t = time.time()
+                    ev = json.loads(line)
+                    o = ev["object"]
+                    lite = {"name": o["metadata"].get("name"),
+                            "phase": (o.get("status") or {}).get("phase"),
+                            "deleting": bool(o["metadata"].get("deletionTimestamp"))}
+                    with self.lock:
+                        self.events.append((t, ev["type"], lite))
+        except Exception:
+            pass
+
+    def snapshot(self):
+        with self.lock:
+            return list(self.events)
+
+    def first_times(self):
+        created, running = {}, {}
+        for t, typ, o in self.snapshot():
+            if typ == "ADDED":
+                created.setdefault(o["name"], t)
+            if o["phase"] == "Running" and not o["deleting"]:
+                running.setdefault(o["name"], t)
+        return created, running
+
+    def close(self):
+        # Closing the response under the reading thread can block; shutting the socket down
+        # ends the read at once.
+        import socket
+        try:
+            self.resp.fp.raw._sock.shutdown(socket.SHUT_RDWR)
+        except Exception:
+            pass
+
+
+def api_requests(testbed):
+    """(total requests, pod POSTs) from the API server's own counters."""
+    api = testbed.api
+    req = urllib.request.Request(f"{api.url}/metrics")
+    req.add_header("Authorization", f"Bearer {api.token}")
+    with urllib.request.urlopen(req, context=api.ctx, timeout=30) as r:
+        text = r.read().decode()
+    total = pods_post = 0.0
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{"):
+            value = float(line.rsplit(" ", 1)[1])
+            total += value
+            if 'verb="POST"' in line and 'resource="pods"' in line:
+                pods_post += value
+    return time.time(), total, pods_post
+
+
+class Bench:
+    def __init__(self, out, quick):
+        self.out = Path(out)
+        self.quick = quick
+        self.work = Path(tempfile.mkdtemp(prefix="stoker-bench-"))
+        self.rows = []
+        self.samples = {}
+        self.procs = []
+
+    # ---- set-up ----
+    def start(self):
+        (self.work / "kubelets").mkdir(parents=True, exist_ok=True)
+        self.testbed = Testbed(self.work / "testbed").start()
+        import pyspark
+        spark_home = Path(pyspark.__file__).resolve().parent
+        self.noproc = Kubelet(self.testbed, self.work / "kubelets", NOPROC, mode="no-process",
+                              max_pods=20000, extra=("--cpu", "100000", "--memory", "100000Gi")).start()
+        self.proc_kubelet = Kubelet(self.testbed, self.work / "kubelets", PROC, spark_home=spark_home,
+                                    extra=("--cpu", "16", "--memory", "64Gi")).start()
+        self.stoker_port = free_port()
+        self.stoker_log = open(self.work / "stoker.log", "w")
+        env = self.testbed.client_env()
+        self.stoker = subprocess.Popen(
+            [str(stoker_binary()), "serve", "--backend", "kubernetes",
+             "--listen", f"127.0.0.1:{self.stoker_port}", "--metrics-listen", f"127.0.0.1:{free_port()}",
+             "--work-dir", str(self.work / "stoker"), "--lease-ttl", "10s", "--delete-grace", "3s",
+             "--kube-image", IMAGE, "--kube-instance", "bench", "--kube-qps", "0",
+             "--kube-create-concurrency", "64", "--log-format", "json"],
+            stdout=self.stoker_log, stderr=subprocess.STDOUT, env=env)
+        import socket
+
+        def listening():
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.stoker_port)) == 0
+        wait_until(listening, 60, "stoker to listen")
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        stoker = getattr(self, "stoker", None)
+        if stoker is not None and stoker.poll() is None:
+            stoker.terminate()
+            stoker.wait(timeout=30)
+        for name in ("proc_kubelet", "noproc", "testbed"):
+            part = getattr(self, name, None)
+            if part is not None:
+                part.stop()
+
+    def namespace(self, name):
+        api = self.testbed.api
+        api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        wait_until(lambda: api.get_opt(f"/api/v1/namespaces/{name}/serviceaccounts/default"), 60,
+                   f"service account in {name}")
+        return name
+
+    def drop_namespace(self, name):
+        api = self.testbed.api
+        # Spark's own backend leaves pods behind when its driver is killed; remove everything.
+        api.delete(f"/api/v1/namespaces/{name}")
+        wait_until(lambda: api.get_opt(f"/api/v1/namespaces/{name}") is None, 300, f"namespace {name} gone")
+
+    # ---- drivers ----
+    def master(self, system):
+        if system == "spark":
+            return f"k8s://https://127.0.0.1:{self.testbed.port}"
+        return f"spark+stoker://127.0.0.1:{self.stoker_port}"
+
+    def conf(self, namespace, node):
+        return ["--conf", f"spark.kubernetes.namespace={namespace}",
+                "--conf", f"spark.kubernetes.container.image={IMAGE}",
+                "--conf", f"spark.kubernetes.node.selector.kubernetes.io/hostname={node}",
+                "--conf", f"spark.executorEnv.PYSPARK_PYTHON={sys.executable}"]
+
+    def env(self):
+        env = self.testbed.client_env()
+        env.update(STOKER_PLUGIN_JAR=str(JAR), SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
+                   PYSPARK_DRIVER_PYTHON=sys.executable)
+        env.pop("SPARK_HOME", None)
+        return env
+
+    def hold_driver(self, system, n, namespace, node=NOPROC):
+        stop_file = self.work / f"stop-{namespace}-{time.monotonic_ns()}"
+        log = open(self.work / f"driver-{namespace}-{time.monotonic_ns()}.log", "w")
+        p = subprocess.Popen([sys.executable, str(JOBS / "hold.py"), self.master(system), "--executors", str(n),
+                              "--stop-file", str(stop_file), *self.conf(namespace, node)],
+                             stdout=subprocess.PIPE, stderr=log, text=True, env=self.env())
+        self.procs.append(p)
+        return p, stop_file
+
+    @staticmethod
+    def wait_ready(p, timeout=180):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = p.stdout.readline()
+            if not line:
+                raise AssertionError(f"driver exited ({p.poll()}) before it was ready")
+            if line.startswith("{"):
+                ev = json.loads(line)
+                if ev.get("event") == "ready":
+                    return ev
+        raise AssertionError("driver not ready in time")
+
+    @staticmethod
+    def end_driver(p, stop_file):
+        stop_file.touch()
+        try:
+            p.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+    # ---- 1. ramp-up ----
+    def ramp(self, system, n):
+        ns = self.namespace(f"ramp-{system}-{n}")
+        watch = TimedWatch(self.testbed.api, ns)
+        m0 = api_requests(self.testbed)
+        t_launch = time.time()
+        p, stop = self.hold_driver(system, n, ns)
+        self.wait_ready(p)
+
+        def all_running():
+            created, running = watch.first_times()
+            return len(running) >= n
+        wait_until(all_running, 900, f"{n} pods Running ({system})", interval=0.5)
+        m1 = api_requests(self.testbed)
+        created, running = watch.first_times()
+        c, r = sorted(created.values()), sorted(running.values())
+        first = c[0]
+        sample = {
+            "system": system, "n": n,
+            "first_pod_to_n_created_s": c[n - 1] - first,
+            "first_pod_to_n_running_s": r[n - 1] - first,
+            "driver_launch_to_n_running_s": r[n - 1] - t_launch,
+            # Over the whole window (driver launch to all Running), all clients together.
+            "apiserver_requests_per_s": (m1[1] - m0[1]) / (m1[0] - m0[0]),
+            "apiserver_requests": m1[1] - m0[1],
+            "pod_creates": m1[2] - m0[2],
+            "creation_rate_per_s": (n - 1) / max(c[n - 1] - first, 1e-9),
+            "pods_created": len(created),
+        }
+        self.end_driver(p, stop)
+        watch.close()
+        self.drop_namespace(ns)
+        return sample
+
+    # ---- 2. failure replacement ----
+    def failures(self, system, count, executors=5):
+        ns = self.namespace(f"fail-{system}")
+        watch = TimedWatch(self.testbed.api, ns)
+        p, stop = self.hold_driver(system, executors, ns)
+        self.wait_ready(p)
+        wait_until(lambda: len(watch.first_times()[1]) >= executors, 300, "executors running", interval=0.3)
+        latencies = []
+        api = self.testbed.api
+        for i in range(count):
+            # A running pod that is not being replaced or deleted.
+            pods = [x for x in api.pods(ns) if (x.get("status") or {}).get("phase") == "Running"
+                    and not x["metadata"].get("deletionTimestamp")]
+            if not pods:
+                wait_until(lambda: [x for x in api.pods(ns) if (x.get("status") or {}).get("phase") == "Running"],
+                           120, "a running pod")
+                continue
+            victim = pods[0]["metadata"]["name"]
+            known = set(watch.first_times()[0])
+            api.annotate_pod(victim, FAULT, f"exit:{10 + i % 100}", ns=ns)
+
+            def failed_at():
+                for t, typ, o in watch.snapshot():
+                    if o["name"] == victim and o["phase"] == "Failed":
+                        return t
+                return None
+            t_failed = wait_until(failed_at, 60, f"pod {victim} Failed", interval=0.05)
+
+            def replacement_at():
+                created = watch.first_times()[0]
+                new = [t for name, t in created.items() if name not in known]
+                return min(new) if new else None
+            t_new = wait_until(replacement_at, 120, f"a replacement for {victim}", interval=0.05)
+            latencies.append(t_new - t_failed)
+            # Back at full strength before the next failure.
+            wait_until(lambda: len([x for x in api.pods(ns) if (x.get("status") or {}).get("phase") == "Running"
+                                    and not x["metadata"].get("deletionTimestamp")]) >= executors,
+                       120, "full strength again", interval=0.1)
+        self.end_driver(p, stop)
+        watch.close()
+        self.drop_namespace(ns)
+        lat = sorted(latencies)
+        return {"system": system, "failures": len(lat),
+                "p50_s": statistics.median(lat),
+                "p99_s": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))],
+                "latencies_s": lat}
+
+    # ---- 3. API server load in steady state ----
+    def api_rate(self, window):
+        a = api_requests(self.testbed)
+        time.sleep(window)
+        b = api_requests(self.testbed)
+        return (b[1] - a[1]) / (b[0] - a[0])
+
+    def api_load(self, system, apps, window):
+        ns = self.namespace(f"load-{system}-{apps}")
+        time.sleep(5)
+        baseline = self.api_rate(window)
+        drivers = [self.hold_driver(system, 2, ns) for _ in range(apps)]
+        for p, _ in drivers:
+            self.wait_ready(p, timeout=600)
+        api = self.testbed.api
+        wait_until(lambda: len([x for x in api.pods(ns) if (x.get("status") or {}).get("phase") == "Running"])
+                   >= 2 * apps, 600, "all executor pods running", interval=1)
+        time.sleep(5)
+        rate = self.api_rate(window)
+        for p, stop in drivers:
+            stop.touch()
+        for p, stop in drivers:
+            self.end_driver(p, stop)
+        self.drop_namespace(ns)
+        return {"system": system, "apps": apps, "window_s": window, "rate_per_s": rate,
+                "baseline_per_s": baseline, "per_app_per_s": (rate - baseline) / apps}
+
+    # ---- 6. real executors ----
+    def real(self, system):
+        ns = self.namespace(f"real-{system}")
+        out = subprocess.run([sys.executable, str(JOBS / "timed_shuffle.py"), self.master(system), "--executors", "4",
+                              *self.conf(ns, PROC)], capture_output=True, text=True, env=self.env(), timeout=900)
+        self.drop_namespace(ns)
+        result = next((json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")), None)
+        if not result:
+            raise AssertionError(f"shuffle job failed ({system}): {out.stderr[-3000:]}")
+        return {"system": system, "correct": result["correct"],
+                "first_task_s": (result["t_first_task"] or result["t_done"]) - result["t_start"],
+                "total_s": result["t_done"] - result["t_start"]}
+
+    # ---- all ----
+    def run(self):
+        sizes = [100] if self.quick else [100, 500, 2000]
+        failures = 20 if self.quick else 100
+        app_counts = [1, 5] if self.quick else [1, 10, 50]
+        window = 35 if self.quick else 95  # Spark's drivers LIST every 30 s
+        s = self.samples
+        s["ramp"] = []
+        for n in sizes:
+            for system in ("spark", "stoker"):
+                print(f"[bench] ramp-up {system} N={n}", file=sys.stderr, flush=True)
+                s["ramp"].append(self.ramp(system, n))
+        s["failures"] = []
+        for system in ("spark", "stoker"):
+            print(f"[bench] failure replacement {system} x{failures}", file=sys.stderr, flush=True)
+            s["failures"].append(self.failures(system, failures))
+        s["api_load"] = []
+        for apps in app_counts:
+            for system in ("spark", "stoker"):
+                print(f"[bench] API load {system} apps={apps}", file=sys.stderr, flush=True)
+                s["api_load"].append(self.api_load(system, apps, window))
+        s["real"] = []
+        for system in ("spark", "stoker"):
+            print(f"[bench] real executors {system}", file=sys.stderr, flush=True)
+            s["real"].append(self.real(system))
+
+    def table(self):
+        s = self.samples
+        lines = ["| benchmark | figure | Spark built-in | stoker | stoker vs built-in |",
+                 "|---|---|---|---|---|"]
+
+        def pair(items, key):
+            d = {x["system"]: x for x in items}
+            return d.get("spark"), d.get("stoker")
+
+        for n in sorted({x["n"] for x in s["ramp"]}):
+            sp, st = pair([x for x in s["ramp"] if x["n"] == n], None)
+            for key, label in (("first_pod_to_n_created_s", "first pod → all created (s)"),
+                               ("first_pod_to_n_running_s", "first pod → all Running (s)"),
+                               ("driver_launch_to_n_running_s", "driver launch → all Running (s)")):
+                lines.append(f"| ramp-up N={n} | {label} | {sp[key]:.2f} | {st[key]:.2f} | "
+                             f"{sp[key] / max(st[key], 1e-9):.1f}× faster |")
+            lines.append(f"| ramp-up N={n} | pod creations/s (first → all created) | "
+                         f"{sp['creation_rate_per_s']:.0f} | {st['creation_rate_per_s']:.0f} | |")
+            lines.append(f"| ramp-up N={n} | API server: requests in the window (all clients), of them pod creates | "
+                         f"{sp['apiserver_requests']:.0f}, {sp['pod_creates']:.0f} | "
+                         f"{st['apiserver_requests']:.0f}, {st['pod_creates']:.0f} | |")
+        sp, st = pair(s["failures"], None)
+        for key, label in (("p50_s", "p50"), ("p99_s", "p99")):
+            lines.append(f"| failure → replacement created ({sp['failures']} failures) | {label} (s) | "
+                         f"{sp[key]:.3f} | {st[key]:.3f} | {sp[key] / max(st[key], 1e-9):.1f}× faster |")
+        for apps in sorted({x["apps"] for x in s["api_load"]}):
+            sp, st = pair([x for x in s["api_load"] if x["apps"] == apps], None)
+            lines.append(f"| API load, {apps} app(s) x 2 executors, steady state ({sp['window_s']} s) | requests/s "
+                         f"per app above the idle rate measured just before (Spark {sp['baseline_per_s']:.2f}/s, "
+                         f"stoker {st['baseline_per_s']:.2f}/s) | {sp['per_app_per_s']:.2f} | {st['per_app_per_s']:.2f} | |")
+        sp, st = pair(s["real"], None)
+        lines.append(f"| shuffle job, 4 real executors | time to first task (s) | {sp['first_task_s']:.1f} | "
+                     f"{st['first_task_s']:.1f} | {sp['first_task_s'] / st['first_task_s']:.2f}× |")
+        lines.append(f"| shuffle job, 4 real executors | total (s), answer correct: {sp['correct']}/{st['correct']} | "
+                     f"{sp['total_s']:.1f} | {st['total_s']:.1f} | {sp['total_s'] / st['total_s']:.2f}× |")
+        return "\n".join(lines)
+
+
+def machine():
+    model = ""
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = ""
+    try:
+        mem = next(l.split(":", 1)[1].strip() for l in open("/proc/meminfo") if l.startswith("MemTotal"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} CPUs ({model}), {mem} RAM, {platform.platform()}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(out, a.quick)
+    try:
+        bench.start()
+        bench.run()
+    finally:
+        bench.stop()
+    header = (f"Kubernetes benchmarks ({'quick' if a.quick else 'full'} mode), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+              f"machine: {machine()}; stoker binary: {stoker_binary().relative_to(ROOT)} (--kube-qps 0, "
+              f"create concurrency 64); Spark {IMAGE} defaults (allocation batch size 20 in 4.2); "
+              f"test bed: kube-apiserver v1.37.2, process-less kubelet for ramp/failure/load.")
+    text = header + "\n\n" + bench.table() + "\n"
+    (out / "k8s.md").write_text(text)
+    (out / "k8s-samples.json").write_text(json.dumps(bench.samples, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""A Spark driver that asks for executors and holds them until told to stop (benchmarks).
+
+Usage: hold.py MASTER --executors N --stop-file PATH [--max-seconds S] [--conf K=V ...]
+Prints one JSON line {"event": "ready", "t": <unix time>} once the SparkContext is up (the
+backend has started and asked for its executors), then waits for PATH to exist (or S seconds)
+and stops the context cleanly.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+from pyspark.sql import SparkSession
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("master")
+    p.add_argument("--executors", type=int, required=True)
+    p.add_argument("--stop-file", required=True)
+    p.add_argument("--max-seconds", type=float, default=900)
+    p.add_argument("--conf", action="append", default=[])
+    a = p.parse_args()
+    b = SparkSession.builder.master(a.master).appName("stoker-bench-hold")
+    if a.master.startswith("spark+stoker://"):
+        b = b.config("spark.driver.extraClassPath", os.environ["STOKER_PLUGIN_JAR"])
+    for kv in a.conf:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            p.error(f"--conf needs KEY=VALUE: {kv!r}")
+        b = b.config(k, v)
+    b = (
+        b.config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.ui.enabled", "false")
+        .config("spark.executor.instances", str(a.executors))
+        .config("spark.executor.memory", "512m")
+        .config("spark.executor.cores", "1")
+        .config("spark.driver.memory", "512m")
+        # Do not wait for executors to register: in the process-less test bed they never do.
+        .config("spark.scheduler.minRegisteredResourcesRatio", "0")
+        .config("spark.executor.maxNumFailures", "100000")
+    )
+    spark = b.getOrCreate()
+    print(json.dumps({"event": "ready", "t": time.time(), "app_id": spark.sparkContext.applicationId}),
+          flush=True)
+    deadline = time.monotonic() + a.max_seconds
+    while not os.path.exists(a.stop_file) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    spark.stop()
+    print(json.dumps({"event": "stopped", "t": time.time()}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
