@@ -51,31 +51,61 @@ def free_port():
 
 
 class TimedWatch:
-    """Every pod event of a namespace with the time it was received."""
+    """Every pod event of a namespace with the time it was received. Reconnects (from the last
+    resource version) if the stream breaks."""
 
     def __init__(self, api, namespace):
+        self.api = api
+        self.path = f"/api/v1/namespaces/{namespace}/pods"
         self.events = []
         self.lock = threading.Lock()
-        q = urllib.parse.urlencode({"watch": "1", "timeoutSeconds": "1800"})
-        req = urllib.request.Request(f"{api.url}/api/v1/namespaces/{namespace}/pods?{q}")
-        req.add_header("Authorization", f"Bearer {api.token}")
-        self.resp = urllib.request.urlopen(req, context=api.ctx, timeout=1900)
-        threading.Thread(target=self._read, daemon=True).start()
+        self.closed = False
+        self.rv = None
+        self.resp = self._open()
+        threading.Thread(target=self._run, daemon=True).start()
 
-    def _read(self):
-        try:
-            for line in self.resp:
-                if line.strip():
-                    t = time.time()
-                    ev = json.loads(line)
-                    o = ev["object"]
-                    lite = {"name": o["metadata"].get("name"),
-                            "phase": (o.get("status") or {}).get("phase"),
-                            "deleting": bool(o["metadata"].get("deletionTimestamp"))}
-                    with self.lock:
-                        self.events.append((t, ev["type"], lite))
-        except Exception:
-            pass
+    def _open(self):
+        q = {"watch": "1", "timeoutSeconds": "1800", "allowWatchBookmarks": "true"}
+        if self.rv:
+            q["resourceVersion"] = self.rv
+        req = urllib.request.Request(f"{self.api.url}{self.path}?{urllib.parse.urlencode(q)}")
+        req.add_header("Authorization", f"Bearer {self.api.token}")
+        return urllib.request.urlopen(req, context=self.api.ctx, timeout=1900)
+
+    def _run(self):
+        while not self.closed:
+            try:
+                self._read(self.resp)
+            except Exception as e:  # broken stream: note it and reconnect
+                print(f"[bench] watch {self.path} broke ({e!r}); reconnecting", file=sys.stderr, flush=True)
+            if self.closed:
+                return
+            try:
+                self.resp = self._open()
+            except Exception as e:
+                print(f"[bench] watch reconnect failed ({e!r})", file=sys.stderr, flush=True)
+                time.sleep(0.5)
+
+    def _read(self, resp):
+        for line in resp:
+            if not line.strip():
+                continue
+            t = time.time()
+            ev = json.loads(line)
+            o = ev.get("object") or {}
+            if ev.get("type") == "ERROR":
+                self.rv = None  # e.g. 410 Gone: start over from now
+                return
+            meta = o.get("metadata") or {}
+            if meta.get("resourceVersion"):
+                self.rv = meta["resourceVersion"]
+            if ev.get("type") == "BOOKMARK":
+                continue
+            status = o.get("status") if isinstance(o.get("status"), dict) else {}
+            lite = {"name": meta.get("name"), "phase": status.get("phase"),
+                    "deleting": bool(meta.get("deletionTimestamp"))}
+            with self.lock:
+                self.events.append((t, ev["type"], lite))
 
     def snapshot(self):
         with self.lock:
@@ -94,6 +124,7 @@ class TimedWatch:
         # Closing the response under the reading thread can block; shutting the socket down
         # ends the read at once.
         import socket
+        self.closed = True
         try:
             self.resp.fp.raw._sock.shutdown(socket.SHUT_RDWR)
         except Exception:
@@ -118,9 +149,11 @@ def api_requests(testbed):
 
 
 class Bench:
-    def __init__(self, out, quick):
+    def __init__(self, out, quick, sizes=None, only=None):
         self.out = Path(out)
         self.quick = quick
+        self.sizes = sizes
+        self.only = only
         self.work = Path(tempfile.mkdtemp(prefix="stoker-bench-"))
         self.rows = []
         self.samples = {}
@@ -352,7 +385,7 @@ class Bench:
 
     # ---- all ----
     def run(self):
-        sizes = [100] if self.quick else [100, 500, 2000]
+        sizes = self.sizes or ([100] if self.quick else [100, 500, 2000])
         failures = 20 if self.quick else 100
         app_counts = [1, 5] if self.quick else [1, 10, 50]
         window = 35 if self.quick else 95  # Spark's drivers LIST every 30 s
@@ -362,6 +395,8 @@ class Bench:
             for system in ("spark", "stoker"):
                 print(f"[bench] ramp-up {system} N={n}", file=sys.stderr, flush=True)
                 s["ramp"].append(self.ramp(system, n))
+        if self.only == "ramp":
+            return
         s["failures"] = []
         for system in ("spark", "stoker"):
             print(f"[bench] failure replacement {system} x{failures}", file=sys.stderr, flush=True)
@@ -397,6 +432,8 @@ class Bench:
             lines.append(f"| ramp-up N={n} | API server: requests in the window (all clients), of them pod creates | "
                          f"{sp['apiserver_requests']:.0f}, {sp['pod_creates']:.0f} | "
                          f"{st['apiserver_requests']:.0f}, {st['pod_creates']:.0f} | |")
+        if "failures" not in s:
+            return "\n".join(lines)
         sp, st = pair(s["failures"], None)
         for key, label in (("p50_s", "p50"), ("p99_s", "p99")):
             lines.append(f"| failure → replacement created ({sp['failures']} failures) | {label} (s) | "
@@ -432,10 +469,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sizes", help="ramp-up sizes, e.g. 500,2000 (default: 100, or 100,500,2000)")
+    ap.add_argument("--only", choices=["ramp"], help="run only the ramp-up part")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(out, a.quick)
+    sizes = [int(x) for x in a.sizes.split(",")] if a.sizes else None
+    bench = Bench(out, a.quick, sizes, a.only)
     try:
         bench.start()
         bench.run()
@@ -446,8 +486,9 @@ def main():
               f"create concurrency 64); Spark {IMAGE} defaults (allocation batch size 20 in 4.2); "
               f"test bed: kube-apiserver v1.37.2, process-less kubelet for ramp/failure/load.")
     text = header + "\n\n" + bench.table() + "\n"
-    (out / "k8s.md").write_text(text)
-    (out / "k8s-samples.json").write_text(json.dumps(bench.samples, indent=1))
+    name = "k8s-ramp" if a.only == "ramp" else "k8s"
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}-samples.json").write_text(json.dumps(bench.samples, indent=1))
     print(text)
 
 
