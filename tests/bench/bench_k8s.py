@@ -429,7 +429,7 @@ class Bench:
                              f"{sp[key] / max(st[key], 1e-9):.1f}× faster |")
             lines.append(f"| ramp-up N={n} | pod creations/s (first → all created) | "
                          f"{sp['creation_rate_per_s']:.0f} | {st['creation_rate_per_s']:.0f} | |")
-            lines.append(f"| ramp-up N={n} | API server: requests in the window (all clients), of them pod creates | "
+            lines.append(f"| ramp-up N={n} | API server requests in the window (all clients); of them POST pods (creates + scheduler bindings) | "
                          f"{sp['apiserver_requests']:.0f}, {sp['pod_creates']:.0f} | "
                          f"{st['apiserver_requests']:.0f}, {st['pod_creates']:.0f} | |")
         if "failures" not in s:
