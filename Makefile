@@ -12,7 +12,9 @@ JAR := spark-plugin/target/stoker-spark-plugin.jar
 setup:
 	scripts/setup.sh
 
-demo: setup
+# The demo uses the local backend only: no Kubernetes test bed build.
+demo:
+	STOKER_SETUP_TESTBED=0 scripts/setup.sh
 	scripts/demo.sh
 
 lint:
