@@ -308,6 +308,9 @@ func (s *supervisor) run(ctx context.Context, timeout time.Duration, etcdArgs, a
 		// kubelet renews its Lease every 5 s), checked every 2 s instead of 5 s.
 		"--node-monitor-grace-period=20s",
 		"--node-monitor-period=2s",
+		// Default 20 QPS: garbage collection and namespace deletion of thousands of pods.
+		"--kube-api-qps=200",
+		"--kube-api-burst=400",
 	}, kcmArgs...)); err != nil {
 		logf("%v", err)
 		return 1
@@ -322,6 +325,10 @@ func (s *supervisor) run(ctx context.Context, timeout time.Duration, etcdArgs, a
 		"--cert-dir=" + s.p("scheduler"),
 		"--leader-elect=false",
 		"--profiling=false",
+		// The default client limit (50 QPS) caps bindings near 50 pods/s, which would make
+		// the scheduler, not the systems under test, the limit of ramp-up benchmarks.
+		"--kube-api-qps=1000",
+		"--kube-api-burst=2000",
 	}, schedArgs...)); err != nil {
 		logf("%v", err)
 		return 1
