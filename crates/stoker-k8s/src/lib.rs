@@ -559,16 +559,14 @@ impl KubernetesBackend {
                     reason,
                     message,
                 } if record.deleting => (code, reason, message),
-                PodView::Exited { code, .. } => (
-                    code,
-                    ExitReason::DeletedExternally,
-                    format!("pod {name} was deleted (not by stoker)"),
-                ),
-                _ => (
-                    None,
-                    ExitReason::DeletedExternally,
-                    format!("pod {name} was deleted (not by stoker)"),
-                ),
+                view => {
+                    let code = match view {
+                        PodView::Exited { code, .. } => code,
+                        _ => None,
+                    };
+                    let message = format!("pod {name} was deleted (not by stoker)");
+                    (code, ExitReason::DeletedExternally, message)
+                }
             };
             info!(app = %key.0, executor = %key.1, pod = %name, %reason, "executor pod deleted");
             self.report_exit(&key, code, reason, message);

@@ -289,11 +289,10 @@ pub fn executor_pod(
         meta.insert("name".into(), json!(name));
         meta.insert("namespace".into(), json!(namespace));
     }
-    let meta = pod
+    let mut meta = pod
         .get_mut("metadata")
         .map(std::mem::take)
         .unwrap_or_default();
-    let mut meta = meta;
     {
         let labels = obj(&mut meta, "labels");
         for (k, v) in &template.labels {
@@ -364,7 +363,10 @@ pub fn executor_pod(
             }
         }
     }
-    let local_dir = format!("/var/data/spark-{}", &token_digest_of(app_id)[..12]);
+    let local_dir = format!(
+        "/var/data/spark-{}",
+        &crate::pod::token_digest(app_id.as_str())[..12]
+    );
     {
         let volumes = arr(&mut spec, "volumes");
         if !volumes
@@ -543,10 +545,6 @@ pub fn executor_pod(
         status.remove("status");
     }
     serde_json::from_value(pod).map_err(|e| PodSpecError::Invalid(e.to_string()))
-}
-
-fn token_digest_of(app_id: &AppId) -> String {
-    token_digest(app_id.as_str())
 }
 
 #[cfg(test)]
