@@ -27,6 +27,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+
+
+def newest_build(name):
+    """target/release/NAME when it is at least as new as target/debug/NAME, else the debug one.
+    The debug process kubelet burns ~10x the CPU of the release one on the shared cores."""
+    release, debug = ROOT / "target" / "release" / name, ROOT / "target" / "debug" / name
+    if release.exists() and (not debug.exists() or release.stat().st_mtime >= debug.stat().st_mtime):
+        return release
+    return debug
+
+
+os.environ.setdefault("STOKER_KUBELET_BIN", str(newest_build("process-kubelet")))
 from testbed import FAULT, Kubelet, Testbed, wait_until  # noqa: E402
 
 JOBS = Path(__file__).resolve().parent / "jobs"
@@ -37,10 +49,7 @@ PROC = "bench-proc"
 
 
 def stoker_binary():
-    release, debug = ROOT / "target" / "release" / "stoker", ROOT / "target" / "debug" / "stoker"
-    if release.exists() and (not debug.exists() or release.stat().st_mtime >= debug.stat().st_mtime):
-        return release
-    return debug
+    return newest_build("stoker")
 
 
 def free_port():
@@ -148,8 +157,49 @@ def api_requests(testbed):
     return time.time(), total, pods_post
 
 
+# Process names (as /proc/PID/comm shows them, 15 characters at most) -> component.
+COMPONENTS = {"etcd": "etcd", "kube-apiserver": "kube-apiserver", "kube-controller": "kube-controller-manager",
+              "kube-scheduler": "kube-scheduler", "process-kubelet": "process kubelet", "stoker": "stoker",
+              "java": "Spark driver JVM"}
+
+
+def cpu_snapshot():
+    """(time, {pid: (component, cpu seconds)}, machine busy seconds) from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        procs[pid] = (COMPONENTS.get(comm, "other"), (int(fields[11]) + int(fields[12])) / tick)
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    busy = (sum(cpu) - cpu[3] - cpu[4]) / tick  # all but idle and iowait
+    return time.time(), procs, busy
+
+
+def cpu_delta(a, b):
+    """CPU seconds per component between two snapshots (processes started in between count
+    from zero; ones that ended in between are missed), plus the machine's busy share."""
+    out = {}
+    for pid, (name, secs) in b[1].items():
+        prev = a[1].get(pid)
+        base = prev[1] if prev and prev[0] == name else 0.0
+        out[name] = out.get(name, 0.0) + max(secs - base, 0.0)
+    wall = b[0] - a[0]
+    return {"wall_s": wall, "machine_busy_share": (b[2] - a[2]) / (wall * (os.cpu_count() or 1)),
+            "cpu_s": {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}}
+
+
 class Bench:
-    def __init__(self, out, quick, sizes=None, only=None):
+    def __init__(self, out, quick, sizes=None, only=None, systems=("spark", "stoker")):
+        self.systems = systems
         self.out = Path(out)
         self.quick = quick
         self.sizes = sizes
@@ -231,11 +281,12 @@ class Bench:
         env.pop("SPARK_HOME", None)
         return env
 
-    def hold_driver(self, system, n, namespace, node=NOPROC):
+    def hold_driver(self, system, n, namespace, node=NOPROC, light=False):
         stop_file = self.work / f"stop-{namespace}-{time.monotonic_ns()}"
         log = open(self.work / f"driver-{namespace}-{time.monotonic_ns()}.log", "w")
         p = subprocess.Popen([sys.executable, str(JOBS / "hold.py"), self.master(system), "--executors", str(n),
-                              "--stop-file", str(stop_file), *self.conf(namespace, node)],
+                              "--stop-file", str(stop_file), *(["--light"] if light else []),
+                              *self.conf(namespace, node)],
                              stdout=subprocess.PIPE, stderr=log, text=True, env=self.env())
         self.procs.append(p)
         return p, stop_file
@@ -267,6 +318,7 @@ class Bench:
         ns = self.namespace(f"ramp-{system}-{n}")
         watch = TimedWatch(self.testbed.api, ns)
         m0 = api_requests(self.testbed)
+        c0 = cpu_snapshot()
         t_launch = time.time()
         p, stop = self.hold_driver(system, n, ns)
         self.wait_ready(p)
@@ -276,6 +328,7 @@ class Bench:
             return len(running) >= n
         wait_until(all_running, 900, f"{n} pods Running ({system})", interval=0.5)
         m1 = api_requests(self.testbed)
+        cpu = cpu_delta(c0, cpu_snapshot())
         created, running = watch.first_times()
         c, r = sorted(created.values()), sorted(running.values())
         first = c[0]
@@ -290,6 +343,7 @@ class Bench:
             "pod_creates": m1[2] - m0[2],
             "creation_rate_per_s": (n - 1) / max(c[n - 1] - first, 1e-9),
             "pods_created": len(created),
+            "cpu": cpu,
         }
         self.end_driver(p, stop)
         watch.close()
@@ -354,7 +408,7 @@ class Bench:
         ns = self.namespace(f"load-{system}-{apps}")
         time.sleep(5)
         baseline = self.api_rate(window)
-        drivers = [self.hold_driver(system, 2, ns) for _ in range(apps)]
+        drivers = [self.hold_driver(system, 2, ns, light=True) for _ in range(apps)]
         for p, _ in drivers:
             self.wait_ready(p, timeout=600)
         api = self.testbed.api
@@ -384,32 +438,34 @@ class Bench:
                 "total_s": result["t_done"] - result["t_start"]}
 
     # ---- all ----
+    def attempt(self, part, what, fn, *args):
+        """Runs one measurement; a failure is recorded (and shown in the table) instead of
+        ending the whole run."""
+        print(f"[bench] {what}", file=sys.stderr, flush=True)
+        try:
+            self.samples.setdefault(part, []).append(fn(*args))
+        except Exception as e:  # noqa: BLE001 - reported in the table and the samples
+            print(f"[bench] {what} FAILED: {e!r}", file=sys.stderr, flush=True)
+            self.samples.setdefault("errors", []).append(f"{what}: {e!r}")
+
     def run(self):
         sizes = self.sizes or ([100] if self.quick else [100, 500, 2000])
         failures = 20 if self.quick else 100
         app_counts = [1, 5] if self.quick else [1, 10, 50]
         window = 35 if self.quick else 95  # Spark's drivers LIST every 30 s
-        s = self.samples
-        s["ramp"] = []
+        self.samples["ramp"] = []
         for n in sizes:
-            for system in ("spark", "stoker"):
-                print(f"[bench] ramp-up {system} N={n}", file=sys.stderr, flush=True)
-                s["ramp"].append(self.ramp(system, n))
+            for system in self.systems:
+                self.attempt("ramp", f"ramp-up {system} N={n}", self.ramp, system, n)
         if self.only == "ramp":
             return
-        s["failures"] = []
         for system in ("spark", "stoker"):
-            print(f"[bench] failure replacement {system} x{failures}", file=sys.stderr, flush=True)
-            s["failures"].append(self.failures(system, failures))
-        s["api_load"] = []
+            self.attempt("failures", f"failure replacement {system} x{failures}", self.failures, system, failures)
         for apps in app_counts:
             for system in ("spark", "stoker"):
-                print(f"[bench] API load {system} apps={apps}", file=sys.stderr, flush=True)
-                s["api_load"].append(self.api_load(system, apps, window))
-        s["real"] = []
+                self.attempt("api_load", f"API load {system} apps={apps}", self.api_load, system, apps, window)
         for system in ("spark", "stoker"):
-            print(f"[bench] real executors {system}", file=sys.stderr, flush=True)
-            s["real"].append(self.real(system))
+            self.attempt("real", f"real executors {system}", self.real, system)
 
     def table(self):
         s = self.samples
@@ -420,30 +476,50 @@ class Bench:
             d = {x["system"]: x for x in items}
             return d.get("spark"), d.get("stoker")
 
+        def fig(x, key, fmt="{:.2f}"):
+            return fmt.format(x[key]) if x else "not run"
+
+        def ratio(a, b, key):
+            return f"{a[key] / max(b[key], 1e-9):.1f}× faster" if a and b else ""
+
+        def cpu(x):
+            if not x:
+                return "not run"
+            top = ", ".join(f"{k} {v:.0f}" for k, v in x["cpu"]["cpu_s"].items() if v >= 1 and k != "other")
+            return f"{top}; machine {100 * x['cpu']['machine_busy_share']:.0f}% busy"
+
         for n in sorted({x["n"] for x in s["ramp"]}):
             sp, st = pair([x for x in s["ramp"] if x["n"] == n], None)
             for key, label in (("first_pod_to_n_created_s", "first pod → all created (s)"),
                                ("first_pod_to_n_running_s", "first pod → all Running (s)"),
                                ("driver_launch_to_n_running_s", "driver launch → all Running (s)")):
-                lines.append(f"| ramp-up N={n} | {label} | {sp[key]:.2f} | {st[key]:.2f} | "
-                             f"{sp[key] / max(st[key], 1e-9):.1f}× faster |")
+                lines.append(f"| ramp-up N={n} | {label} | {fig(sp, key)} | {fig(st, key)} | {ratio(sp, st, key)} |")
             lines.append(f"| ramp-up N={n} | pod creations/s (first → all created) | "
-                         f"{sp['creation_rate_per_s']:.0f} | {st['creation_rate_per_s']:.0f} | |")
+                         f"{fig(sp, 'creation_rate_per_s', '{:.0f}')} | {fig(st, 'creation_rate_per_s', '{:.0f}')} | |")
+            lines.append(f"| ramp-up N={n} | API server requests/s over the window (all clients) | "
+                         f"{fig(sp, 'apiserver_requests_per_s', '{:.0f}')} | {fig(st, 'apiserver_requests_per_s', '{:.0f}')} | |")
             lines.append(f"| ramp-up N={n} | API server requests in the window (all clients); of them POST pods (creates + scheduler bindings) | "
-                         f"{sp['apiserver_requests']:.0f}, {sp['pod_creates']:.0f} | "
-                         f"{st['apiserver_requests']:.0f}, {st['pod_creates']:.0f} | |")
-        if "failures" not in s:
+                         f"{fig(sp, 'apiserver_requests', '{:.0f}')}, {fig(sp, 'pod_creates', '{:.0f}')} | "
+                         f"{fig(st, 'apiserver_requests', '{:.0f}')}, {fig(st, 'pod_creates', '{:.0f}')} | |")
+            lines.append(f"| ramp-up N={n} | CPU seconds in the window, by process | {cpu(sp)} | {cpu(st)} | |")
+        for err in s.get("errors", []):
+            lines.append(f"| failed | {err} | | | |")
+        if len(s.get("failures", [])) < 2:
             return "\n".join(lines)
         sp, st = pair(s["failures"], None)
         for key, label in (("p50_s", "p50"), ("p99_s", "p99")):
             lines.append(f"| failure → replacement created ({sp['failures']} failures) | {label} (s) | "
                          f"{sp[key]:.3f} | {st[key]:.3f} | {sp[key] / max(st[key], 1e-9):.1f}× faster |")
-        for apps in sorted({x["apps"] for x in s["api_load"]}):
+        for apps in sorted({x["apps"] for x in s.get("api_load", [])}):
             sp, st = pair([x for x in s["api_load"] if x["apps"] == apps], None)
+            if not (sp and st):
+                continue
             lines.append(f"| API load, {apps} app(s) x 2 executors, steady state ({sp['window_s']} s) | requests/s "
                          f"per app above the idle rate measured just before (Spark {sp['baseline_per_s']:.2f}/s, "
                          f"stoker {st['baseline_per_s']:.2f}/s) | {sp['per_app_per_s']:.2f} | {st['per_app_per_s']:.2f} | |")
-        sp, st = pair(s["real"], None)
+        sp, st = pair(s.get("real", []), None)
+        if not (sp and st):
+            return "\n".join(lines)
         lines.append(f"| shuffle job, 4 real executors | time to first task (s) | {sp['first_task_s']:.1f} | "
                      f"{st['first_task_s']:.1f} | {sp['first_task_s'] / st['first_task_s']:.2f}× |")
         lines.append(f"| shuffle job, 4 real executors | total (s), answer correct: {sp['correct']}/{st['correct']} | "
@@ -471,11 +547,18 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", help="ramp-up sizes, e.g. 500,2000 (default: 100, or 100,500,2000)")
     ap.add_argument("--only", choices=["ramp"], help="run only the ramp-up part")
+    ap.add_argument("--systems", default="spark,stoker",
+                    help="ramp-up only: which systems to run (spark, stoker or both, default both)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = [int(x) for x in a.sizes.split(",")] if a.sizes else None
-    bench = Bench(out, a.quick, sizes, a.only)
+    systems = tuple(x for x in a.systems.split(",") if x)
+    if not systems or any(x not in ("spark", "stoker") for x in systems):
+        ap.error(f"--systems takes spark and/or stoker, got {a.systems!r}")
+    if systems != ("spark", "stoker") and a.only != "ramp":
+        ap.error("--systems needs --only ramp (the other parts compare both systems)")
+    bench = Bench(out, a.quick, sizes, a.only, systems)
     try:
         bench.start()
         bench.run()
@@ -483,7 +566,8 @@ def main():
         bench.stop()
     header = (f"Kubernetes benchmarks ({'quick' if a.quick else 'full'} mode), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
               f"machine: {machine()}; stoker binary: {stoker_binary().relative_to(ROOT)} (--kube-qps 0, "
-              f"create concurrency 64); Spark {IMAGE} defaults (allocation batch size 20 in 4.2); "
+              f"create concurrency 64); process kubelet: {os.environ['STOKER_KUBELET_BIN']}; "
+              f"Spark {IMAGE} defaults (allocation batch size 20 in 4.2); "
               f"test bed: kube-apiserver v1.37.2, process-less kubelet for ramp/failure/load.")
     text = header + "\n\n" + bench.table() + "\n"
     name = "k8s-ramp" if a.only == "ramp" else "k8s"

@@ -336,7 +336,9 @@ class Testbed:
         self.rundir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.rundir / "start.log"
         self.proc = subprocess.Popen(
-            [str(TESTBED_DIR / "start.sh"), "--foreground", str(self.rundir)],
+            # STOKER_TESTBED_ARGS: extra `testbed up` flags, e.g. --apiserver-arg=--profiling=true
+            [str(TESTBED_DIR / "start.sh"), "--foreground", str(self.rundir), "--",
+             *os.environ.get("STOKER_TESTBED_ARGS", "").split()],
             stdin=subprocess.DEVNULL, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent(signal.SIGTERM),
         )
