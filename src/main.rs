@@ -143,9 +143,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await?
         }
         BackendKind::Kubernetes => {
-            let client = kube::Client::try_default().await.context(
+            let kube_config = kube::Config::infer().await.context(
                 "no Kubernetes configuration: set KUBECONFIG, or run in a pod with a service account",
             )?;
+            // Requests share one HTTP/2 connection; the watch gets its own.
+            let client = stoker_k8s::client(kube_config.clone())?;
+            let watch_client = stoker_k8s::client(kube_config)?;
             let config = KubernetesConfig {
                 defaults: PodDefaults {
                     namespace: args.kube.namespace.clone(),
@@ -170,7 +173,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     s(o);
                 }
             });
-            let backend = KubernetesBackend::start(client, config, sink)
+            let backend = KubernetesBackend::start(client, watch_client, config, sink)
                 .await
                 .context("cannot start the Kubernetes backend")?;
             server::start(settings, move |real_sink| {

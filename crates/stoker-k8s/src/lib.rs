@@ -12,9 +12,11 @@
 //!   re-registers with the same token ([`ExecutorBackend::claim`]); pods whose driver does not
 //!   come back within the adoption window are deleted.
 
+pub mod client;
 pub mod limiter;
 pub mod pod;
 pub mod status;
+pub use client::client;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -67,6 +69,13 @@ pub enum K8sError {
         #[source]
         source: kube::Error,
     },
+    /// The client could not be built from the configuration (TLS material, credentials).
+    #[error("cannot build the Kubernetes client: {source}")]
+    Client {
+        /// What kube reported.
+        #[source]
+        source: kube::Error,
+    },
 }
 
 type Key = (AppId, ExecutorId);
@@ -100,6 +109,8 @@ struct Unclaimed {
 
 struct Inner {
     client: Client,
+    /// The shared watch's client (its own connection).
+    watch_client: Client,
     config: KubernetesConfig,
     sink: ObservationSink,
     records: DashMap<Key, Record>,
@@ -144,9 +155,12 @@ fn is_retryable(status: &kube::core::Status) -> bool {
 
 impl KubernetesBackend {
     /// Lists this stoker's pods (kept for adoption), then starts the shared watch and the
-    /// reaper of pods nobody claims.
+    /// reaper of pods nobody claims. `watch_client` serves the shared watch: give it a client of
+    /// its own (see [`client()`]) so the watch's stream of pod events does not share an HTTP/2
+    /// connection with pod creations; a clone of `client` works too.
     pub async fn start(
         client: Client,
+        watch_client: Client,
         config: KubernetesConfig,
         sink: ObservationSink,
     ) -> Result<Self, K8sError> {
@@ -155,6 +169,7 @@ impl KubernetesBackend {
             limiter: Limiter::new(config.qps, config.burst),
             create_slots: tokio::sync::Semaphore::new(config.create_concurrency.max(1)),
             client,
+            watch_client,
             config,
             sink,
             records: DashMap::new(),
@@ -162,7 +177,7 @@ impl KubernetesBackend {
             driver_uids: DashMap::new(),
         });
         let backend = Self { inner };
-        let pods = backend.pods_api();
+        let pods = backend.pods_api(&backend.inner.client);
         let list = pods
             .list(&ListParams::default().labels(&selector))
             .await
@@ -217,10 +232,10 @@ impl KubernetesBackend {
         Ok(backend)
     }
 
-    fn pods_api(&self) -> Api<Pod> {
+    fn pods_api(&self, client: &Client) -> Api<Pod> {
         match &self.inner.config.watch_namespace {
-            Some(ns) => Api::namespaced(self.inner.client.clone(), ns),
-            None => Api::all(self.inner.client.clone()),
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
         }
     }
 
@@ -422,7 +437,7 @@ impl KubernetesBackend {
 
     async fn watch(self, selector: String) {
         let config = watcher::Config::default().labels(&selector);
-        let mut stream = watcher::watcher(self.pods_api(), config)
+        let mut stream = watcher::watcher(self.pods_api(&self.inner.watch_client), config)
             .default_backoff()
             .boxed();
         let mut relist: Option<HashSet<Key>> = None;
