@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import JAR, JOBS, STOKER, Driver, Stoker, wait_until
+from conftest import JAR, JOBS, PROCESS_NODE, STOKER, Driver, Stoker, wait_until
 from testbed import FAULT, ROOT
 
 IMAGE = "apache/spark:4.2.0"
@@ -350,3 +350,25 @@ def test_exceeded_quota_keeps_the_executor_requested_and_tells_the_driver(kube, 
     check_result(result)
     assert result["results"][0]["executors_alive"] == 2
     assert "exited" not in " ".join(re.findall(r"stoker: executor \d+ exited[^\n]*", driver.log()))
+
+
+def test_unschedulable_executor_tells_the_driver_and_stays_requested(kube, testbed, driver_factory, namespaces):
+    """No node matches the executor's node selector: the driver hears the scheduler's reason
+    (once), the executor stays requested, and it runs as soon as a node matches."""
+    ns = namespaces("unsched")
+    label = "stoker.dev/e2e-pool"
+    node = f"/api/v1/nodes/{PROCESS_NODE}"
+    driver = driver_factory(kube, "--executors", "1",
+                            *k8s_args(ns, "--conf", f"spark.kubernetes.node.selector.{label}=unsched"))
+    try:
+        wait_until(lambda: re.search(r"stoker: executor \d+ is waiting: pod \S+ cannot be scheduled: .*node",
+                                     driver.log()), 150, "the driver to be told the pod cannot be scheduled")
+        pods = testbed.api.pods(ns)
+        assert len(pods) == 1 and pods[0]["status"].get("phase") == "Pending", pods
+        assert kube.log_path.read_text().count("executor pod cannot be scheduled") == 1
+        testbed.api.merge_patch(node, {"metadata": {"labels": {label: "unsched"}}})
+        result = driver.wait(timeout=300)
+        check_result(result)
+        assert "exited" not in " ".join(re.findall(r"stoker: executor \d+ exited[^\n]*", driver.log()))
+    finally:
+        testbed.api.merge_patch(node, {"metadata": {"labels": {label: None}}})

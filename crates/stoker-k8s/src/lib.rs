@@ -96,6 +96,8 @@ struct Record {
     /// stoker asked for the deletion (scale-down, kill, application end).
     deleting: bool,
     reported: Reported,
+    /// The driver was told the pod cannot be scheduled (once per pod).
+    told_unschedulable: bool,
 }
 
 #[derive(Debug)]
@@ -469,6 +471,7 @@ impl KubernetesBackend {
         let namespace = p.metadata.namespace.clone().unwrap_or_default();
         let view = status::classify(p);
         let mut report: Option<Observation> = None;
+        let mut warning: Option<Observation> = None;
         let mut delete_grace: Option<u32> = None;
         let mut known = false;
         if let Some(mut r) = self.inner.records.get_mut(&key) {
@@ -484,6 +487,18 @@ impl KubernetesBackend {
                         report = Some(Observation::Accepted {
                             backend_name: name.clone(),
                         });
+                    }
+                    if let Some(why) = status::unschedulable(p) {
+                        if !r.told_unschedulable {
+                            r.told_unschedulable = true;
+                            warn!(app = %key.0, executor = %key.1, pod = %name, reason = %why,
+                                "executor pod cannot be scheduled");
+                            warning = Some(Observation::Waiting {
+                                message: format!(
+                                    "pod {namespace}/{name} cannot be scheduled: {why}"
+                                ),
+                            });
+                        }
                     }
                 }
                 PodView::Running { ip } => {
@@ -529,6 +544,9 @@ impl KubernetesBackend {
                 info!(app = %key.0, executor = %key.1, pod = %name, "executor pod exited");
             }
             if let Some(o) = report {
+                self.report(&key, o);
+            }
+            if let Some(o) = warning {
                 self.report(&key, o);
             }
             if let Some(g) = delete_grace {
@@ -676,6 +694,7 @@ impl ExecutorBackend for KubernetesBackend {
             cancelled: false,
             deleting: false,
             reported: Reported::Nothing,
+            told_unschedulable: false,
         };
         debug!(app = %key.0, executor = %key.1, pod = %record.pod_name, "creating executor pod");
         self.inner.records.insert(key.clone(), record);
@@ -749,6 +768,7 @@ impl ExecutorBackend for KubernetesBackend {
                     } else {
                         Reported::Accepted
                     },
+                    told_unschedulable: false,
                 },
             );
             out.push(RecoveredExecutor {

@@ -47,6 +47,22 @@ const START_FAILURES: [&str; 6] = [
     "CreateContainerError",
 ];
 
+/// Why the scheduler cannot place a pending pod (its `PodScheduled=False, Unschedulable`
+/// condition's message, e.g. "0/3 nodes are available: 3 Insufficient memory."), if it cannot.
+/// The pod stays pending and may still be placed later (a node joins, the autoscaler adds one).
+pub fn unschedulable(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    if status.phase.as_deref().is_some_and(|p| p != "Pending") {
+        return None;
+    }
+    status.conditions.as_ref()?.iter().find_map(|c| {
+        (c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("Unschedulable"))
+        .then(|| c.message.clone().unwrap_or_else(|| "Unschedulable".into()))
+    })
+}
+
 /// Classifies a pod.
 pub fn classify(pod: &Pod) -> PodView {
     let status = pod.status.as_ref();
@@ -197,6 +213,27 @@ mod tests {
     fn terminated(code: i32, reason: &str) -> serde_json::Value {
         json!({"phase": "Failed", "containerStatuses": [{"name": "exec", "image": "i", "imageID": "", "ready": false,
             "restartCount": 0, "state": {"terminated": {"exitCode": code, "reason": reason}}}]})
+    }
+
+    #[test]
+    fn unschedulable_pods_say_why_and_others_do_not() {
+        let cond = |status: &str, reason: &str| {
+            json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": status,
+                "reason": reason, "message": "0/1 nodes are available: 1 Insufficient memory."}]})
+        };
+        assert_eq!(
+            unschedulable(&pod(cond("False", "Unschedulable"))).as_deref(),
+            Some("0/1 nodes are available: 1 Insufficient memory.")
+        );
+        assert_eq!(unschedulable(&pod(cond("True", ""))), None);
+        assert_eq!(unschedulable(&pod(cond("False", "SchedulingGated"))), None);
+        assert_eq!(unschedulable(&pod(json!({"phase": "Pending"}))), None);
+        assert_eq!(unschedulable(&pod(terminated(1, "Error"))), None);
+        // Still pending: the driver is told, the executor is not given up.
+        assert_eq!(
+            classify(&pod(cond("False", "Unschedulable"))),
+            PodView::Pending
+        );
     }
 
     #[test]
