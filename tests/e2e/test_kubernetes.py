@@ -372,3 +372,32 @@ def test_unschedulable_executor_tells_the_driver_and_stays_requested(kube, testb
         assert "exited" not in " ".join(re.findall(r"stoker: executor \d+ exited[^\n]*", driver.log()))
     finally:
         testbed.api.merge_patch(node, {"metadata": {"labels": {label: None}}})
+
+
+def test_delete_on_termination_false_keeps_exited_pods(kube, testbed, driver_factory):
+    """spark.kubernetes.executor.deleteOnTermination=false: a failed executor's pod stays for
+    inspection (its exit code in its status); the executor is replaced as usual; pods stoker
+    stops at the end are deleted."""
+    driver = driver_factory(kube, "--executors", "2", "--slow-ms", "1500", "--partitions", "30",
+                            *k8s_args("default", "--conf", "spark.kubernetes.executor.deleteOnTermination=false"))
+    driver.wait_event("job-start", timeout=180)
+    app_id = driver.event("started")["app_id"]
+    pods = wait_until(lambda: (lambda r: r if len(r) >= 2 else None)(running_pods(testbed, kube.instance, app_id)),
+                      120, "two running executor pods")
+    victim = next(p["metadata"]["name"] for p in pods if p["metadata"]["labels"]["spark-exec-id"] == "1")
+    testbed.api.annotate_pod(victim, FAULT, "exit:42")
+    wait_until(lambda: re.search(r"stoker: executor 1 exited with code 42", driver.log()), 60,
+               "the driver to hear of the exit")
+    check_result(driver.wait(timeout=400))
+    try:
+        # The others go when the application ends; the failed one stays, failed.
+        wait_until(lambda: [p["metadata"]["name"] for p in pods_of(testbed, kube.instance, app_id)] == [victim],
+                   60, "only the failed executor's pod left")
+        time.sleep(5)
+        kept = testbed.api.pod(victim)
+        assert kept["status"]["phase"] == "Failed", kept["status"]
+        assert not kept["metadata"].get("deletionTimestamp")
+        code = kept["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"]
+        assert code == 42, code
+    finally:
+        testbed.api.delete_pod(victim, grace=0)

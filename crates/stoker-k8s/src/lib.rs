@@ -201,7 +201,9 @@ impl KubernetesBackend {
             }
             let view = status::classify(&p);
             if matches!(view, PodView::Exited { .. }) {
-                backend.delete_pod(ns, name, 0);
+                if !pod::keep_on_exit(&p) {
+                    backend.delete_pod(ns, name, 0);
+                }
                 continue;
             }
             let annotations = p.metadata.annotations.clone().unwrap_or_default();
@@ -532,7 +534,7 @@ impl KubernetesBackend {
                             message: message.clone(),
                         }
                     });
-                    if p.metadata.deletion_timestamp.is_none() {
+                    if p.metadata.deletion_timestamp.is_none() && !pod::keep_on_exit(p) {
                         delete_grace = Some(0);
                     }
                 }
@@ -554,6 +556,8 @@ impl KubernetesBackend {
             }
             return;
         }
+        // Exited pods the application asked to keep (deleteOnTermination=false) stay.
+        let kept = matches!(view, PodView::Exited { .. }) && pod::keep_on_exit(p);
         let mut orphan = true;
         if let Ok(mut map) = self.inner.unclaimed.lock() {
             if let Some(u) = map.get_mut(&key.0).and_then(|m| m.get_mut(&key.1)) {
@@ -561,6 +565,7 @@ impl KubernetesBackend {
                 if u.pod_name == name {
                     if matches!(view, PodView::Exited { .. })
                         && p.metadata.deletion_timestamp.is_none()
+                        && !kept
                     {
                         delete_grace = Some(0);
                     }
@@ -568,7 +573,7 @@ impl KubernetesBackend {
                 }
             }
         }
-        if orphan && p.metadata.deletion_timestamp.is_none() {
+        if orphan && p.metadata.deletion_timestamp.is_none() && !kept {
             warn!(app = %key.0, executor = %key.1, pod = %name, namespace = %namespace,
                 "pod of this stoker that no application owns: deleting it");
             delete_grace = Some(0);

@@ -25,6 +25,11 @@ pub const LABEL_PROFILE: &str = "spark-exec-resourceprofile-id";
 pub const ANNOTATION_TOKEN: &str = "stoker.dev/token-sha256";
 /// Annotation: the name of the executor container (the template may add sidecars).
 pub const ANNOTATION_CONTAINER: &str = "stoker.dev/executor-container";
+/// Annotation: the pod stays after its executor exits (the application set
+/// `spark.kubernetes.executor.deleteOnTermination=false`, to look at failed executors).
+pub const ANNOTATION_KEEP: &str = "stoker.dev/keep-on-exit";
+/// Spark's key for keeping exited executor pods.
+pub const DELETE_ON_TERMINATION_KEY: &str = "spark.kubernetes.executor.deleteOnTermination";
 /// Spark's default executor container name.
 pub const DEFAULT_CONTAINER: &str = "spark-kubernetes-executor";
 /// Spark's key naming the template's executor container.
@@ -77,6 +82,15 @@ pub struct DriverPod {
     pub name: String,
     /// Its uid.
     pub uid: String,
+}
+
+/// True when the pod is to stay after its executor exited (see [`ANNOTATION_KEEP`]).
+pub fn keep_on_exit(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_KEEP))
+        .is_some_and(|v| v == "true")
 }
 
 /// Hex SHA-256 of an application token.
@@ -317,6 +331,10 @@ pub fn executor_pod(
             annotations.insert(k.clone(), json!(v));
         }
         annotations.insert("stoker.dev/app-id".into(), json!(app_id.as_str()));
+        let keep = k8s.other.get(DELETE_ON_TERMINATION_KEY);
+        if keep.is_some_and(|v| v.trim().eq_ignore_ascii_case("false")) {
+            annotations.insert(ANNOTATION_KEEP.into(), json!("true"));
+        }
         if !token_digest.is_empty() {
             annotations.insert(ANNOTATION_TOKEN.into(), json!(token_digest));
         }
@@ -604,6 +622,23 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn delete_on_termination_false_marks_the_pod_to_keep() {
+        let build = |t: &ExecutorTemplate| {
+            executor_pod(&app(), ExecutorId::new(1), 0, t, &defaults(), "d1", None).expect("pod")
+        };
+        assert!(!keep_on_exit(&build(&template())));
+        let mut t = template();
+        t.kubernetes
+            .other
+            .insert(DELETE_ON_TERMINATION_KEY.into(), "true".into());
+        assert!(!keep_on_exit(&build(&t)));
+        t.kubernetes
+            .other
+            .insert(DELETE_ON_TERMINATION_KEY.into(), " False".into());
+        assert!(keep_on_exit(&build(&t)));
     }
 
     #[test]
