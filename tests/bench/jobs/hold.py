@@ -22,7 +22,7 @@ def main():
     p.add_argument("--max-seconds", type=float, default=900)
     p.add_argument("--conf", action="append", default=[])
     p.add_argument("--light", action="store_true",
-                   help="small driver JVM (256 MiB heap, serial GC, C1 only) so 50 drivers fit on one machine")
+                   help="small driver JVM (serial GC, C1 only, heap grown on demand) so 50 drivers fit on one machine")
     a = p.parse_args()
     b = SparkSession.builder.master(a.master).appName("stoker-bench-hold")
     if a.master.startswith("spark+stoker://"):
@@ -39,14 +39,15 @@ def main():
         .config("spark.executor.instances", str(a.executors))
         .config("spark.executor.memory", "512m")
         .config("spark.executor.cores", "1")
-        .config("spark.driver.memory", "256m" if a.light else "512m")
+        # 512m is the least Spark accepts (its memory manager wants 1.5 x 300 MiB reserved).
+        .config("spark.driver.memory", "512m")
         # Do not wait for executors to register: in the process-less test bed they never do.
         .config("spark.scheduler.minRegisteredResourcesRatio", "0")
         .config("spark.executor.maxNumFailures", "100000")
     )
     if a.light:
         b = b.config("spark.driver.extraJavaOptions",
-                     "-XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=64m -Xss512k")
+                     "-Xms32m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=64m -Xss512k")
     spark = b.getOrCreate()
     print(json.dumps({"event": "ready", "t": time.time(), "app_id": spark.sparkContext.applicationId}),
           flush=True)
