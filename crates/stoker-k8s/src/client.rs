@@ -29,6 +29,8 @@ pub fn client(config: kube::Config) -> Result<kube::Client, K8sError> {
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(config.connect_timeout);
+    // Finds a dead peer on an HTTP/1.1 fallback connection too (HTTP/2 has its pings).
+    http.set_keepalive(Some(PING_INTERVAL));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
