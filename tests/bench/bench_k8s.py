@@ -224,7 +224,7 @@ class Bench:
                               max_pods=20000, extra=("--cpu", "100000", "--memory", "100000Gi")).start()
         self.proc_kubelet = Kubelet(self.testbed, self.work / "kubelets", PROC, spark_home=spark_home,
                                     extra=("--cpu", "16", "--memory", "64Gi")).start()
-        self.stoker, self.stoker_port = self.start_stoker("bench", self.testbed.client_env())
+        _, self.stoker_port = self.start_stoker("bench", self.testbed.client_env())  # stopped in stop()
 
     def start_stoker(self, instance, env):
         port = free_port()

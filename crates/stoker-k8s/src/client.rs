@@ -4,8 +4,9 @@
 //! pool opened a new TLS connection for nearly every request and kept them all (2,000 creates
 //! left ~2,000 connections open, each a TLS handshake on the API server). This client is kube's
 //! own stack (base URI, authentication, impersonation headers) over a hyper client that
-//! negotiates HTTP/2 by ALPN, as client-go does: every request and the watch share one
-//! connection, with HTTP/2 pings to notice a dead one. Servers without HTTP/2 get HTTP/1.1.
+//! negotiates HTTP/2 by ALPN, as client-go does: all requests made through one client share one
+//! connection, with HTTP/2 pings to notice a dead one (stoker builds a second client for its
+//! watch). Servers without HTTP/2 get HTTP/1.1.
 
 use std::time::Duration;
 
