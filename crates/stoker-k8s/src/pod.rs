@@ -23,6 +23,8 @@ pub const LABEL_PROFILE: &str = "spark-exec-resourceprofile-id";
 /// Annotation: SHA-256 of the application token, so that only the driver that created a pod can
 /// adopt it after a stoker restart.
 pub const ANNOTATION_TOKEN: &str = "stoker.dev/token-sha256";
+/// Annotation with the application id (ids may be longer than a label value allows).
+pub const ANNOTATION_APP_ID: &str = "stoker.dev/app-id";
 /// Annotation: the name of the executor container (the template may add sidecars).
 pub const ANNOTATION_CONTAINER: &str = "stoker.dev/executor-container";
 /// Annotation: the pod stays after its executor exits (the application set
@@ -330,7 +332,7 @@ pub fn executor_pod(
         for (k, v) in &template.annotations {
             annotations.insert(k.clone(), json!(v));
         }
-        annotations.insert("stoker.dev/app-id".into(), json!(app_id.as_str()));
+        annotations.insert(ANNOTATION_APP_ID.into(), json!(app_id.as_str()));
         let keep = k8s.other.get(DELETE_ON_TERMINATION_KEY);
         if keep.is_some_and(|v| v.trim().eq_ignore_ascii_case("false")) {
             annotations.insert(ANNOTATION_KEEP.into(), json!("true"));

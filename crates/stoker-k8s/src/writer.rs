@@ -1,0 +1,183 @@
+//! Pod creation and deletion: the only writes the backend makes. Creation runs with bounded
+//! concurrency under the client-side rate limit; both retry transient refusals (429, 5xx,
+//! exceeded quota, connection errors) with kube-runtime's jittered exponential backoff (the
+//! parameters client-go uses). Every outcome goes back through the pod index.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{DeleteParams, PostParams, Preconditions};
+use kube::runtime::watcher::DefaultBackoff;
+use kube::Api;
+use std::sync::Arc;
+use stoker_core::ExecutorTemplate;
+use tracing::{debug, warn};
+
+use crate::index::{CreateStep, Key, PodRef};
+use crate::pod::DriverPod;
+use crate::KubernetesBackend;
+
+/// Attempts at a deletion before it is left to the orphan sweep of a later event or re-list.
+const DELETE_ATTEMPTS: usize = 8;
+
+/// Refusals worth retrying: the API server is busy or failing, or a quota is full for now.
+fn is_retryable(status: &kube::core::Status) -> bool {
+    status.code == 429
+        || status.code >= 500
+        || (status.code == 403 && status.message.contains("exceeded quota"))
+}
+
+fn next_delay(backoff: &mut DefaultBackoff) -> Duration {
+    backoff.next().unwrap_or(Duration::from_secs(30))
+}
+
+impl KubernetesBackend {
+    /// Deletes a pod in the background (rate-limited, retried on transient errors). The pod's
+    /// uid, when known, is a precondition: a pod recreated under the same name is not touched.
+    pub(crate) fn delete_pod(&self, pod: PodRef, grace_seconds: u32) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let api: Api<Pod> = Api::namespaced(this.inner.client.clone(), &pod.namespace);
+            let params = DeleteParams {
+                grace_period_seconds: Some(grace_seconds),
+                preconditions: pod.uid.clone().map(|uid| Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            let mut backoff = DefaultBackoff::default();
+            for _ in 0..DELETE_ATTEMPTS {
+                this.inner.limiter.acquire().await;
+                match api.delete(&pod.name, &params).await {
+                    Ok(_) => {
+                        debug!(pod = %pod.name, namespace = %pod.namespace, grace_seconds, "pod deletion requested");
+                        return;
+                    }
+                    // Gone already, or another pod now has the name.
+                    Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => return,
+                    Err(kube::Error::Api(s)) if !is_retryable(&s) => {
+                        warn!(pod = %pod.name, namespace = %pod.namespace, error = %s.message, "cannot delete pod");
+                        return;
+                    }
+                    Err(err) => {
+                        warn!(pod = %pod.name, namespace = %pod.namespace, error = %err, "pod deletion failed; retrying");
+                        tokio::time::sleep(next_delay(&mut backoff)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn driver_owner(
+        &self,
+        template: &ExecutorTemplate,
+        namespace: &str,
+    ) -> Option<DriverPod> {
+        let name = template.kubernetes.driver_pod_name.clone();
+        if name.is_empty() {
+            return None;
+        }
+        if !template.kubernetes.driver_pod_uid.is_empty() {
+            return Some(DriverPod {
+                name,
+                uid: template.kubernetes.driver_pod_uid.clone(),
+            });
+        }
+        let cache_key = (namespace.to_string(), name.clone());
+        if let Some(uid) = self.inner.driver_uids.get(&cache_key) {
+            return Some(DriverPod {
+                name,
+                uid: uid.clone(),
+            });
+        }
+        let api: Api<Pod> = Api::namespaced(self.inner.client.clone(), namespace);
+        self.inner.limiter.acquire().await;
+        match api.get_opt(&name).await {
+            Ok(Some(p)) => {
+                let uid = p.metadata.uid?;
+                self.inner.driver_uids.insert(cache_key, uid.clone());
+                Some(DriverPod { name, uid })
+            }
+            Ok(None) => {
+                warn!(namespace, driver_pod = %name, "driver pod not found: executors get no owner reference");
+                None
+            }
+            Err(err) => {
+                warn!(namespace, driver_pod = %name, error = %err, "cannot read the driver pod: executors get no owner reference");
+                None
+            }
+        }
+    }
+
+    /// Creates one executor's pod; the index decides before every attempt whether to go on.
+    pub(crate) async fn create(self, key: Key, mut pod_spec: Pod, template: Arc<ExecutorTemplate>) {
+        let namespace = pod_spec.metadata.namespace.clone().unwrap_or_default();
+        let name = pod_spec.metadata.name.clone().unwrap_or_default();
+        if let Some(driver) = self.driver_owner(&template, &namespace).await {
+            pod_spec.metadata.owner_references = Some(vec![OwnerReference {
+                api_version: "v1".into(),
+                kind: "Pod".into(),
+                name: driver.name,
+                uid: driver.uid,
+                controller: Some(true),
+                block_owner_deletion: Some(false),
+            }]);
+        }
+        let api: Api<Pod> = Api::namespaced(self.inner.client.clone(), &namespace);
+        let mut backoff = DefaultBackoff::default();
+        let mut told_quota = false;
+        loop {
+            let step = self.update(|index| match index.create_step(&key) {
+                CreateStep::Send => (true, Vec::new()),
+                CreateStep::Stop(effects) => (false, effects),
+            });
+            if !step {
+                return;
+            }
+            let result = {
+                let _slot = self.inner.create_slots.acquire().await;
+                self.inner.limiter.acquire().await;
+                api.create(&PostParams::default(), &pod_spec).await
+            };
+            match result {
+                Ok(created) => {
+                    let uid = created.metadata.uid;
+                    self.apply(|index| index.created(&key, uid));
+                    return;
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    debug!(app = %key.0, executor = %key.1, pod = %name, "pod already exists");
+                    self.apply(|index| index.created(&key, None));
+                    return;
+                }
+                Err(kube::Error::Api(s)) if is_retryable(&s) => {
+                    if s.code == 403 && !told_quota {
+                        told_quota = true;
+                        let message = format!(
+                            "namespace {namespace}: {} (stoker retries with backoff)",
+                            s.message
+                        );
+                        self.apply(|index| index.waiting(&key, message));
+                    } else {
+                        debug!(app = %key.0, executor = %key.1, code = s.code, "pod creation refused for now; backing off");
+                    }
+                }
+                Err(kube::Error::Api(s)) => {
+                    warn!(app = %key.0, executor = %key.1, pod = %name, code = s.code, error = %s.message, "pod creation failed");
+                    let message = format!(
+                        "the API server refused pod {namespace}/{name}: {} ({})",
+                        s.message, s.reason
+                    );
+                    self.apply(|index| index.create_failed(&key, message));
+                    return;
+                }
+                Err(err) => {
+                    warn!(app = %key.0, executor = %key.1, error = %err, "pod creation failed; retrying");
+                }
+            }
+            tokio::time::sleep(next_delay(&mut backoff)).await;
+        }
+    }
+}
