@@ -10,13 +10,14 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::app::{AppCommand, AppHandle, AppSummary, Apps, ExecutorView, NewApp};
 use crate::config::Limits;
 use crate::error::ApiError;
 use crate::proto::v1 as pb;
 use crate::proto::v1::executor_allocator_server::ExecutorAllocator;
+use crate::quota::QuotaKey;
 use crate::validate;
 
 /// Events sent per batch on a watch stream.
@@ -65,6 +66,13 @@ impl Service {
         self.apps.metrics.rpc(method, code, started);
         match result {
             Ok(value) => Ok(Response::new(value)),
+            Err(ApiError::Limit(err)) => {
+                // Counted, and logged at debug only: a caller hammering a limit must not flood
+                // the log.
+                self.apps.metrics.limit_refused(err.limit);
+                debug!(method, limit = err.limit.name(), error = %err, "refused by a limit");
+                Err(ApiError::Limit(err).into())
+            }
             Err(err) => {
                 debug!(method, code = ?err.code(), error = %err, "request refused");
                 Err(err.into())
@@ -134,12 +142,6 @@ impl Service {
                     last_seq: reattached.last_seq,
                 });
             }
-            if self.apps.registry.len() >= self.limits.max_applications {
-                return Err(ApiError::ResourceExhausted(format!(
-                    "this stoker serves {} applications, its limit",
-                    self.limits.max_applications
-                )));
-            }
             let token = registration
                 .token
                 .clone()
@@ -147,7 +149,7 @@ impl Service {
             let mut config = self.engine_defaults.clone();
             config.max_executors_per_profile = self.limits.max_executors_per_profile;
             if let Some(max_failures) = registration.max_failures {
-                config.max_failures = max_failures;
+                config.max_failures = self.failure_limit(&registration.app_id, max_failures);
             }
             config.failure_window = registration.failure_window;
             let created = self.apps.create(NewApp {
@@ -159,6 +161,7 @@ impl Service {
                 targets: registration.targets.clone(),
                 last_executor_id: registration.last_executor_id,
                 known_executor_ids: registration.known_executor_ids.clone(),
+                quota_key: QuotaKey::of(&template, &self.limits.namespaces),
             });
             match created {
                 Ok((_, last_seq)) => {
@@ -178,6 +181,20 @@ impl Service {
             "application {} is being registered concurrently; retry",
             registration.app_id
         )))
+    }
+
+    /// The failure limit a driver asked for, lowered to `--max-failure-limit`. Lowered, not
+    /// refused: Spark's own rule asks for `Int.MaxValue` under dynamic allocation without
+    /// `maxExecutors`, and such a driver must still run.
+    fn failure_limit(&self, app_id: &AppId, requested: u32) -> u32 {
+        let cap = self.limits.max_failure_limit;
+        if requested <= cap {
+            return requested;
+        }
+        self.apps.metrics.failure_limits_lowered.inc();
+        info!(app = %app_id, requested, limit = cap,
+            "failure limit lowered to --max-failure-limit");
+        cap
     }
 
     async fn application_info(&self, app_id: &AppId, handle: &AppHandle) -> pb::ApplicationInfo {
@@ -278,11 +295,18 @@ impl ExecutorAllocator for Service {
         let request = request.into_inner();
         let result = self
             .authorize(&request.app_id, &request.token)
-            .map(|handle| {
+            .and_then(|handle| {
+                let guard = handle.open_watch(self.limits.max_watches_per_application)?;
+                Ok((handle, guard))
+            })
+            .map(|(handle, guard)| {
                 let (tx, rx) = mpsc::channel(EVENT_BATCH);
                 let clock = self.apps.clock;
                 let mut shutdown = self.shutdown.clone();
                 tokio::spawn(async move {
+                    // Counted as open until this task ends (the client went away, the
+                    // application ended, or the server is shutting down).
+                    let _guard = guard;
                     let mut cursor = request.after_seq;
                     let mut seq = handle.seq.clone();
                     loop {

@@ -8,7 +8,7 @@
 //! registry. No DashMap guard is held across an `.await`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -21,8 +21,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::clock::Clock;
-use crate::error::ApiError;
+use crate::config::Limits;
+use crate::error::{ApiError, Limit, LimitError};
 use crate::metrics::{Metrics, ReasonLabel};
+use crate::quota::{total_after, Admission, QuotaKey, Quotas};
 
 /// A snapshot of an application, published by its actor after every input.
 #[derive(Clone, Debug, Default)]
@@ -160,6 +162,8 @@ pub struct AppHandle {
     pub seq: watch::Receiver<u64>,
     /// Summary, updated by the actor.
     pub summary: watch::Receiver<AppSummary>,
+    /// WatchExecutors streams open now.
+    watches: AtomicUsize,
 }
 
 impl AppHandle {
@@ -202,6 +206,29 @@ impl AppHandle {
         rx.await.ok()
     }
 
+    /// Counts a new WatchExecutors stream, or refuses it when `limit` are open already. The
+    /// stream is counted until the guard is dropped.
+    pub fn open_watch(self: &Arc<Self>, limit: usize) -> Result<WatchGuard, LimitError> {
+        self.watches
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < limit).then_some(open + 1)
+            })
+            .map_err(|open| {
+                LimitError::new(
+                    Limit::WatchesPerApplication,
+                    format!(
+                        "watch streams: application {} has {open} open, the limit set by {}; \
+                         close one first",
+                        self.app_id,
+                        Limit::WatchesPerApplication.flag()
+                    ),
+                )
+            })?;
+        Ok(WatchGuard {
+            handle: Arc::clone(self),
+        })
+    }
+
     /// Forwards a backend observation.
     pub fn observe(&self, id: ExecutorId, observation: Observation) {
         let _ = self.commands.send(AppCommand::Observe(id, observation));
@@ -212,6 +239,17 @@ impl AppHandle {
             "application {} has ended; register again",
             self.app_id
         ))
+    }
+}
+
+/// One open WatchExecutors stream of an application; closing the stream drops it.
+pub struct WatchGuard {
+    handle: Arc<AppHandle>,
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.handle.watches.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -234,6 +272,8 @@ pub struct Apps {
     pub clock: Clock,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// What all applications hold together.
+    pub quotas: Arc<Quotas>,
 }
 
 /// What a new application starts with.
@@ -254,17 +294,25 @@ pub struct NewApp {
     pub last_executor_id: u64,
     /// Executors the driver believes alive.
     pub known_executor_ids: Vec<ExecutorId>,
+    /// Whom it counts against.
+    pub quota_key: QuotaKey,
 }
 
 impl Apps {
-    /// Empty state.
-    pub fn new(backend: Arc<dyn ExecutorBackend>, clock: Clock, metrics: Arc<Metrics>) -> Self {
+    /// Empty state under `limits`.
+    pub fn new(
+        backend: Arc<dyn ExecutorBackend>,
+        clock: Clock,
+        metrics: Arc<Metrics>,
+        limits: &Limits,
+    ) -> Self {
         Self {
             registry: DashMap::new(),
             generation: AtomicU64::new(0),
             backend,
             clock,
             metrics,
+            quotas: Arc::new(Quotas::new(limits)),
         }
     }
 
@@ -285,9 +333,9 @@ impl Apps {
         }
     }
 
-    /// Creates an application and starts its actor. The engine validates the targets first:
-    /// on error nothing is registered. Fails with `AlreadyExists` if the id was taken
-    /// meanwhile (the caller retries as a re-attachment).
+    /// Creates an application and starts its actor. The engine validates the targets first,
+    /// then the quotas admit the application: on error nothing is registered. Fails with
+    /// `AlreadyExists` if the id was taken meanwhile (the caller retries as a re-attachment).
     pub fn create(self: &Arc<Self>, new: NewApp) -> Result<(Arc<AppHandle>, u64), ApiError> {
         let now = self.clock.now();
         let profiles: Vec<ProfileId> = new.template.profiles.keys().copied().collect();
@@ -298,6 +346,11 @@ impl Apps {
             now,
         );
         engine.set_targets(&new.targets, now)?;
+        let initial = total_after(engine.targets(), &[]);
+        // Dropped, and so given back, if the id turns out to be taken below.
+        let admission = self
+            .quotas
+            .admit(&new.app_id, new.quota_key.clone(), initial)?;
 
         let (commands, rx) = mpsc::unbounded_channel();
         let (seq_tx, seq_rx) = watch::channel(engine.last_seq());
@@ -316,6 +369,7 @@ impl Apps {
             commands,
             seq: seq_rx,
             summary: summary_rx,
+            watches: AtomicUsize::new(0),
         });
         match self.registry.entry(new.app_id.clone()) {
             dashmap::Entry::Occupied(_) => {
@@ -356,6 +410,7 @@ impl Apps {
         let _ = seq_tx.send(engine.last_seq());
         let last_seq = engine.last_seq();
         let actor = Actor {
+            admission,
             apps: Arc::clone(self),
             app_id: new.app_id,
             generation,
@@ -380,6 +435,8 @@ impl Apps {
 }
 
 struct Actor {
+    /// The application's share of the quotas, given back when the actor ends.
+    admission: Admission,
     apps: Arc<Apps>,
     app_id: AppId,
     generation: u64,
@@ -425,6 +482,9 @@ impl Actor {
             self.after_input();
         }
         self.apps.remove(&self.app_id, self.generation);
+        // Give the quotas back before the command channel closes, so that a caller who sees
+        // the application gone (its watch stream ends) can register another at once.
+        drop(self.admission);
         info!(app = %self.app_id, exited = self.engine.exited_total(), "application removed");
     }
 
@@ -441,10 +501,7 @@ impl Actor {
                 let _ = reply.send(result);
             }
             AppCommand::SetTargets { targets, reply } => {
-                let result = self
-                    .engine
-                    .set_targets(&targets, now)
-                    .map_err(ApiError::from);
+                let result = self.set_targets("targets", &targets, now);
                 let _ = reply.send(result);
             }
             AppCommand::Kill {
@@ -456,6 +513,7 @@ impl Actor {
                     .engine
                     .kill(&ids, adjust_target, now)
                     .map_err(ApiError::from);
+                self.settle();
                 let _ = reply.send(result);
             }
             AppCommand::Decommission {
@@ -467,6 +525,7 @@ impl Actor {
                     .engine
                     .decommission(&ids, adjust_target, now)
                     .map_err(ApiError::from);
+                self.settle();
                 let _ = reply.send(result);
             }
             AppCommand::Heartbeat { acked_seq, reply } => {
@@ -481,6 +540,7 @@ impl Actor {
             AppCommand::Unregister { reply } => {
                 let removed = self.engine.unregister(now);
                 info!(app = %self.app_id, removed, "application unregistered");
+                self.settle();
                 let _ = reply.send(Ok(removed));
             }
             AppCommand::Events {
@@ -535,7 +595,7 @@ impl Actor {
         self.engine.add_profiles(template.profiles.keys().copied());
         self.engine.raise_last_executor_id(last_executor_id);
         if !targets.is_empty() {
-            self.engine.set_targets(targets, now)?;
+            self.set_targets("initial_targets", targets, now)?;
         } else {
             self.engine.heartbeat(0, now);
         }
@@ -544,6 +604,39 @@ impl Actor {
         Ok(Reattached {
             last_seq: self.engine.last_seq(),
         })
+    }
+
+    /// Sets targets within the quotas: room for a higher total is reserved first; whatever the
+    /// engine then holds is settled before the caller hears the answer, so that room given back
+    /// is free for the next request.
+    fn set_targets(
+        &mut self,
+        field: &str,
+        targets: &[(ProfileId, u64)],
+        now: Millis,
+    ) -> Result<(), ApiError> {
+        // An ending application is refused by the engine (FAILED_PRECONDITION), whatever the
+        // quotas say.
+        if self.engine.phase() != AppPhase::Ending {
+            let total = total_after(self.engine.targets(), targets);
+            self.admission.reserve(&self.app_id, field, total)?;
+        }
+        let result = self
+            .engine
+            .set_targets(targets, now)
+            .map_err(ApiError::from);
+        self.settle();
+        result
+    }
+
+    /// Charges the quotas with the targets the engine holds; none once the application ends.
+    fn settle(&mut self) {
+        let total = if self.engine.phase() == AppPhase::Ending {
+            0
+        } else {
+            total_after(self.engine.targets(), &[])
+        };
+        self.admission.settle(total);
     }
 
     fn observe(&mut self, id: ExecutorId, observation: Observation, now: Millis) {
@@ -579,6 +672,7 @@ impl Actor {
                 }
             }
         }
+        self.settle();
         self.publish();
     }
 

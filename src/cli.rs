@@ -17,14 +17,14 @@ fn token(args: &ClientArgs) -> anyhow::Result<String> {
         .work_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("/tmp/stoker"));
-    let path = dir.join("admin-token");
-    let token = std::fs::read_to_string(&path).with_context(|| {
+    // Read only from a directory no other user can write to: there, someone else could have
+    // put a token of their own (see crate::secret).
+    crate::secret::read_secret(&dir, "admin-token").with_context(|| {
         format!(
-            "no --token given and cannot read {}; pass --token or --work-dir",
-            path.display()
+            "no --token given and cannot use {}; pass --token or --work-dir",
+            dir.join("admin-token").display()
         )
-    })?;
-    Ok(token.trim().to_owned())
+    })
 }
 
 async fn client(

@@ -168,14 +168,52 @@ pub struct KubeArgs {
         default_value_t = 64
     )]
     pub create_concurrency: usize,
+    /// Leader election for two or more replicas of one instance: only the holder of the Lease
+    /// lists, watches, adopts and writes pods and serves gRPC; the others wait (their gRPC port
+    /// is closed, so readiness fails and Services and multi-address drivers skip them). A
+    /// leader that cannot renew within 10 s stops writing and exits.
+    #[arg(long = "leader-elect", env = "STOKER_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Namespace of the Lease (stoker's own; in a pod, set it from the downward API).
+    #[arg(
+        long = "leader-elect-namespace",
+        env = "POD_NAMESPACE",
+        default_value = "default"
+    )]
+    pub leader_elect_namespace: String,
+    /// Name of the Lease; default: `stoker-<instance>`.
+    #[arg(long = "leader-elect-lease", env = "STOKER_LEADER_ELECT_LEASE")]
+    pub leader_elect_lease: Option<String>,
+    /// This replica's identity in the Lease; default: the pod name (POD_NAME), else the host
+    /// name and process id.
+    #[arg(long = "leader-elect-identity", env = "POD_NAME")]
+    pub leader_elect_identity: Option<String>,
 }
 
-/// Limits on requests; anything beyond them is INVALID_ARGUMENT or RESOURCE_EXHAUSTED.
-#[derive(Debug, Args, Clone)]
+/// Limits on requests and on what all callers together may hold, so that no caller, anonymous
+/// or hostile, can exhaust the server or the cluster. A request beyond one is refused with
+/// `INVALID_ARGUMENT` (the request alone is too large) or `RESOURCE_EXHAUSTED` (the server is
+/// full), a message that names the flag, no change of state, and a count in
+/// `stoker_limit_refusals_total{limit}`.
+///
+/// Per-identity limits (applications and executors per driver identity) wait for drivers to
+/// authenticate with their Kubernetes identity: [`crate::quota::QuotaKey`] is where the identity
+/// will join the namespace.
+#[derive(Debug, Args, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Applications at once.
+    /// Applications registered at once, in all.
     #[arg(long, env = "STOKER_MAX_APPLICATIONS", default_value_t = 1_000)]
     pub max_applications: usize,
+    /// Applications registered at once in one Kubernetes namespace (the application's
+    /// spark.kubernetes.namespace, else --kube-namespace). The local backend has one namespace,
+    /// so there this caps all applications too. 200 leaves one team's namespace room for many
+    /// concurrent jobs and the rest of --max-applications to the others.
+    #[arg(
+        long,
+        env = "STOKER_MAX_APPLICATIONS_PER_NAMESPACE",
+        default_value_t = 200
+    )]
+    pub max_applications_per_namespace: usize,
     /// Executors per resource profile of one application.
     #[arg(
         long,
@@ -183,15 +221,27 @@ pub struct Limits {
         default_value_t = 10_000
     )]
     pub max_executors_per_profile: u32,
+    /// Executors one application may ask for, summed over its resource profiles (so that many
+    /// profiles cannot multiply --max-executors-per-profile).
+    #[arg(
+        long,
+        env = "STOKER_MAX_EXECUTORS_PER_APPLICATION",
+        default_value_t = 10_000
+    )]
+    pub max_executors_per_application: u64,
+    /// Executors all applications together may ask for (the sum of their targets). The default
+    /// is twice the largest application; lower it to what the cluster can hold.
+    #[arg(long, env = "STOKER_MAX_EXECUTORS", default_value_t = 20_000)]
+    pub max_executors: u64,
     /// Bytes in one string field.
     #[arg(long, env = "STOKER_MAX_STRING_BYTES", default_value_t = 16_384)]
     pub max_string_bytes: usize,
-    /// Bytes of the executor pod template.
-    #[arg(
-        long,
-        env = "STOKER_MAX_POD_TEMPLATE_BYTES",
-        default_value_t = 1_048_576
-    )]
+    /// Bytes of the executor pod template (spark.kubernetes.executor.podTemplateFile). 64 KiB:
+    /// pod templates are typically a few KiB, while every application keeps its template in
+    /// memory and stoker parses it again for every executor pod, so 1,000 applications at the
+    /// former 1 MiB could pin 1 GiB and parse a megabyte of YAML per pod; and the pod built from
+    /// it is stored in etcd, whose default request limit is 1.5 MiB.
+    #[arg(long, env = "STOKER_MAX_POD_TEMPLATE_BYTES", default_value_t = 65_536)]
     pub max_pod_template_bytes: usize,
     /// Entries in one map or list field.
     #[arg(long, env = "STOKER_MAX_ENTRIES", default_value_t = 1_024)]
@@ -199,19 +249,63 @@ pub struct Limits {
     /// Executor ids in one kill, decommission or registration.
     #[arg(long, env = "STOKER_MAX_IDS", default_value_t = 100_000)]
     pub max_ids: usize,
+    /// WatchExecutors streams open at once for one application. A driver keeps one; the rest
+    /// is room for reconnections whose old stream the server has not yet seen close (a dead
+    /// connection takes up to 40 s to be noticed through the HTTP/2 keepalive).
+    #[arg(long, env = "STOKER_MAX_WATCHES_PER_APPLICATION", default_value_t = 8)]
+    pub max_watches_per_application: usize,
+    /// Concurrent HTTP/2 streams (calls in flight) on one client connection, announced as
+    /// SETTINGS_MAX_CONCURRENT_STREAMS: the HTTP/2 layer refuses streams beyond it (gRPC
+    /// clients queue them instead), so one connection cannot open unbounded calls. 100 is the
+    /// minimum RFC 9113 recommends; a driver needs a handful.
+    #[arg(long, env = "STOKER_MAX_STREAMS_PER_CONNECTION", default_value_t = 100)]
+    pub max_streams_per_connection: u32,
+    /// Largest failure limit (spark.executor.maxNumFailures) a driver may ask for; a larger
+    /// one is lowered to this, logged and counted in stoker_failure_limits_lowered_total, not
+    /// refused: Spark's own rule asks for Int.MaxValue under dynamic allocation without
+    /// maxExecutors. The default is Spark's rule (2 × executors) at the default
+    /// --max-executors-per-application; it bounds how many pods a crash-looping application
+    /// can have created before it is failed.
+    #[arg(long, env = "STOKER_MAX_FAILURE_LIMIT", default_value_t = 20_000)]
+    pub max_failure_limit: u32,
+    /// How an application's namespace is found for --max-applications-per-namespace; not a
+    /// flag: `stoker serve` sets it from the backend.
+    #[arg(skip)]
+    pub namespaces: NamespaceSource,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_applications: 1_000,
+            max_applications_per_namespace: 200,
             max_executors_per_profile: 10_000,
+            max_executors_per_application: 10_000,
+            max_executors: 20_000,
             max_string_bytes: 16_384,
-            max_pod_template_bytes: 1_048_576,
+            max_pod_template_bytes: 65_536,
             max_entries: 1_024,
             max_ids: 100_000,
+            max_watches_per_application: 8,
+            max_streams_per_connection: 100,
+            max_failure_limit: 20_000,
+            namespaces: NamespaceSource::default(),
         }
     }
+}
+
+/// Where an application's namespace comes from, for the per-namespace limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum NamespaceSource {
+    /// Every application in one namespace: the local backend, where namespaces mean nothing.
+    #[default]
+    Single,
+    /// The application's `spark.kubernetes.namespace`, else `default` (the Kubernetes backend's
+    /// --kube-namespace, where an application that names none gets its pods).
+    Kubernetes {
+        /// The namespace of applications that name none.
+        default: String,
+    },
 }
 
 /// Parses a duration such as `500ms`, `30s`, `10m`, `1h` or plain milliseconds.
@@ -236,7 +330,19 @@ pub fn parse_millis(raw: &str) -> Result<Millis, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_millis;
+    use clap::Parser;
+
+    use super::{parse_millis, Cli, Command, Limits};
+
+    #[test]
+    fn limit_flags_default_to_limits_default() {
+        let cli = Cli::try_parse_from(["stoker", "serve"]).expect("parses");
+        let Command::Serve(args) = cli.command else {
+            panic!("serve");
+        };
+        assert_eq!(args.limits, Limits::default());
+        assert_eq!(args.limits.max_pod_template_bytes, 64 * 1024);
+    }
 
     #[test]
     fn durations_parse_with_units() {

@@ -13,6 +13,8 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod proto;
+pub mod quota;
+pub mod secret;
 pub mod server;
 pub mod validate;
 

@@ -1,17 +1,17 @@
 //! The `stoker` command: `serve`, `apps`, `executors`.
 
 use std::io::IsTerminal;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use stoker::config::{BackendKind, Cli, Command, LogFormat, ServeArgs};
+use stoker::config::{BackendKind, Cli, Command, LogFormat, NamespaceSource, ServeArgs};
 use stoker::server::{self, Settings};
 use stoker_core::{EngineConfig, ExecutorBackend};
+use stoker_k8s::lease::{Elector, LeaseConfig, WriteGate};
 use stoker_k8s::pod::PodDefaults;
 use stoker_k8s::{KubernetesBackend, KubernetesConfig};
 use stoker_local::{LocalBackend, LocalConfig};
@@ -95,14 +95,28 @@ fn init_logging(format: LogFormat) {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
-    std::fs::create_dir_all(&args.work_dir)
-        .with_context(|| format!("cannot create work directory {}", args.work_dir.display()))?;
+    if args.default_max_failures > args.limits.max_failure_limit {
+        bail!(
+            "--default-max-failures {} is above --max-failure-limit {}",
+            args.default_max_failures,
+            args.limits.max_failure_limit
+        );
+    }
+    // Created private (0700) when missing; an existing directory keeps its mode (the
+    // Deployment mounts an emptyDir there and passes the admin token by environment).
+    stoker::secret::create_private_dir(&args.work_dir)
+        .context("cannot create the work directory")?;
     let admin_token = match &args.admin_token {
         Some(token) if token.len() >= 16 => token.clone(),
         Some(_) => bail!("--admin-token must be at least 16 characters"),
         None => {
             let token = stoker::random_token();
-            write_secret(&args.work_dir.join("admin-token"), &token)?;
+            let path = stoker::secret::write_secret(&args.work_dir, "admin-token", &token)
+                .context(
+                    "cannot keep the admin token in the work directory: use a --work-dir that \
+                     only this user can write to (mode 0700), or pass --admin-token",
+                )?;
+            info!(path = %path.display(), "admin token written");
             token
         }
     };
@@ -116,15 +130,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_executors_per_profile: args.limits.max_executors_per_profile,
         max_event_log: 100_000,
     };
+    let mut limits = args.limits.clone();
+    limits.namespaces = match args.backend {
+        BackendKind::Local => NamespaceSource::Single,
+        BackendKind::Kubernetes => NamespaceSource::Kubernetes {
+            default: args.kube.namespace.clone(),
+        },
+    };
     let settings = Settings {
         listen: args.listen,
         metrics_listen: Some(args.metrics_listen),
         engine,
-        limits: args.limits.clone(),
+        limits,
         admin_token,
         incarnation: stoker::random_token()[..16].to_owned(),
     };
     let mut backend_slot: Option<LocalBackend> = None;
+    // With --leader-elect: the task that keeps the Lease, and how to tell it to release it.
+    let mut lease: Option<(LeaseTask, tokio::sync::oneshot::Sender<()>)> = None;
     let running = match args.backend {
         BackendKind::Local => {
             let local = local_config(&args)?;
@@ -149,6 +172,48 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             // Requests share one HTTP/2 connection; the watch gets its own.
             let client = stoker_k8s::client(kube_config.clone())?;
             let watch_client = stoker_k8s::client(kube_config)?;
+            let gate = if args.kube.leader_elect {
+                let mut candidate = elector_for(&args, client.clone())?;
+                let own_pod = own_pod();
+                if let Some((ns, pod)) = &own_pod {
+                    // A restarted container of the old leader's pod must not keep attracting
+                    // drivers through the Service.
+                    stoker_k8s::lease::label_own_pod(client.clone(), ns, pod, false)
+                        .await
+                        .with_context(|| format!("cannot remove the leader label from pod {ns}/{pod}"))?;
+                }
+                // A standby only waits: no list, no watch, no writes, no gRPC port (so its
+                // readiness fails and drivers go to the leader). Liveness: the metrics port.
+                let standby = standby_metrics(args.metrics_listen).await?;
+                tokio::select! {
+                    acquired = candidate.acquire() => acquired?,
+                    signal = wait_for_signal() => {
+                        signal?;
+                        info!("stopped while standing by");
+                        return Ok(());
+                    }
+                }
+                standby.stop().await;
+                if let Some((ns, pod)) = &own_pod {
+                    if let Err(err) =
+                        stoker_k8s::lease::label_own_pod(client.clone(), ns, pod, true).await
+                    {
+                        // Drivers that use the replicas' addresses still find the leader.
+                        error!(error = %err, pod = %pod, "cannot label this pod as the leader: the Service will not route to it");
+                    }
+                }
+                let gate = candidate.gate();
+                // Renewals start now, before the backend lists and adopts (which can take a
+                // while with many pods).
+                let (release, released) = tokio::sync::oneshot::channel::<()>();
+                let task = tokio::spawn(candidate.keep(async move {
+                    let _ = released.await;
+                }));
+                lease = Some((task, release));
+                gate
+            } else {
+                WriteGate::always_open()
+            };
             let config = KubernetesConfig {
                 defaults: PodDefaults {
                     namespace: args.kube.namespace.clone(),
@@ -161,6 +226,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 watch_namespace: args.kube.watch_namespace.clone(),
                 // A driver re-attaches within a lease; give it one more.
                 adoption_window: std::time::Duration::from_millis(args.lease_ttl.saturating_mul(2)),
+                gate,
             };
             info!(backend = "kubernetes", instance = %config.defaults.instance,
                 watch_namespace = ?config.watch_namespace, qps = config.qps, "starting stoker");
@@ -191,9 +257,37 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .map_or_else(|| "-".to_owned(), |a| a.to_string())
     );
 
-    wait_for_signal().await?;
+    let lease = match lease {
+        None => {
+            wait_for_signal().await?;
+            None
+        }
+        Some((mut task, release)) => {
+            tokio::select! {
+                lost = &mut task => {
+                    // Writes are already shut (the gate closes before the task ends). Exit at
+                    // once, to be restarted as a standby; drivers re-attach to the new leader.
+                    match lost {
+                        Ok(Err(why)) => error!(error = %why, "leadership lost: exiting"),
+                        Ok(Ok(())) => error!("leader election ended: exiting"),
+                        Err(err) => error!(error = %err, "leader election task failed: exiting"),
+                    }
+                    std::process::exit(3);
+                }
+                signal = wait_for_signal() => signal?,
+            }
+            Some((task, release))
+        }
+    };
     info!("shutting down: ending streams, then stopping executors");
     let shutdown = running.shutdown().await;
+    if let Some((task, release)) = lease {
+        // After the streams ended: the standby takes over at its next read.
+        let _ = release.send(());
+        if let Ok(Err(why)) = task.await {
+            error!(error = %why, "leader election ended with an error");
+        }
+    }
     if let Some(backend) = backend_slot {
         backend.shutdown(args.delete_grace.min(10_000)).await;
     }
@@ -202,6 +296,68 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     info!("stopped");
     shutdown
+}
+
+/// The leader election of `stoker serve --leader-elect`.
+fn elector_for(args: &ServeArgs, client: kube::Client) -> anyhow::Result<Elector> {
+    let kube = &args.kube;
+    let identity = match &kube.leader_elect_identity {
+        Some(id) if !id.is_empty() => id.clone(),
+        _ => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "stoker".to_owned());
+            format!("{host}-{}", std::process::id())
+        }
+    };
+    let lease = kube
+        .leader_elect_lease
+        .clone()
+        .unwrap_or_else(|| format!("stoker-{}", stoker_k8s::pod::label_value(&kube.instance)));
+    let config = LeaseConfig::new(kube.leader_elect_namespace.clone(), lease, identity);
+    info!(lease = %config.name, namespace = %config.namespace, identity = %config.identity,
+        "leader election: standing by until this replica holds the lease");
+    Elector::new(client, config, WriteGate::shut()).context("cannot set up leader election")
+}
+
+/// This replica's pod (POD_NAMESPACE, POD_NAME from the downward API), when it runs in one.
+fn own_pod() -> Option<(String, String)> {
+    let ns = std::env::var("POD_NAMESPACE").ok().filter(|v| !v.is_empty())?;
+    let pod = std::env::var("POD_NAME").ok().filter(|v| !v.is_empty())?;
+    Some((ns, pod))
+}
+
+/// The task that keeps the Lease (see [`Elector::keep`]).
+type LeaseTask = tokio::task::JoinHandle<Result<(), stoker_k8s::lease::LeaseError>>;
+
+/// While a replica stands by, its metrics port answers (`stoker_leader 0`), for liveness.
+struct StandbyMetrics {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+async fn standby_metrics(addr: std::net::SocketAddr) -> anyhow::Result<StandbyMetrics> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let text: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(|| {
+        "# HELP stoker_leader 1 when this replica leads.\n# TYPE stoker_leader gauge\nstoker_leader 0\n# EOF\n".to_owned()
+    });
+    let task = tokio::spawn(stoker::metrics::serve(listener, text, async move {
+        let _ = stopped.await;
+    }));
+    Ok(StandbyMetrics { stop, task })
+}
+
+impl StandbyMetrics {
+    /// Frees the port for the leader's own metrics endpoint.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        if let Ok(Err(err)) = self.task.await {
+            error!(error = %err, "standby metrics endpoint failed");
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -213,19 +369,6 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => info!("SIGINT received"),
     }
     Ok(())
-}
-
-fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    file.write_all(secret.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn local_config(args: &ServeArgs) -> anyhow::Result<LocalConfig> {

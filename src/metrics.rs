@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::error::Limit;
+
 /// Labels of RPC metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
@@ -43,6 +45,13 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// The limit that refused a request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    /// [`Limit::name`].
+    pub limit: &'static str,
+}
+
 /// Every metric stoker exports.
 pub struct Metrics {
     registry: Registry,
@@ -60,6 +69,10 @@ pub struct Metrics {
     pub applications_registered: Counter,
     /// Leases that expired.
     pub leases_expired: Counter,
+    /// Requests refused by a limit, by limit.
+    pub limit_refusals: Family<LimitLabel, Counter>,
+    /// Registrations whose failure limit was lowered to `--max-failure-limit`.
+    pub failure_limits_lowered: Counter,
 }
 
 impl Metrics {
@@ -110,6 +123,24 @@ impl Metrics {
             "Driver leases that expired",
             leases_expired.clone(),
         );
+        let limit_refusals = Family::<LimitLabel, Counter>::default();
+        registry.register(
+            "limit_refusals",
+            "Requests refused by a limit, by limit (its flag: --max-<limit>, - for _)",
+            limit_refusals.clone(),
+        );
+        // Every limit shows, at zero until it refuses something.
+        for limit in Limit::ALL {
+            let _ = limit_refusals.get_or_create(&LimitLabel {
+                limit: limit.name(),
+            });
+        }
+        let failure_limits_lowered = Counter::default();
+        registry.register(
+            "failure_limits_lowered",
+            "Registrations whose failure limit was lowered to --max-failure-limit",
+            failure_limits_lowered.clone(),
+        );
         Self {
             registry,
             applications,
@@ -119,7 +150,18 @@ impl Metrics {
             executor_exits,
             applications_registered,
             leases_expired,
+            limit_refusals,
+            failure_limits_lowered,
         }
+    }
+
+    /// Counts a request refused by `limit`.
+    pub fn limit_refused(&self, limit: Limit) {
+        self.limit_refusals
+            .get_or_create(&LimitLabel {
+                limit: limit.name(),
+            })
+            .inc();
     }
 
     /// Counts a backend operation.

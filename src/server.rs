@@ -1,5 +1,5 @@
-//! Wiring: the gRPC server (stoker's service, health, reflection), the metrics endpoint, and
-//! the route from backend observations to application actors.
+//! Wiring: the gRPC server (stoker's service, health, reflection as `v1` and `v1alpha`), the
+//! metrics endpoint, and the route from backend observations to application actors.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock, Weak};
@@ -82,7 +82,12 @@ pub async fn start(
     });
     let backend = make_backend(sink)?;
     let metrics = Arc::new(Metrics::new());
-    let apps = Arc::new(Apps::new(backend, Clock::new(), Arc::clone(&metrics)));
+    let apps = Arc::new(Apps::new(
+        backend,
+        Clock::new(),
+        Arc::clone(&metrics),
+        &settings.limits,
+    ));
     let _ = apps_cell.set(Arc::downgrade(&apps));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -99,11 +104,14 @@ pub async fn start(
     health_reporter
         .set_serving::<ExecutorAllocatorServer<Service>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both versions: grpcurl and newer clients speak v1, others (Python's grpcio-reflection)
+    // only v1alpha and would get UNIMPLEMENTED.
+    let reflection_v1 = reflection()
         .build_v1()
-        .context("cannot build the reflection service")?;
+        .context("cannot build the reflection service (v1)")?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .context("cannot build the reflection service (v1alpha)")?;
 
     let listener = TcpListener::bind(settings.listen)
         .await
@@ -119,8 +127,12 @@ pub async fn start(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            // Without it tonic announces no SETTINGS_MAX_CONCURRENT_STREAMS: unbounded streams
+            // (and handler tasks) per connection.
+            .max_concurrent_streams(Some(settings.limits.max_streams_per_connection))
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(ExecutorAllocatorServer::new(service))
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = grpc_shutdown.wait_for(|stop| *stop).await;
@@ -163,6 +175,17 @@ pub async fn start(
         grpc,
         metrics: metrics_task,
     })
+}
+
+/// A reflection builder that knows every service on the port, both reflection versions among
+/// them, so that either version lists them all.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .include_reflection_service(false)
 }
 
 fn refresh_gauges(apps: &Apps) {

@@ -3,11 +3,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use stoker_core::{
-    AppId, ExecutorId, ExecutorTemplate, KubernetesSettings, ProfileId, ResourceProfile,
+    AppId, ExecutorId, ExecutorTemplate, KubernetesSettings, ProfileId, ResourceProfile, SparkPods,
+    SparkProfilePod,
 };
 
 use crate::config::Limits;
-use crate::error::ApiError;
+use crate::error::{ApiError, Limit, LimitError};
 use crate::proto::v1 as pb;
 
 /// Shortest token a driver may choose.
@@ -116,13 +117,16 @@ pub fn targets(
         }
         let total = target.total.unsigned_abs();
         if total > u64::from(limits.max_executors_per_profile) {
-            return Err(ApiError::invalid(
-                format!("{field}[{i}].total"),
+            return Err(LimitError::new(
+                Limit::ExecutorsPerProfile,
                 format!(
-                    "{total} exceeds the limit of {} executors per profile",
-                    limits.max_executors_per_profile
+                    "{field}[{i}].total: {total} exceeds the limit of {} executors per resource \
+                     profile set by {}",
+                    limits.max_executors_per_profile,
+                    Limit::ExecutorsPerProfile.flag()
                 ),
-            ));
+            )
+            .into());
         }
         if let Some(first) = seen.insert(target.resource_profile_id, i) {
             return Err(ApiError::invalid(
@@ -310,6 +314,10 @@ fn executor_template(
     let labels = map("template.labels", raw.labels, limits)?;
     let annotations = map("template.annotations", raw.annotations, limits)?;
     let kubernetes = kubernetes(raw.kubernetes.unwrap_or_default(), limits)?;
+    let spark_pods = match raw.spark_pods {
+        Some(pods) => Some(spark_pods(pods, &profiles, limits)?),
+        None => None,
+    };
     Ok(ExecutorTemplate {
         driver_url: raw.driver_url,
         spark_version: raw.spark_version,
@@ -323,6 +331,110 @@ fn executor_template(
         annotations,
         kubernetes,
         auth_secret: raw.auth_secret,
+        spark_pods,
+    })
+}
+
+/// A message from the driver, cut to a length fit for a status message.
+fn clip(value: &str) -> String {
+    value.chars().take(1024).collect()
+}
+
+/// The Spark-built executor pods: one per profile of the template, within the size limits. What
+/// they mean (the JSON, a builder error, keys stoker does not honour) is judged by the backend
+/// that uses them (`check_template`): the local backend ignores them.
+fn spark_pods(
+    raw: pb::SparkPods,
+    profiles: &BTreeMap<ProfileId, ResourceProfile>,
+    limits: &Limits,
+) -> Result<SparkPods, ApiError> {
+    const FIELD: &str = "template.spark_pods";
+    let placeholder = &raw.placeholder_executor_id;
+    if placeholder.is_empty()
+        || placeholder.len() > 63
+        || !placeholder.bytes().all(|b| b.is_ascii_lowercase())
+    {
+        return Err(ApiError::invalid(
+            format!("{FIELD}.placeholder_executor_id"),
+            format!("{:?} is not 1..=63 letters a-z", truncate(placeholder)),
+        ));
+    }
+    string(
+        &format!("{FIELD}.image_placeholder"),
+        &raw.image_placeholder,
+        limits,
+    )?;
+    let unsupported_keys = map(
+        &format!("{FIELD}.unsupported_keys"),
+        raw.unsupported_keys,
+        limits,
+    )?;
+    let bytes = |field: &str, json: &str| -> Result<(), ApiError> {
+        if json.len() > limits.max_pod_template_bytes {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "is {} bytes, more than {}",
+                    json.len(),
+                    limits.max_pod_template_bytes
+                ),
+            ));
+        }
+        Ok(())
+    };
+    count(
+        &format!("{FIELD}.app_resources_json"),
+        raw.app_resources_json.len(),
+        limits,
+    )?;
+    for (i, json) in raw.app_resources_json.iter().enumerate() {
+        bytes(&format!("{FIELD}.app_resources_json[{i}]"), json)?;
+    }
+    count(&format!("{FIELD}.profiles"), raw.profiles.len(), limits)?;
+    let mut pods = BTreeMap::new();
+    for (i, p) in raw.profiles.into_iter().enumerate() {
+        let field = format!("{FIELD}.profiles[{i}]");
+        if !profiles.contains_key(&p.resource_profile_id) {
+            return Err(ApiError::invalid(
+                format!("{field}.resource_profile_id"),
+                format!("{} is not a profile of the template", p.resource_profile_id),
+            ));
+        }
+        bytes(&format!("{field}.pod_json"), &p.pod_json)?;
+        count(
+            &format!("{field}.resources_json"),
+            p.resources_json.len(),
+            limits,
+        )?;
+        for (j, json) in p.resources_json.iter().enumerate() {
+            bytes(&format!("{field}.resources_json[{j}]"), json)?;
+        }
+        let pod = SparkProfilePod {
+            pod_json: p.pod_json,
+            resources_json: p.resources_json,
+            error: clip(&p.error),
+        };
+        if pods.insert(p.resource_profile_id, pod).is_some() {
+            return Err(ApiError::invalid(
+                format!("{field}.resource_profile_id"),
+                format!("profile {} is given twice", p.resource_profile_id),
+            ));
+        }
+    }
+    if let Some(missing) = profiles.keys().find(|id| !pods.contains_key(id)) {
+        return Err(ApiError::invalid(
+            format!("{FIELD}.profiles"),
+            format!("resource profile {missing} has no pod"),
+        ));
+    }
+    Ok(SparkPods {
+        placeholder_executor_id: raw.placeholder_executor_id,
+        profiles: pods,
+        app_resources_json: raw.app_resources_json,
+        image_from_server: raw.image_from_server,
+        image_placeholder: raw.image_placeholder,
+        unsupported_keys,
+        strict: raw.strict,
     })
 }
 
@@ -344,14 +456,17 @@ fn kubernetes(
         string(&format!("template.kubernetes.{name}"), value, limits)?;
     }
     if raw.pod_template_yaml.len() > limits.max_pod_template_bytes {
-        return Err(ApiError::invalid(
-            "template.kubernetes.pod_template_yaml",
+        return Err(LimitError::new(
+            Limit::PodTemplateBytes,
             format!(
-                "is {} bytes, more than {}",
+                "template.kubernetes.pod_template_yaml: is {} bytes, more than the limit of {} \
+                 set by {}",
                 raw.pod_template_yaml.len(),
-                limits.max_pod_template_bytes
+                limits.max_pod_template_bytes,
+                Limit::PodTemplateBytes.flag()
             ),
-        ));
+        )
+        .into());
     }
     count(
         "template.kubernetes.image_pull_secrets",

@@ -17,5 +17,5 @@ pub use engine::{
 pub use error::{EngineError, InvalidInput};
 pub use types::{
     AppId, ExecutorId, ExecutorPhase, ExecutorTemplate, ExitInfo, ExitReason, KubernetesSettings,
-    Millis, ProfileId, ResourceProfile,
+    Millis, ProfileId, ResourceProfile, SparkPods, SparkProfilePod,
 };

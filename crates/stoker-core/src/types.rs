@@ -180,6 +180,41 @@ pub struct ExecutorTemplate {
     pub kubernetes: KubernetesSettings,
     /// Spark's authentication secret, if any.
     pub auth_secret: String,
+    /// The executor pods Spark's own Kubernetes builder made in the driver, when it could (see
+    /// [`SparkPods`]); the Kubernetes backend then uses them instead of building pods itself.
+    pub spark_pods: Option<SparkPods>,
+}
+
+/// Executor pods as Spark's `KubernetesExecutorBuilder` builds them in the driver, one per
+/// resource profile, for one placeholder executor id (the protocol's `SparkPods`, checked).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SparkPods {
+    /// The executor id the pods were built with; it stands for the real id.
+    pub placeholder_executor_id: String,
+    /// Per resource profile: the pod and its extra resources.
+    pub profiles: BTreeMap<ProfileId, SparkProfilePod>,
+    /// Objects every executor of the application shares (the executor ConfigMap), as JSON.
+    pub app_resources_json: Vec<String>,
+    /// The executor container's image is [`Self::image_placeholder`], to be replaced by the
+    /// server's default image.
+    pub image_from_server: bool,
+    /// See [`Self::image_from_server`].
+    pub image_placeholder: String,
+    /// `spark.kubernetes.*` keys the driver was given that stoker does not honour, with why.
+    pub unsupported_keys: BTreeMap<String, String>,
+    /// The driver asked (`spark.stoker.strictConf`) to be refused when there are any.
+    pub strict: bool,
+}
+
+/// One resource profile's executor pod, as Spark built it.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SparkProfilePod {
+    /// The pod as JSON.
+    pub pod_json: String,
+    /// Extra per-executor objects (on-demand PersistentVolumeClaims), as JSON.
+    pub resources_json: Vec<String>,
+    /// Why Spark could not build the pod (naming the key when known); empty when it could.
+    pub error: String,
 }
 
 /// Lifecycle of an executor.

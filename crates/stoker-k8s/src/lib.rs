@@ -20,6 +20,7 @@
 
 pub mod client;
 pub mod index;
+pub mod lease;
 pub mod limiter;
 pub mod pod;
 pub mod status;
@@ -60,6 +61,9 @@ pub struct KubernetesConfig {
     /// Pods of an earlier stoker whose driver has not re-registered this long after start are
     /// deleted.
     pub adoption_window: Duration,
+    /// Every pod write checks it first: open while this replica leads (see [`lease`]), or
+    /// always with one replica ([`lease::WriteGate::always_open`]).
+    pub gate: Arc<lease::WriteGate>,
 }
 
 /// Why the backend could not start.

@@ -50,6 +50,10 @@ impl KubernetesBackend {
             let mut backoff = DefaultBackoff::default();
             for _ in 0..DELETE_ATTEMPTS {
                 this.inner.limiter.acquire().await;
+                if !this.inner.config.gate.is_open() {
+                    warn!(pod = %pod.name, namespace = %pod.namespace, "not the leader (any more): pod not deleted");
+                    return;
+                }
                 match api.delete(&pod.name, &params).await {
                     Ok(_) => {
                         debug!(pod = %pod.name, namespace = %pod.namespace, grace_seconds, "pod deletion requested");
@@ -139,6 +143,12 @@ impl KubernetesBackend {
             let result = {
                 let _slot = self.inner.create_slots.acquire().await;
                 self.inner.limiter.acquire().await;
+                if !self.inner.config.gate.is_open() {
+                    // Leadership is gone; the process is stepping down. The next leader adopts
+                    // what exists and creates what is missing.
+                    warn!(app = %key.0, executor = %key.1, pod = %name, "not the leader (any more): pod not created");
+                    return;
+                }
                 api.create(&PostParams::default(), &pod_spec).await
             };
             match result {

@@ -8,21 +8,49 @@ import java.util.Locale
 
 import org.apache.spark.{SparkConf, SparkException}
 
-/** Where the stoker server is: parsed from the Spark master URL. */
-private[spark] case class StokerMaster(host: String, port: Int) {
+/** One stoker server address. */
+private[spark] case class StokerEndpoint(host: String, port: Int) {
 
-  /** `host:port`, with IPv6 literals in brackets, for messages. */
+  /** `host:port`, with IPv6 literals in brackets. */
   def hostPort: String = if (host.contains(":")) s"[$host]:$port" else s"$host:$port"
+}
 
-  /** The gRPC target: DNS resolution that is redone when connections fail. */
-  def grpcTarget: String = s"dns:///$hostPort"
+/**
+ * Where the stoker servers are: parsed from the Spark master URL. Several comma-separated
+ * addresses name the replicas of one stoker with leader election
+ * (`spark+stoker://h1:7077,h2:7077`, like Spark standalone's HA masters): only the leader listens,
+ * and the driver's channel connects to whichever address accepts, in order, again after a
+ * failover.
+ */
+private[spark] case class StokerMaster(endpoints: Seq[StokerEndpoint]) {
+  require(endpoints.nonEmpty, "a stoker master needs an address")
+
+  /** The first address's host. */
+  def host: String = endpoints.head.host
+
+  /** The first address's port. */
+  def port: Int = endpoints.head.port
+
+  /** The addresses as `host:port[,host:port...]`, for messages. */
+  def hostPort: String = endpoints.map(_.hostPort).mkString(",")
+
+  /**
+   * The gRPC target: DNS resolution that is redone when connections fail; for several
+   * addresses, [[StokerEndpointsResolver]] (all of them, in order, each resolved by DNS).
+   */
+  def grpcTarget: String =
+    if (endpoints.size == 1) s"dns:///${endpoints.head.hostPort}"
+    else StokerEndpointsResolver.target(endpoints)
 }
 
 private[spark] object StokerMaster {
   /** The schemes the plugin answers to. `spark+stoker` passes spark-submit's master check. */
   val Schemes: Seq[String] = Seq("spark+stoker", "stoker")
 
-  private val Expected = "expected spark+stoker://host:port or stoker://host:port"
+  private val Expected = "expected spark+stoker://host:port[,host:port...] or stoker://host:port"
+
+  /** One address. */
+  def apply(host: String, port: Int): StokerMaster = StokerMaster(Seq(StokerEndpoint(host, port)))
 
   /** Whether a master URL is meant for stoker (the scheme alone decides; see [[parse]]). */
   def isStokerUrl(masterURL: String): Boolean = {
@@ -34,15 +62,28 @@ private[spark] object StokerMaster {
 
   /**
    * Parses `spark+stoker://host:port` or `stoker://host:port` (host may be a name, an IPv4
-   * address or a bracketed IPv6 address). Anything else is an `IllegalArgumentException` that
-   * says what was expected.
+   * address or a bracketed IPv6 address), or several comma-separated `host:port` after the
+   * scheme. Anything else is an `IllegalArgumentException` that says what was expected.
    */
   def parse(masterURL: String): StokerMaster = {
     def bad(why: String): Nothing =
       throw new IllegalArgumentException(s"Invalid stoker master URL '$masterURL': $why ($Expected)")
 
     if (!isStokerUrl(masterURL)) bad("unknown scheme")
-    val uri = try new URI(masterURL.trim) catch {
+    val trimmed = masterURL.trim
+    val separator = trimmed.indexOf("://")
+    val scheme = trimmed.substring(0, separator)
+    val rest = trimmed.substring(separator + 3)
+    if (!rest.contains(",")) return StokerMaster(Seq(parseOne(trimmed, bad)))
+    val parts = rest.stripSuffix("/").split(",", -1).toSeq
+    if (parts.exists(_.trim.isEmpty)) bad("an empty address in the list")
+    val endpoints = parts.map(part => parseOne(s"$scheme://${part.trim}", bad))
+    if (endpoints.distinct.size != endpoints.size) bad("an address is listed twice")
+    StokerMaster(endpoints)
+  }
+
+  private def parseOne(url: String, bad: String => Nothing): StokerEndpoint = {
+    val uri = try new URI(url) catch {
       case e: URISyntaxException => bad(e.getMessage)
     }
     if (uri.getRawUserInfo != null) bad("user information is not supported")
@@ -55,8 +96,7 @@ private[spark] object StokerMaster {
     if (rawHost == null || rawHost.isEmpty) bad("missing or malformed host")
     if (uri.getPort == -1) bad("missing port")
     if (uri.getPort < 1 || uri.getPort > 65535) bad(s"port ${uri.getPort} out of range")
-    val host = rawHost.stripPrefix("[").stripSuffix("]")
-    StokerMaster(host, uri.getPort)
+    StokerEndpoint(rawHost.stripPrefix("[").stripSuffix("]"), uri.getPort)
   }
 }
 

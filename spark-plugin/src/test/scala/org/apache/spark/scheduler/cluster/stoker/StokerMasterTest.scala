@@ -1,5 +1,10 @@
 package org.apache.spark.scheduler.cluster.stoker
 
+import java.net.{InetSocketAddress, ServerSocket}
+import java.util.concurrent.TimeUnit
+
+import dev.stoker.proto.v1.{ExecutorAllocatorGrpc, RegisterApplicationRequest}
+import io.grpc.netty.shaded.io.grpc.netty.{NettyChannelBuilder, NettyServerBuilder}
 import org.junit.jupiter.api.Test
 
 import org.apache.spark.{SparkConf, SparkException}
@@ -19,6 +24,45 @@ class StokerMasterTest extends Checks {
     eq("[::1]:7077", m.hostPort)
     eq("dns:///[::1]:7077", m.grpcTarget)
     eq("dns:///stoker:9000", StokerMaster.parse("stoker://stoker:9000").grpcTarget)
+  }
+
+  @Test def parsesSeveralAddressesInOrder(): Unit = {
+    val m = StokerMaster.parse("spark+stoker://a.example:7077,10.0.0.2:7078,[::1]:7079/")
+    eq(Seq(StokerEndpoint("a.example", 7077), StokerEndpoint("10.0.0.2", 7078),
+      StokerEndpoint("::1", 7079)), m.endpoints)
+    eq("a.example:7077,10.0.0.2:7078,[::1]:7079", m.hostPort)
+    check(m.grpcTarget.startsWith("stoker-endpoints:///"), m.grpcTarget)
+    eq(m.endpoints, StokerEndpointsResolver.endpointsOf(new java.net.URI(m.grpcTarget)))
+    val cases = Seq(
+      "stoker://a:1,,b:2" -> "empty address",
+      "stoker://a:1,b" -> "missing port",
+      "stoker://a:1,a:1" -> "listed twice",
+      "stoker://a:1,b:0" -> "out of range")
+    cases.foreach { case (url, expected) =>
+      val e = intercept[IllegalArgumentException](StokerMaster.parse(url))
+      check(e.getMessage.contains(expected), s"$url: '${e.getMessage}' should mention '$expected'")
+      check(e.getMessage.contains(url), s"$url: the message should quote the URL")
+    }
+  }
+
+  /** A standby replica does not listen: the channel skips its address and reaches the leader. */
+  @Test def aChannelOverSeveralAddressesReachesTheOneThatListens(): Unit = {
+    val closed = { val s = new ServerSocket(0, 1, java.net.InetAddress.getLoopbackAddress); val p = s.getLocalPort; s.close(); p }
+    val fake = new FakeStoker("leader")
+    val server = NettyServerBuilder.forAddress(new InetSocketAddress("127.0.0.1", 0))
+      .addService(fake).build().start()
+    val master = StokerMaster.parse(s"stoker://127.0.0.1:$closed,127.0.0.1:${server.getPort}")
+    val channel = NettyChannelBuilder.forTarget(master.grpcTarget).usePlaintext().build()
+    try {
+      val reply = ExecutorAllocatorGrpc.newBlockingStub(channel)
+        .withDeadlineAfter(10, TimeUnit.SECONDS)
+        .registerApplication(RegisterApplicationRequest.newBuilder().setAppId("a").setToken("t").build())
+      eq("leader", reply.getIncarnation)
+      eq(Seq("register"), fake.callsSeen)
+    } finally {
+      channel.shutdownNow().awaitTermination(10, TimeUnit.SECONDS)
+      server.shutdownNow().awaitTermination(10, TimeUnit.SECONDS)
+    }
   }
 
   @Test def canCreateOnlyForStokerSchemes(): Unit = {
@@ -47,7 +91,7 @@ class StokerMasterTest extends Checks {
     cases.foreach { case (url, expected) =>
       val e = intercept[IllegalArgumentException](StokerMaster.parse(url))
       check(e.getMessage.contains(expected), s"$url: '${e.getMessage}' should mention '$expected'")
-      check(e.getMessage.contains("expected spark+stoker://host:port or stoker://host:port"),
+      check(e.getMessage.contains("expected spark+stoker://host:port[,host:port...] or stoker://host:port"),
         s"$url: '${e.getMessage}' should say what is expected")
       check(e.getMessage.contains(url), s"$url: the message should quote the URL")
     }
