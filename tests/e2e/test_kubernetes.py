@@ -293,7 +293,7 @@ def test_deploy_manifests_rbac_is_enough_and_no_more(testbed, process_kubelet, w
     rendered = testbed.kubectl("kustomize", str(ROOT / "deploy" / "base")).stdout
     # The stoker image is not runnable on the process kubelet: keep the Deployment at 0 and run
     # the binary here with the same identity instead.
-    rendered = rendered.replace("replicas: 1", "replicas: 0")
+    rendered = rendered.replace("replicas: 2", "replicas: 0")
     assert "replicas: 0" in rendered
     testbed.kubectl("apply", "-f", "-", input=rendered)
     try:
@@ -301,8 +301,13 @@ def test_deploy_manifests_rbac_is_enough_and_no_more(testbed, process_kubelet, w
         can = lambda *a: testbed.kubectl("auth", "can-i", *a, f"--as={sa}", check=False).stdout.strip()
         for verb in ("create", "delete", "list", "watch", "get"):
             assert can(verb, "pods", "-n", "default") == "yes", verb
+        # Leader election: the Lease and its own pod's label, in stoker's namespace only.
+        for args in (("get", "leases", "-n", "stoker"), ("create", "leases", "-n", "stoker"),
+                     ("update", "leases", "-n", "stoker"), ("patch", "pods", "-n", "stoker")):
+            assert can(*args) == "yes", args
         for args in (("get", "secrets", "-n", "default"), ("delete", "nodes"), ("create", "deployments"),
-                     ("patch", "pods", "-n", "default"), ("create", "pods", "--subresource=exec")):
+                     ("patch", "pods", "-n", "default"), ("create", "pods", "--subresource=exec"),
+                     ("update", "leases", "-n", "default"), ("delete", "leases", "-n", "stoker")):
             assert can(*args) == "no", args
         token = testbed.kubectl("create", "token", "stoker", "-n", "stoker", "--duration=1h").stdout.strip()
         kubeconfig = work_dir / "stoker-sa.kubeconfig"
@@ -315,7 +320,11 @@ def test_deploy_manifests_rbac_is_enough_and_no_more(testbed, process_kubelet, w
             "contexts": [{"name": "sa", "context": {"cluster": "testbed", "user": "stoker"}}],
         }))
         instance = f"rbac-{os.getpid()}"
-        server = KubeStoker(work_dir, testbed, instance, kubeconfig=kubeconfig).start()
+        # With leader election as deployed: the Lease in stoker's namespace, under the SA.
+        server = KubeStoker(work_dir, testbed, instance, kubeconfig=kubeconfig,
+                            extra=["--leader-elect", "--leader-elect-namespace", "stoker",
+                                   "--leader-elect-identity", "rbac-test"]).start()
+        assert "leader: lease acquired" in server.log_path.read_text()
         try:
             driver = driver_factory(server, "--executors", "2", *k8s_args())
             check_result(driver.wait(timeout=300))

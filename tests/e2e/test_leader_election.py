@@ -75,6 +75,7 @@ def pair(kube, work_dir):
 def test_standby_takes_over_mid_job_without_duplicates(pair, testbed, driver_factory):
     a, b = pair
     assert not b._port_open(), "a standby must not serve gRPC"
+    assert b.first("kubernetes backend") is None, "a standby must not list, watch or write pods"
     watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(a.instance))
     # The driver knows both replicas (spark+stoker://a,b); only the leader listens.
     both = SimpleNamespace(address=f"127.0.0.1:{a.port},127.0.0.1:{b.port}")
@@ -95,6 +96,10 @@ def test_standby_takes_over_mid_job_without_duplicates(pair, testbed, driver_fac
     watch.close()
     assert len(created) == 2, f"pods created twice or replaced: {created}"
     assert "adopted executors from an earlier stoker" in b.log_path.read_text()
+    messages = [l.get("message", "") for l in b.lines()]
+    acquired = next(i for i, m in enumerate(messages) if "leader: lease acquired" in m)
+    backend = next(i for i, m in enumerate(messages) if "kubernetes backend" in m)
+    assert acquired < backend, "the backend starts only once the replica leads"
     to_lease = stamp(took) - killed_at
     to_rpc = stamp(served) - killed_at
     print(f"\nFAILOVER: leader SIGKILLed -> standby holds the lease in {to_lease:.1f} s, "
@@ -104,7 +109,7 @@ def test_standby_takes_over_mid_job_without_duplicates(pair, testbed, driver_fac
     assert to_rpc > 0
 
 
-def test_a_standby_writes_nothing_and_takes_over_a_released_lease_at_once(pair, testbed):
+def test_a_released_lease_is_taken_over_at_once(pair, testbed):
     a, b = pair
     # A graceful stop releases the Lease: the standby takes it at its next read (every 2 s),
     # not after the 15 s lease duration.
