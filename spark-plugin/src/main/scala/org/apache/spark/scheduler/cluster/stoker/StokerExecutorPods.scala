@@ -11,13 +11,15 @@ import io.fabric8.kubernetes.client.http.{BasicBuilder, HttpClient, HttpRequest,
 import io.fabric8.kubernetes.client.utils.KubernetesSerialization
 
 import org.apache.spark.{SecurityManager, SparkConf, SparkException}
-import org.apache.spark.deploy.k8s.{Config => K8sConfig, KubernetesConf}
+import org.apache.spark.deploy.k8s.{Config => K8sConfig, Constants, KubernetesConf}
+import org.apache.spark.deploy.k8s.submit.KubernetesClientUtils
 import org.apache.spark.resource.ResourceProfile
 import org.apache.spark.scheduler.cluster.k8s.KubernetesExecutorBuilder
 
 /**
- * SPIKE: lets Spark's own [[KubernetesExecutorBuilder]] build a resource profile's executor pod in
- * the driver, without any Kubernetes API server, and serializes it to JSON for stoker.
+ * Lets Spark's own [[KubernetesExecutorBuilder]] build a resource profile's executor pod in the
+ * driver, without any Kubernetes API server, and serializes it to JSON for stoker (see
+ * [[StokerSparkPods]], which is what the scheduler backend calls).
  *
  * The pod is built for one placeholder executor id ([[PlaceholderExecutorId]]); stoker fills in
  * the per-executor parts (pod name, hostname, SPARK_EXECUTOR_ID, label spark-exec-id,
@@ -62,6 +64,26 @@ private[spark] object StokerExecutorPods {
       val prefix = KubernetesConf.getResourceNamePrefix(conf.get("spark.app.name", "spark"))
       conf.set(K8sConfig.KUBERNETES_EXECUTOR_POD_NAME_PREFIX, prefix)
       prefix
+    }
+  }
+
+  /**
+   * The executor ConfigMap every Spark-built pod mounts (`spark-exec-<hex>-conf-map`, the
+   * volume `spark-conf-volume-exec`), built as KubernetesClusterSchedulerBackend's
+   * setUpExecutorConfigMap builds it: the SPARK_CONF_DIR files plus spark.kubernetes.namespace,
+   * labelled with the application id and the executor role. None when
+   * spark.kubernetes.executor.disableConfigMap is true (the pods then do not mount it).
+   */
+  def executorConfigMapJson(conf: SparkConf, appId: String): Option[String] = {
+    if (conf.get(K8sConfig.KUBERNETES_EXECUTOR_DISABLE_CONFIGMAP)) {
+      None
+    } else {
+      val name = KubernetesClientUtils.configMapNameExecutor
+      val resolved = Map(K8sConfig.KUBERNETES_NAMESPACE.key -> conf.get(K8sConfig.KUBERNETES_NAMESPACE))
+      val files = KubernetesClientUtils.buildSparkConfDirFilesMap(name, conf, resolved) ++ resolved
+      val labels = Map(Constants.SPARK_APP_ID_LABEL -> appId,
+        Constants.SPARK_ROLE_LABEL -> Constants.SPARK_POD_EXECUTOR_ROLE)
+      Some(toJson(KubernetesClientUtils.buildConfigMap(name, files, labels)))
     }
   }
 

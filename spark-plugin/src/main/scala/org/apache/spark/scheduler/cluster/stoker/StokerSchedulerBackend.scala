@@ -11,7 +11,7 @@ import scala.concurrent.Future
 import scala.jdk.CollectionConverters._
 import scala.util.control.NonFatal
 
-import dev.stoker.proto.v1.{ExecutorTemplate, ResourceProfile => ProtoProfile}
+import dev.stoker.proto.v1.{ExecutorTemplate, ResourceProfile => ProtoProfile, SparkPods, SparkProfilePod}
 import io.grpc.ManagedChannel
 import io.grpc.netty.shaded.io.grpc.netty.NettyChannelBuilder
 
@@ -59,6 +59,12 @@ private[spark] class StokerSchedulerBackend(
     id
   }
   private val profiles = new ConcurrentHashMap[Int, ProtoProfile]()
+  /** Spark's profiles by id, for the Spark-built pods. */
+  private val resourceProfiles = new ConcurrentHashMap[Int, ResourceProfile]()
+  /** Each profile's Spark-built pod, built once, off the scheduler's locks (see currentTemplate). */
+  private val profilePods = new ConcurrentHashMap[Int, SparkProfilePod]()
+  /** The application-level part of the Spark-built pods; null without Spark's Kubernetes classes. */
+  @volatile private var sparkPods: SparkPods = null
   private val stopping = new AtomicBoolean(false)
 
   @volatile private var baseTemplate: ExecutorTemplate = null
@@ -72,6 +78,8 @@ private[spark] class StokerSchedulerBackend(
     super.start()
     val defaultProfile = sc.resourceProfileManager.defaultResourceProfile
     profiles.put(defaultProfile.id, StokerTemplate.profile(defaultProfile, conf))
+    resourceProfiles.put(defaultProfile.id, defaultProfile)
+    sparkPods = buildSparkPods()
     baseTemplate = StokerTemplate.build(
       conf = conf,
       appId = appId,
@@ -110,10 +118,48 @@ private[spark] class StokerSchedulerBackend(
     }
   }
 
+  /**
+   * With Spark's Kubernetes classes on the class path: the application-level part of the
+   * executor pods Spark's own builder makes (each profile's pod is added by currentTemplate),
+   * after a warning for each key stoker does not honour. Without them: null, and stoker builds
+   * pods from the template's fields as before.
+   */
+  private def buildSparkPods(): SparkPods = {
+    if (!StokerSparkPods.available()) {
+      logInfo("stoker: Spark's Kubernetes classes are not on the class path; the Kubernetes " +
+        "backend builds executor pods from the template's spark.kubernetes.* settings")
+      return null
+    }
+    val pods = StokerSparkPods.appLevel(conf, appId).build()
+    val strict = pods.getStrict
+    pods.getUnsupportedKeysMap.asScala.toSeq.sorted.foreach { case (key, reason) =>
+      logWarning(s"stoker: $key is not honoured: $reason" +
+        (if (strict) s" (${StokerSparkPods.StrictConfKey}=true: stoker refuses the application)"
+         else s" (set ${StokerSparkPods.StrictConfKey}=true to be refused instead)"))
+    }
+    logInfo("stoker: executor pods are built by Spark's KubernetesExecutorBuilder")
+    pods
+  }
+
   /** The base template with one entry per resource profile known so far. */
   private def currentTemplate(): ExecutorTemplate = {
     val ps = profiles.values().asScala.toSeq.sortBy(_.getId)
-    baseTemplate.toBuilder.clearProfiles().addAllProfiles(ps.asJava).build()
+    val b = baseTemplate.toBuilder.clearProfiles().addAllProfiles(ps.asJava)
+    val base = sparkPods
+    if (base != null) {
+      val pods = ps.flatMap(p => Option(resourceProfiles.get(p.getId))).map { rp =>
+        profilePods.computeIfAbsent(rp.id, _ => {
+          val pod = StokerSparkPods.profilePod(conf, appId, rp, sc.env.securityManager)
+          if (!pod.getError.isEmpty) {
+            logError(s"stoker: Spark cannot build the executor pod of resource profile " +
+              s"${rp.id}: ${pod.getError}")
+          }
+          pod
+        })
+      }
+      b.setSparkPods(base.toBuilder.clearProfiles().addAllProfiles(pods.asJava))
+    }
+    b.build()
   }
 
   override def stop(): Unit = {
@@ -166,6 +212,7 @@ private[spark] class StokerSchedulerBackend(
     resourceProfileToTotalExecs.keys.foreach { rp =>
       if (!profiles.containsKey(rp.id)) {
         try {
+          resourceProfiles.putIfAbsent(rp.id, rp)
           if (profiles.putIfAbsent(rp.id, StokerTemplate.profile(rp, conf)) == null) {
             logInfo(s"stoker: adding resource profile ${rp.id} to the executor template")
             newProfile = true

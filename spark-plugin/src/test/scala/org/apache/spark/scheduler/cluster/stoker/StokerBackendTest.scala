@@ -72,6 +72,15 @@ class StokerBackendTest extends Checks {
     eq(Seq(0 -> 2L),
       reg.getInitialTargetsList.asScala.map(x => x.getResourceProfileId -> x.getTotal).toSeq)
     eq(4, reg.getFailurePolicy.getMaxFailures, "max(3, 2 * 2 executors)")
+    // Spark's Kubernetes classes are on the test class path: Spark's builder made the pod.
+    check(t.hasSparkPods, "Spark-built pods are sent")
+    val pods = t.getSparkPods
+    eq(Seq(0), pods.getProfilesList.asScala.map(_.getResourceProfileId).toSeq)
+    eq("", pods.getProfiles(0).getError)
+    check(pods.getProfiles(0).getPodJson.contains("\"SPARK_EXECUTOR_ID\""),
+      pods.getProfiles(0).getPodJson)
+    check(pods.getImageFromServer, "no image in the conf: stoker's --kube-image")
+    eq(1, pods.getAppResourcesJsonCount, "the executor ConfigMap")
 
     // Spark's own API, through the backend, to stoker.
     check(sc.requestTotalExecutors(5, 0, Map.empty), "acknowledged")
@@ -89,6 +98,8 @@ class StokerBackendTest extends Checks {
     eq(reg.getToken, again.getToken)
     eq(Seq(0, rp.id), again.getTemplate.getProfilesList.asScala.map(_.getId).toSeq)
     eq(3072L, again.getTemplate.getProfiles(1).getHeapMib)
+    eq(Seq(0, rp.id), again.getTemplate.getSparkPods.getProfilesList.asScala
+      .map(_.getResourceProfileId).toSeq, "the new profile's pod is sent with the template")
     eq(Set(0 -> 5L, rp.id -> 1L),
       again.getInitialTargetsList.asScala.map(x => x.getResourceProfileId -> x.getTotal).toSet)
 

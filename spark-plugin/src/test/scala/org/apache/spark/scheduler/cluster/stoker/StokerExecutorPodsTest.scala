@@ -12,7 +12,8 @@ import org.apache.spark.{SecurityManager, SparkConf, SparkException}
 import org.apache.spark.resource.{ExecutorResourceRequests, ResourceProfile, ResourceProfileBuilder}
 
 /**
- * SPIKE: Spark's own KubernetesExecutorBuilder builds the executor pod in the driver, offline.
+ * Spark's own KubernetesExecutorBuilder builds the executor pod in the driver, offline: the pod
+ * stoker receives, and exactly which of its fields stoker fills in per executor.
  */
 class StokerExecutorPodsTest extends Checks {
 
@@ -154,9 +155,9 @@ class StokerExecutorPodsTest extends Checks {
 
     val pod = json(spec.podJson)
     val id = StokerExecutorPods.PlaceholderExecutorId
-    System.err.println(s"[spike] pod JSON ${spec.podJson.length} bytes, built in $tookMs ms:\n" +
+    System.err.println(s"[pods] pod JSON ${spec.podJson.length} bytes, built in $tookMs ms:\n" +
       mapper.writerWithDefaultPrettyPrinter().writeValueAsString(pod))
-    spec.resourcesJson.foreach(r => System.err.println(s"[spike] resource: $r"))
+    spec.resourcesJson.foreach(r => System.err.println(s"[pods] resource: $r"))
 
     eq("v1", pod.path("apiVersion").asText())
     eq("Pod", pod.path("kind").asText())
@@ -280,7 +281,7 @@ class StokerExecutorPodsTest extends Checks {
       val at = podA.at(p)
       s"$p = ${at.asText()}  (vs ${podB.at(p).asText()})"
     }
-    System.err.println("[spike] per-executor fields:\n  " + described.mkString("\n  "))
+    System.err.println("[pods] per-executor fields:\n  " + described.mkString("\n  "))
     val containers = names(podA.path("spec").path("containers"))
     val sc = containers.indexOf("spark-executor")
     def envIndex(name: String): Int =
@@ -325,7 +326,7 @@ class StokerExecutorPodsTest extends Checks {
     eq("3072Mi", c.path("resources").path("requests").path("memory").asText(), "2048 + 1024")
     eq("2", env(c)("SPARK_EXECUTOR_CORES").path("value").asText())
     eq(rp.id.toString, env(c)("SPARK_RESOURCE_PROFILE_ID").path("value").asText())
-    System.err.println(s"[spike] profile ${rp.id} resources: ${c.path("resources")}")
+    System.err.println(s"[pods] profile ${rp.id} resources: ${c.path("resources")}")
   }
 
   @Test def withoutATemplateNoClientIsMade(): Unit = {
@@ -351,7 +352,7 @@ class StokerExecutorPodsTest extends Checks {
     eq(s"$longPrefix-exec-42", name)
     eq(name.takeRight(63).replaceAll("^[^\\w]+", "").replaceAll("[^\\w-]+", "_"),
       pod.path("spec").path("hostname").asText())
-    System.err.println(s"[spike] long name $name -> hostname ${pod.path("spec").path("hostname")}")
+    System.err.println(s"[pods] long name $name -> hostname ${pod.path("spec").path("hostname")}")
   }
 
   @Test def theConfMapCanBeLeftOut(): Unit = {
