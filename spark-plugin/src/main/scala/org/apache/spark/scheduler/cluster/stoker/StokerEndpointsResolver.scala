@@ -10,7 +10,7 @@ import java.util.concurrent.Executor
 import scala.jdk.CollectionConverters._
 import scala.util.control.NonFatal
 
-import io.grpc.{EquivalentAddressGroup, NameResolver, NameResolverProvider, NameResolverRegistry, Status}
+import io.grpc.{Attributes, EquivalentAddressGroup, NameResolver, NameResolverProvider, NameResolverRegistry, Status}
 
 /**
  * A gRPC name resolver for several stoker addresses (the replicas of one stoker with leader
@@ -79,7 +79,11 @@ private[spark] object StokerEndpointsResolver {
         try {
           val addresses = InetAddress.getAllByName(e.host).toSeq
             .map(a => new InetSocketAddress(a, e.port): java.net.SocketAddress)
-          Some(new EquivalentAddressGroup(addresses.asJava))
+          // Each replica's own name as the authority: with TLS, its certificate is checked
+          // against the host the master URL names for it, not the first one's.
+          val attrs = Attributes.newBuilder()
+            .set(EquivalentAddressGroup.ATTR_AUTHORITY_OVERRIDE, e.hostPort).build()
+          Some(new EquivalentAddressGroup(addresses.asJava, attrs))
         } catch {
           case _: UnknownHostException => None
           case NonFatal(_) => None
