@@ -386,6 +386,7 @@ impl Apps {
         // this application (found by the backend after a restart), before the targets are
         // applied, so that they count toward them and no duplicates are created.
         let recovered = self.backend.claim(&new.app_id, &new.token);
+        self.backend.registered(&new.app_id, &new.template);
         if !recovered.is_empty() {
             let mut adopted = Engine::new(new.config, profiles, new.last_executor_id, now);
             for r in &recovered {
@@ -481,6 +482,8 @@ impl Actor {
             }
             self.after_input();
         }
+        // Before the id is free again, so that a new registration's objects are not released.
+        self.apps.backend.ended(&self.app_id);
         self.apps.remove(&self.app_id, self.generation);
         // Give the quotas back before the command channel closes, so that a caller who sees
         // the application gone (its watch stream ends) can register another at once.

@@ -301,13 +301,20 @@ def test_deploy_manifests_rbac_is_enough_and_no_more(testbed, process_kubelet, w
         can = lambda *a: testbed.kubectl("auth", "can-i", *a, f"--as={sa}", check=False).stdout.strip()
         for verb in ("create", "delete", "list", "watch", "get"):
             assert can(verb, "pods", "-n", "default") == "yes", verb
+        # Spark-built pods: on-demand claims and the executor ConfigMap.
+        for args in (("create", "persistentvolumeclaims"), ("list", "persistentvolumeclaims"),
+                     ("delete", "persistentvolumeclaims"), ("create", "configmaps"),
+                     ("delete", "configmaps")):
+            assert can(*args, "-n", "default") == "yes", args
         # Leader election: the Lease and its own pod's label, in stoker's namespace only.
         for args in (("get", "leases", "-n", "stoker"), ("create", "leases", "-n", "stoker"),
                      ("update", "leases", "-n", "stoker"), ("patch", "pods", "-n", "stoker")):
             assert can(*args) == "yes", args
         for args in (("get", "secrets", "-n", "default"), ("delete", "nodes"), ("create", "deployments"),
                      ("patch", "pods", "-n", "default"), ("create", "pods", "--subresource=exec"),
-                     ("update", "leases", "-n", "default"), ("delete", "leases", "-n", "stoker")):
+                     ("update", "leases", "-n", "default"), ("delete", "leases", "-n", "stoker"),
+                     ("get", "configmaps", "-n", "default"), ("list", "configmaps", "-n", "default"),
+                     ("patch", "persistentvolumeclaims", "-n", "default")):
             assert can(*args) == "no", args
         token = testbed.kubectl("create", "token", "stoker", "-n", "stoker", "--duration=1h").stdout.strip()
         kubeconfig = work_dir / "stoker-sa.kubeconfig"

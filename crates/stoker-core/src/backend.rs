@@ -63,6 +63,13 @@ pub trait ExecutorBackend: Send + Sync {
     fn check_template(&self, _template: &ExecutorTemplate) -> Result<(), String> {
         Ok(())
     }
+    /// The application registered with `template` (a first registration in this stoker, after
+    /// [`Self::claim`] and before any launch): the backend may prepare what its executors share
+    /// (the Kubernetes backend creates the executor ConfigMap). Must not block.
+    fn registered(&self, _app_id: &AppId, _template: &Arc<ExecutorTemplate>) {}
+    /// The application is gone (every executor reported exited): the backend releases what
+    /// [`Self::registered`] prepared. Must not block.
+    fn ended(&self, _app_id: &AppId) {}
     /// Hands over, once, the executors of `app_id` that an earlier stoker started for the same
     /// `token` and that still exist. Called when the application registers.
     fn claim(&self, _app_id: &AppId, _token: &str) -> Vec<RecoveredExecutor> {

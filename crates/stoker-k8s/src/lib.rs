@@ -23,6 +23,8 @@ pub mod index;
 pub mod lease;
 pub mod limiter;
 pub mod pod;
+mod resources;
+pub mod spark_pod;
 pub mod status;
 mod watch;
 mod writer;
@@ -97,6 +99,7 @@ struct Inner {
     create_slots: tokio::sync::Semaphore,
     limiter: Limiter,
     driver_uids: DashMap<(String, String), String>,
+    spark: resources::SparkApps,
 }
 
 /// The Kubernetes backend. Cheap to clone.
@@ -136,6 +139,7 @@ impl KubernetesBackend {
             sink,
             index: Mutex::new(PodIndex::new()),
             driver_uids: DashMap::new(),
+            spark: resources::SparkApps::default(),
         });
         let backend = Self { inner };
         let pods = backend.pods_api(&backend.inner.client);
@@ -252,16 +256,7 @@ impl ExecutorBackend for KubernetesBackend {
     fn launch(&self, request: LaunchRequest) {
         let key = (request.app_id.clone(), request.executor_id);
         let digest = pod::token_digest(&request.token);
-        let built = pod::executor_pod(
-            &request.app_id,
-            request.executor_id,
-            request.profile,
-            &request.template,
-            &self.inner.config.defaults,
-            &digest,
-            None,
-        );
-        let pod_spec = match built {
+        let pod_spec = match self.build_pod(&request, &digest) {
             Ok(p) => p,
             Err(err) => {
                 self.report(
@@ -294,7 +289,15 @@ impl ExecutorBackend for KubernetesBackend {
     }
 
     fn check_template(&self, template: &ExecutorTemplate) -> Result<(), String> {
-        pod::check_template(template, &self.inner.config.defaults).map_err(|e| e.to_string())
+        self.check_app_template(template)
+    }
+
+    fn registered(&self, app_id: &AppId, template: &Arc<ExecutorTemplate>) {
+        self.register_app(app_id, template);
+    }
+
+    fn ended(&self, app_id: &AppId) {
+        self.end_app(app_id);
     }
 
     fn claim(&self, app_id: &AppId, token: &str) -> Vec<RecoveredExecutor> {

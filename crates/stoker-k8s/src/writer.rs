@@ -74,7 +74,7 @@ impl KubernetesBackend {
         });
     }
 
-    async fn driver_owner(
+    pub(crate) async fn driver_owner(
         &self,
         template: &ExecutorTemplate,
         namespace: &str,
@@ -132,6 +132,7 @@ impl KubernetesBackend {
         let api: Api<Pod> = Api::namespaced(self.inner.client.clone(), &namespace);
         let mut backoff = DefaultBackoff::default();
         let mut told_quota = false;
+        self.app_objects_ready(&key.0).await;
         loop {
             let step = self.update(|index| match index.create_step(&key) {
                 CreateStep::Send => (true, Vec::new()),
@@ -153,12 +154,14 @@ impl KubernetesBackend {
             };
             match result {
                 Ok(created) => {
+                    self.pod_created(&key, Some(&created));
                     let uid = created.metadata.uid;
                     self.apply(|index| index.created(&key, uid));
                     return;
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 => {
                     debug!(app = %key.0, executor = %key.1, pod = %name, "pod already exists");
+                    self.pod_created(&key, None);
                     self.apply(|index| index.created(&key, None));
                     return;
                 }

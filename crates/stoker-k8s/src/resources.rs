@@ -1,0 +1,370 @@
+//! What an application's Spark-built executor pods need besides themselves (see
+//! [`crate::spark_pod`]): the executor ConfigMap, created when the application registers and
+//! deleted when it ends, and each executor's on-demand PersistentVolumeClaims, created after its
+//! pod, as Spark's `ExecutorPodsAllocator` does.
+//!
+//! Ownership, as under Spark's own backend:
+//! * the ConfigMap is owned by the driver pod when there is one (so it goes with the driver), and
+//!   deleted by stoker when the application ends in any case;
+//! * a claim is owned by the driver pod when `spark.kubernetes.driver.ownPersistentVolumeClaim`
+//!   is true (Spark's default) and there is a driver pod, and stoker deletes the application's
+//!   claims when it ends (Spark deletes them by label when its driver stops); otherwise by the
+//!   executor's pod, so the garbage collector deletes it with the pod.
+//!
+//! Pod creation waits until the application's ConfigMaps exist (or their creation failed), so
+//! that no pod waits on a volume that is still to come.
+//!
+//! Caveat: these writes do not check the leader-election write gate yet.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::runtime::watcher::DefaultBackoff;
+use kube::{Api, Resource};
+use stoker_core::{AppId, ExecutorTemplate, LaunchRequest};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::index::Key;
+use crate::pod::{self, DriverPod};
+use crate::spark_pod::SparkApp;
+use crate::KubernetesBackend;
+
+/// Attempts at one write before giving up on it.
+const ATTEMPTS: usize = 8;
+
+/// One application's parsed Spark-built pods.
+struct AppEntry {
+    /// The template they were parsed from (a new resource profile brings a new one).
+    template: Arc<ExecutorTemplate>,
+    app: Arc<SparkApp>,
+    /// True once the application's ConfigMaps exist (or could not be created).
+    ready: watch::Receiver<bool>,
+}
+
+/// The applications that use Spark-built pods, and the claims of pods being created.
+#[derive(Default)]
+pub(crate) struct SparkApps {
+    apps: DashMap<AppId, AppEntry>,
+    claims: DashMap<Key, Vec<PersistentVolumeClaim>>,
+}
+
+fn owner(kind: &str, name: String, uid: String, controller: bool) -> OwnerReference {
+    OwnerReference {
+        api_version: "v1".into(),
+        kind: kind.into(),
+        name,
+        uid,
+        controller: Some(controller),
+        block_owner_deletion: Some(false),
+    }
+}
+
+fn driver_owner(driver: &DriverPod) -> OwnerReference {
+    owner("Pod", driver.name.clone(), driver.uid.clone(), true)
+}
+
+fn retryable(err: &kube::Error) -> bool {
+    match err {
+        kube::Error::Api(s) => s.code == 429 || s.code >= 500,
+        _ => true,
+    }
+}
+
+/// Creates `object` (409: it exists already, fine), retrying transient errors.
+async fn create<K>(backend: &KubernetesBackend, namespace: &str, object: &K) -> Result<(), String>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + k8s_openapi::serde::Serialize
+        + k8s_openapi::serde::de::DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(backend.inner.client.clone(), namespace);
+    let mut backoff = DefaultBackoff::default();
+    let mut last = String::new();
+    for _ in 0..ATTEMPTS {
+        backend.inner.limiter.acquire().await;
+        match api.create(&PostParams::default(), object).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => return Ok(()),
+            Err(err) if retryable(&err) => last = err.to_string(),
+            Err(err) => return Err(err.to_string()),
+        }
+        tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(30))).await;
+    }
+    Err(last)
+}
+
+/// Deletes `name` (404: gone already, fine), retrying transient errors.
+async fn delete<K>(backend: &KubernetesBackend, namespace: &str, name: &str) -> Result<(), String>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + k8s_openapi::serde::de::DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(backend.inner.client.clone(), namespace);
+    let mut backoff = DefaultBackoff::default();
+    let mut last = String::new();
+    for _ in 0..ATTEMPTS {
+        backend.inner.limiter.acquire().await;
+        match api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+            Err(err) if retryable(&err) => last = err.to_string(),
+            Err(err) => return Err(err.to_string()),
+        }
+        tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(30))).await;
+    }
+    Err(last)
+}
+
+impl KubernetesBackend {
+    /// The registration check: Spark-built pods when the driver sent them, else the template.
+    pub(crate) fn check_app_template(&self, template: &ExecutorTemplate) -> Result<(), String> {
+        match &template.spark_pods {
+            Some(pods) => SparkApp::parse(template, pods, &self.inner.config.defaults)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            None => pod::check_template(template, &self.inner.config.defaults)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The application's parsed pods, parsed again when its template changed. `None`: the
+    /// application sent no Spark-built pods.
+    fn spark_app(
+        &self,
+        app_id: &AppId,
+        template: &Arc<ExecutorTemplate>,
+    ) -> Option<Result<Arc<SparkApp>, String>> {
+        let pods = template.spark_pods.as_ref()?;
+        let apps = &self.inner.spark.apps;
+        if let Some(entry) = apps.get(app_id) {
+            if Arc::ptr_eq(&entry.template, template) {
+                return Some(Ok(Arc::clone(&entry.app)));
+            }
+        }
+        let parsed = match SparkApp::parse(template, pods, &self.inner.config.defaults) {
+            Ok(app) => Arc::new(app),
+            Err(err) => return Some(Err(err.to_string())),
+        };
+        let ready = match apps.get(app_id) {
+            Some(entry) => entry.ready.clone(),
+            None => watch::channel(true).1,
+        };
+        apps.insert(
+            app_id.clone(),
+            AppEntry {
+                template: Arc::clone(template),
+                app: Arc::clone(&parsed),
+                ready,
+            },
+        );
+        Some(Ok(parsed))
+    }
+
+    /// Executor `request`'s pod: Spark's, filled in, when the driver sent Spark-built pods
+    /// (its on-demand claims are kept for [`Self::pod_created`]); else stoker's own.
+    pub(crate) fn build_pod(&self, request: &LaunchRequest, digest: &str) -> Result<Pod, String> {
+        let app = match self.spark_app(&request.app_id, &request.template) {
+            None => {
+                return pod::executor_pod(
+                    &request.app_id,
+                    request.executor_id,
+                    request.profile,
+                    &request.template,
+                    &self.inner.config.defaults,
+                    digest,
+                    None,
+                )
+                .map_err(|e| e.to_string())
+            }
+            Some(app) => app?,
+        };
+        let objects = app
+            .executor(
+                &request.app_id,
+                request.executor_id,
+                request.profile,
+                digest,
+            )
+            .map_err(|e| e.to_string())?;
+        if !objects.claims.is_empty() {
+            let key = (request.app_id.clone(), request.executor_id);
+            self.inner.spark.claims.insert(key, objects.claims);
+        }
+        Ok(objects.pod)
+    }
+
+    /// The application registered: parse its Spark-built pods and create its ConfigMaps
+    /// (owned by the driver pod when there is one). Pod creations wait for them.
+    pub(crate) fn register_app(&self, app_id: &AppId, template: &Arc<ExecutorTemplate>) {
+        let Some(Ok(app)) = self.spark_app(app_id, template) else {
+            return;
+        };
+        if app.config_maps.is_empty() {
+            return;
+        }
+        let (ready_tx, ready_rx) = watch::channel(false);
+        if let Some(mut entry) = self.inner.spark.apps.get_mut(app_id) {
+            entry.ready = ready_rx;
+        }
+        let this = self.clone();
+        let app_id = app_id.clone();
+        let template = Arc::clone(template);
+        tokio::spawn(async move {
+            let driver = this.driver_owner(&template, &app.namespace).await;
+            for config_map in &app.config_maps {
+                let mut config_map: ConfigMap = config_map.clone();
+                let name = config_map.metadata.name.clone().unwrap_or_default();
+                config_map
+                    .metadata
+                    .labels
+                    .get_or_insert_with(Default::default)
+                    .extend(app.stoker_labels(&app_id));
+                if let Some(driver) = &driver {
+                    config_map.metadata.owner_references = Some(vec![driver_owner(driver)]);
+                }
+                match create(&this, &app.namespace, &config_map).await {
+                    Ok(()) => {
+                        debug!(app = %app_id, namespace = %app.namespace, config_map = %name, "executor config map created")
+                    }
+                    Err(err) => {
+                        warn!(app = %app_id, namespace = %app.namespace, config_map = %name, error = %err, "cannot create the executor config map; executor pods will wait for it")
+                    }
+                }
+            }
+            let _ = ready_tx.send(true);
+        });
+    }
+
+    /// Waits until the application's ConfigMaps are there (or their creation gave up).
+    pub(crate) async fn app_objects_ready(&self, app_id: &AppId) {
+        let ready = self.inner.spark.apps.get(app_id).map(|e| e.ready.clone());
+        if let Some(mut ready) = ready {
+            // A dropped sender (the task ended without a word) also ends the wait.
+            let _ = ready.wait_for(|ready| *ready).await;
+        }
+    }
+
+    /// Executor `key`'s pod exists (`created`, or `None` when it existed already): create its
+    /// on-demand claims, owned by the driver pod or by this pod.
+    pub(crate) fn pod_created(&self, key: &Key, created: Option<&Pod>) {
+        let Some((_, claims)) = self.inner.spark.claims.remove(key) else {
+            return;
+        };
+        let Some(entry) = self.inner.spark.apps.get(&key.0) else {
+            return;
+        };
+        let app = Arc::clone(&entry.app);
+        let template = Arc::clone(&entry.template);
+        drop(entry);
+        let pod_ref =
+            created.and_then(|p| Some((p.metadata.name.clone()?, p.metadata.uid.clone()?)));
+        let this = self.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            let owner_ref = match this.claim_owner(&app, &template, pod_ref, &key).await {
+                Some(o) => o,
+                None => {
+                    warn!(app = %key.0, executor = %key.1, "no owner for the executor's claims; not creating them");
+                    return;
+                }
+            };
+            for mut claim in claims {
+                let name = claim.metadata.name.clone().unwrap_or_default();
+                claim.metadata.owner_references = Some(vec![owner_ref.clone()]);
+                match create(&this, &app.namespace, &claim).await {
+                    Ok(()) => {
+                        debug!(app = %key.0, executor = %key.1, claim = %name, "on-demand claim created")
+                    }
+                    Err(err) => {
+                        warn!(app = %key.0, executor = %key.1, claim = %name, error = %err, "cannot create an on-demand claim; the executor's pod cannot start")
+                    }
+                }
+            }
+        });
+    }
+
+    async fn claim_owner(
+        &self,
+        app: &SparkApp,
+        template: &ExecutorTemplate,
+        pod_ref: Option<(String, String)>,
+        key: &Key,
+    ) -> Option<OwnerReference> {
+        if app.driver_owns_claims {
+            if let Some(driver) = self.driver_owner(template, &app.namespace).await {
+                return Some(driver_owner(&driver));
+            }
+        }
+        let (name, uid) = match pod_ref {
+            Some(r) => r,
+            None => {
+                let name = pod::pod_name(&key.0, key.1);
+                let api: Api<Pod> = Api::namespaced(self.inner.client.clone(), &app.namespace);
+                self.inner.limiter.acquire().await;
+                let uid = api.get_opt(&name).await.ok()??.metadata.uid?;
+                (name, uid)
+            }
+        };
+        Some(owner("Pod", name, uid, true))
+    }
+
+    /// The application ended: delete its ConfigMaps, and its claims when the driver owned them
+    /// (claims owned by pods go with their pods).
+    pub(crate) fn end_app(&self, app_id: &AppId) {
+        self.inner.spark.claims.retain(|key, _| &key.0 != app_id);
+        let Some((_, entry)) = self.inner.spark.apps.remove(app_id) else {
+            return;
+        };
+        let app = entry.app;
+        let this = self.clone();
+        let app_id = app_id.clone();
+        tokio::spawn(async move {
+            for name in crate::spark_pod::config_map_names(&app) {
+                if let Err(err) = delete::<ConfigMap>(&this, &app.namespace, &name).await {
+                    warn!(app = %app_id, namespace = %app.namespace, config_map = %name, error = %err, "cannot delete the executor config map");
+                }
+            }
+            if !(app.driver_owns_claims && app.has_claims()) {
+                return;
+            }
+            let selector = app
+                .stoker_labels(&app_id)
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let api: Api<PersistentVolumeClaim> =
+                Api::namespaced(this.inner.client.clone(), &app.namespace);
+            this.inner.limiter.acquire().await;
+            let claims = match api.list(&ListParams::default().labels(&selector)).await {
+                Ok(list) => list.items,
+                Err(err) => {
+                    warn!(app = %app_id, namespace = %app.namespace, error = %err, "cannot list the application's claims");
+                    return;
+                }
+            };
+            for claim in claims {
+                let Some(name) = claim.metadata.name else {
+                    continue;
+                };
+                if let Err(err) =
+                    delete::<PersistentVolumeClaim>(&this, &app.namespace, &name).await
+                {
+                    warn!(app = %app_id, claim = %name, error = %err, "cannot delete an on-demand claim");
+                }
+            }
+            info!(app = %app_id, namespace = %app.namespace, "application's claims deleted");
+        });
+    }
+}
