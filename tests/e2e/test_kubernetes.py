@@ -417,3 +417,203 @@ def test_delete_on_termination_false_keeps_exited_pods(kube, testbed, driver_fac
         assert code == 42, code
     finally:
         testbed.api.delete_pod(victim, grace=0)
+
+
+# ---- executor pods as Spark builds them (issue 10) ------------------------------------------
+
+def run_job(job, master, work_dir, env, *args, timeout=300):
+    """Runs tests/e2e/jobs/<job> to the end; returns its JSON events and its log."""
+    env = dict(env, STOKER_PLUGIN_JAR=str(JAR), PYSPARK_PYTHON=sys.executable,
+               PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1")
+    env.pop("SPARK_HOME", None)
+    stamp = time.monotonic_ns()
+    out_path, log_path = work_dir / f"{job}-{stamp}.out", work_dir / f"{job}-{stamp}.log"
+    proc = subprocess.Popen([sys.executable, str(JOBS / job), master, *args],
+                            stdout=open(out_path, "w"), stderr=open(log_path, "w"), env=env,
+                            start_new_session=True)
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        raise AssertionError(f"{job} did not finish in {timeout}s:\n{log_path.read_text()[-6000:]}")
+    events = [json.loads(l) for l in out_path.read_text().splitlines() if l.startswith("{")]
+    return code, events, log_path.read_text()
+
+
+def mounts_confs(ns, host_dir):
+    """The issue's example: a hostPath volume, a mounted secret, a secretKeyRef variable. A pod
+    template's variables tell the job where the mounts are: the process kubelet rewrites container
+    paths in a container's environment to the local directories it mounted (spark.executorEnv.*
+    would not do: PySpark hands those to its workers as configured, unrewritten)."""
+    v = "spark.kubernetes.executor.volumes.hostPath.data."
+    template = host_dir.parent / "executor-template.yaml"
+    template.write_text(json.dumps({"apiVersion": "v1", "kind": "Pod", "spec": {"containers": [{
+        "name": "spark-kubernetes-executor",
+        "env": [{"name": "DATA_DIR", "value": "/data"}, {"name": "SECRET_DIR", "value": "/mnt/s1"}]}]}}))
+    return {
+        "spark.kubernetes.executor.podTemplateFile": str(template),
+        "spark.kubernetes.namespace": ns,
+        "spark.kubernetes.container.image": IMAGE,
+        "spark.kubernetes.node.selector.kubernetes.io/hostname": PROCESS_NODE,
+        "spark.executorEnv.PYSPARK_PYTHON": sys.executable,
+        v + "mount.path": "/data",
+        v + "options.path": str(host_dir),
+        "spark.kubernetes.executor.secrets.s1": "/mnt/s1",
+        "spark.kubernetes.executor.secretKeyRef.MY_SECRET": "s1:k",
+    }
+
+
+def conf_args(confs):
+    return [a for k, v in confs.items() for a in ("--conf", f"{k}={v}")]
+
+
+def comparable(pod):
+    """An executor pod without what is expected to differ between two applications and between
+    stoker and Spark's own backend: names, ids, driver ports, random suffixes, stoker's own labels
+    and annotations, owner, node and status."""
+    pod = json.loads(json.dumps(pod))
+    meta = pod["metadata"]
+    for k in ("name", "generateName", "uid", "resourceVersion", "creationTimestamp", "managedFields",
+              "ownerReferences", "generation", "deletionTimestamp", "deletionGracePeriodSeconds"):
+        meta.pop(k, None)
+    for k in ("spark-exec-id", "spark-app-selector", "app.kubernetes.io/managed-by",
+              "stoker.dev/instance", "stoker.dev/app"):
+        (meta.get("labels") or {}).pop(k, None)
+    meta["annotations"] = {k: v for k, v in (meta.get("annotations") or {}).items()
+                           if not k.startswith("stoker.dev/")}
+    pod.pop("status", None)
+    spec = pod["spec"]
+    for k in ("hostname", "nodeName"):
+        spec.pop(k, None)
+    for c in spec["containers"]:
+        for e in c.get("env") or []:
+            if e["name"] in ("SPARK_EXECUTOR_ID", "SPARK_APPLICATION_ID"):
+                e["value"] = "<id>"
+            elif "value" in e:
+                e["value"] = re.sub(r"(127\.0\.0\.1:|driver\.port=)\d+", r"\1<port>", e["value"])
+    text = json.dumps(pod)
+    text = re.sub(r"spark-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "spark-<uuid>", text)
+    text = re.sub(r"spark-exec-[0-9a-f]+-conf-map", "spark-exec-<hex>-conf-map", text)
+    # The service account admission plugin's token volume.
+    text = re.sub(r"kube-api-access-[a-z0-9]+", "kube-api-access-<suffix>", text)
+    return json.loads(text)
+
+
+def json_diff(a, b, path=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in json_diff(a.get(k), b.get(k), f"{path}/{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in json_diff(x, y, f"{path}/{i}")]
+    return [] if a == b else [f"{path}: spark={json.dumps(a)} stoker={json.dumps(b)}"]
+
+
+def test_executors_read_a_host_path_a_mounted_secret_and_a_secret_env_as_under_spark(
+        kube, testbed, work_dir, namespaces):
+    """The issue's example: under stoker the executors read the hostPath file, the mounted secret
+    and the secretKeyRef variable; the pod stoker creates equals the one Spark's own backend
+    creates on the same bed for the same configuration, apart from the fields expected to
+    differ; the executor ConfigMap is created for the application and deleted with it."""
+    ns = namespaces("sparkpods")
+    testbed.api.create(f"/api/v1/namespaces/{ns}/secrets", {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s1"},
+        "stringData": {"k": "s3cret"}})
+    host_dir = work_dir / "host-data"
+    host_dir.mkdir()
+    (host_dir / "input.txt").write_text("from-the-host\n")
+    confs = mounts_confs(ns, host_dir)
+    want = {"data": "from-the-host", "secret_file": "s3cret", "secret_env": "s3cret"}
+    pods_watch = testbed.api.watch(f"/api/v1/namespaces/{ns}/pods", labelSelector="spark-role=executor")
+    maps_watch = testbed.api.watch(f"/api/v1/namespaces/{ns}/configmaps", labelSelector="spark-role=executor")
+    try:
+        runs = {}
+        for name, master in (("spark", f"k8s://https://127.0.0.1:{testbed.port}"), ("stoker", kube.address)):
+            code, events, log = run_job("read_mounts.py", master, work_dir, testbed.client_env(),
+                                        "--executors", "1", *conf_args(confs))
+            assert code == 0, f"{name}: driver failed ({code}):\n{log[-8000:]}"
+            result = next(e for e in events if e["event"] == "result")
+            for read in result["reads"]:
+                assert {k: read[k] for k in want} == want, f"{name}: {read}"
+            runs[name] = next(e for e in events if e["event"] == "started")["app_id"]
+        first = {}
+        for _, pod in pods_watch.objects():
+            first.setdefault(pod["metadata"]["labels"]["spark-app-selector"], pod)
+        spark_pod, stoker_pod = first[runs["spark"]], first[runs["stoker"]]
+        differences = json_diff(comparable(spark_pod), comparable(stoker_pod))
+        print("\n[pod equivalence] fields removed before comparing: names, ids, driver ports, "
+              "random suffixes, stoker's labels/annotations, owner, node, status")
+        print("[pod equivalence] differences:\n  " + ("\n  ".join(differences) or "none"))
+        assert not differences
+        assert stoker_pod["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "stoker"
+        # The executor ConfigMap of the stoker application: created, mounted, deleted at the end.
+        created = [o for t, o in maps_watch.objects() if t == "ADDED"
+                   and o["metadata"]["labels"].get("spark-app-selector") == runs["stoker"]]
+        assert len(created) == 1, created
+        assert created[0]["metadata"]["labels"]["stoker.dev/instance"] == kube.instance
+        name = created[0]["metadata"]["name"]
+        wait_until(lambda: not testbed.api.get_opt(f"/api/v1/namespaces/{ns}/configmaps/{name}"), 60,
+                   "the executor ConfigMap deleted with the application")
+    finally:
+        pods_watch.close()
+        maps_watch.close()
+
+
+@pytest.mark.parametrize("key,value,named", [
+    ("spark.kubernetes.executor.volumes.hostPath.data.mount.path", None,
+     "spark.kubernetes.executor.volumes.hostPath.data.mount.path: missing"),
+    ("spark.kubernetes.executor.volumes.gluster.data.mount.path", "/g",
+     "spark.kubernetes.executor.volumes.gluster.data.mount.path: unknown volume type"),
+    ("spark.kubernetes.executor.secretKeyRef.MY_SECRET", "s1",
+     "spark.kubernetes.executor.secretKeyRef.MY_SECRET: 's1' is not <secret name>:<key>"),
+    ("spark.kubernetes.driver.reusePersistentVolumeClaim", "true",
+     "spark.kubernetes.driver.reusePersistentVolumeClaim: stoker does not reuse"),
+])
+def test_bad_or_unhonoured_keys_are_refused_at_registration_by_name(kube, testbed, work_dir, key, value,
+                                                                     named):
+    """Bad input, and (with spark.stoker.strictConf=true) a key stoker does not honour: the
+    registration is refused with INVALID_ARGUMENT naming the key, and nothing is created."""
+    confs = mounts_confs("default", work_dir / "host-data")
+    if value is None:
+        confs.pop(key)
+    else:
+        confs[key] = value
+    confs["spark.stoker.strictConf"] = "true"
+    code, _, log = run_job("read_mounts.py", kube.address, work_dir, testbed.client_env(),
+                           *conf_args(confs), timeout=120)
+    assert code != 0, log[-4000:]
+    refused = re.search(r"refused to register application \S+: INVALID_ARGUMENT: ([^\n]*)", log)
+    assert refused, log[-6000:]
+    assert named in refused.group(1), refused.group(1)
+    assert not pods_of(testbed, kube.instance)
+    assert not testbed.api.get("/api/v1/configmaps", labelSelector=f"stoker.dev/instance={kube.instance}")["items"]
+
+
+def test_on_demand_claims_are_created_after_the_pod_and_owned_by_it(kube, testbed, work_dir, driver_factory):
+    """An OnDemand persistentVolumeClaim volume: stoker creates the executor's claim after its
+    pod, named after the pod and owned by it (no driver pod), so the claim goes with the pod. The
+    process kubelet mounts no claims, so the executor never runs: the driver is killed instead."""
+    v = "spark.kubernetes.executor.volumes.persistentVolumeClaim.data."
+    confs = {
+        v + "mount.path": "/data",
+        v + "options.claimName": "OnDemand",
+        v + "options.storageClass": "stoker-e2e-none",
+        v + "options.sizeLimit": "1Gi",
+    }
+    driver = driver_factory(kube, "--executors", "1", *k8s_args("default", *conf_args(confs)))
+    # The driver waits for its executor before it prints "started": the pod tells the app id.
+    [pod] = wait_until(lambda: pods_of(testbed, kube.instance), 120, "the executor pod")
+    name, app_id = pod["metadata"]["name"], pod["metadata"]["labels"]["spark-app-selector"]
+    claim = wait_until(
+        lambda: testbed.api.get_opt(f"/api/v1/namespaces/default/persistentvolumeclaims/{name}-pvc-0"),
+        60, "the on-demand claim")
+    [owner] = claim["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("Pod", name, pod["metadata"]["uid"])
+    assert claim["metadata"]["labels"]["spark-app-selector"] == app_id
+    assert claim["metadata"]["labels"]["stoker.dev/instance"] == kube.instance
+    assert claim["spec"]["storageClassName"] == "stoker-e2e-none"
+    [volume] = [x for x in pod["spec"]["volumes"] if x["name"] == "data"]
+    assert volume["persistentVolumeClaim"]["claimName"] == f"{name}-pvc-0"
+    driver.kill9()
+    wait_until(lambda: not pods_of(testbed, kube.instance, app_id), 60, "the pod deleted within the lease")
+    wait_until(lambda: not testbed.api.get_opt(f"/api/v1/namespaces/default/persistentvolumeclaims/{name}-pvc-0"),
+               60, "the claim garbage-collected with its pod")
