@@ -14,7 +14,8 @@
 //! Pod creation waits until the application's ConfigMaps exist (or their creation failed), so
 //! that no pod waits on a volume that is still to come.
 //!
-//! Caveat: these writes do not check the leader-election write gate yet.
+//! Every write checks the leader-election write gate first, as pod writes do: a replica that
+//! stopped leading creates and deletes nothing (the next leader creates what is missing).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +37,8 @@ use crate::KubernetesBackend;
 
 /// Attempts at one write before giving up on it.
 const ATTEMPTS: usize = 8;
+/// Why a write was not made.
+const NOT_LEADER: &str = "not the leader (any more): not written";
 
 /// One application's parsed Spark-built pods.
 struct AppEntry {
@@ -90,6 +93,9 @@ where
     let mut last = String::new();
     for _ in 0..ATTEMPTS {
         backend.inner.limiter.acquire().await;
+        if !backend.inner.config.gate.is_open() {
+            return Err(NOT_LEADER.into());
+        }
         match api.create(&PostParams::default(), object).await {
             Ok(_) => return Ok(()),
             Err(kube::Error::Api(s)) if s.code == 409 => return Ok(()),
@@ -115,6 +121,9 @@ where
     let mut last = String::new();
     for _ in 0..ATTEMPTS {
         backend.inner.limiter.acquire().await;
+        if !backend.inner.config.gate.is_open() {
+            return Err(NOT_LEADER.into());
+        }
         match api.delete(name, &DeleteParams::background()).await {
             Ok(_) => return Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
