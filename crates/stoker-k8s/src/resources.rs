@@ -339,7 +339,7 @@ impl KubernetesBackend {
         let this = self.clone();
         let app_id = app_id.clone();
         tokio::spawn(async move {
-            for name in crate::spark_pod::config_map_names(&app) {
+            for name in crate::spark_pod::config_maps_to_delete(&app) {
                 if let Err(err) = delete::<ConfigMap>(&this, &app.namespace, &name).await {
                     warn!(app = %app_id, namespace = %app.namespace, config_map = %name, error = %err, "cannot delete the executor config map");
                 }

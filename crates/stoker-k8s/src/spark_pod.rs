@@ -447,8 +447,13 @@ fn set_annotations(
     }
 }
 
-/// The names of an application's ConfigMaps, for their deletion when it ends.
-pub fn config_map_names(app: &SparkApp) -> BTreeSet<String> {
+/// The ConfigMaps to delete when the application ends: all of them, unless its exited pods are
+/// kept (`deleteOnTermination=false`), which may still need theirs; Spark's backend keeps the
+/// ConfigMap then too.
+pub fn config_maps_to_delete(app: &SparkApp) -> BTreeSet<String> {
+    if app.keep_on_exit {
+        return BTreeSet::new();
+    }
     app.config_maps
         .iter()
         .filter_map(|cm| cm.metadata.name.clone())

@@ -448,9 +448,17 @@ fn the_config_map_goes_to_the_applications_namespace() {
         Some("team-a")
     );
     assert_eq!(
-        config_map_names(&app).into_iter().collect::<Vec<_>>(),
+        config_maps_to_delete(&app).into_iter().collect::<Vec<_>>(),
         vec!["spark-exec-00879ca22abd72f1-conf-map".to_string()]
     );
+    // Kept exited pods may still mount it: kept too, as Spark's backend keeps it.
+    let pods = spark_pods();
+    let mut t = template(pods.clone());
+    t.kubernetes
+        .other
+        .insert(pod::DELETE_ON_TERMINATION_KEY.into(), "false".into());
+    let keeping = SparkApp::parse(&t, &pods, &defaults()).expect("parses");
+    assert!(config_maps_to_delete(&keeping).is_empty());
 }
 
 #[test]
