@@ -591,13 +591,15 @@ def test_bad_or_unhonoured_keys_are_refused_at_registration_by_name(kube, testbe
 def test_on_demand_claims_are_created_after_the_pod_and_owned_by_it(kube, testbed, work_dir, driver_factory):
     """An OnDemand persistentVolumeClaim volume: stoker creates the executor's claim after its
     pod, named after the pod and owned by it (no driver pod), so the claim goes with the pod. The
-    process kubelet mounts no claims, so the executor never runs: the driver is killed instead."""
+    process kubelet mounts no claims, so the executor never runs: the driver is killed instead.
+    A key stoker does not honour, without spark.stoker.strictConf: a driver warning naming it."""
     v = "spark.kubernetes.executor.volumes.persistentVolumeClaim.data."
     confs = {
         v + "mount.path": "/data",
         v + "options.claimName": "OnDemand",
         v + "options.storageClass": "stoker-e2e-none",
         v + "options.sizeLimit": "1Gi",
+        "spark.kubernetes.executor.decommissionLabel": "draining",
     }
     driver = driver_factory(kube, "--executors", "1", *k8s_args("default", *conf_args(confs)))
     # The driver waits for its executor before it prints "started": the pod tells the app id.
@@ -613,6 +615,7 @@ def test_on_demand_claims_are_created_after_the_pod_and_owned_by_it(kube, testbe
     assert claim["spec"]["storageClassName"] == "stoker-e2e-none"
     [volume] = [x for x in pod["spec"]["volumes"] if x["name"] == "data"]
     assert volume["persistentVolumeClaim"]["claimName"] == f"{name}-pvc-0"
+    assert "stoker: spark.kubernetes.executor.decommissionLabel is not honoured" in driver.log()
     driver.kill9()
     wait_until(lambda: not pods_of(testbed, kube.instance, app_id), 60, "the pod deleted within the lease")
     wait_until(lambda: not testbed.api.get_opt(f"/api/v1/namespaces/default/persistentvolumeclaims/{name}-pvc-0"),
