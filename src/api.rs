@@ -5,7 +5,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use stoker_core::{AppId, EngineConfig, Event, EventKind, ExecutorPhase, ExitReason, ProfileId};
+use stoker_core::{
+    AppId, DriverIdentity, EngineConfig, Event, EventKind, ExecutorPhase, ExitReason, ProfileId,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -13,6 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 
 use crate::app::{AppCommand, AppHandle, AppSummary, Apps, ExecutorView, NewApp};
+use crate::auth::{Authenticator, NoAuth};
 use crate::config::Limits;
 use crate::error::ApiError;
 use crate::proto::v1 as pb;
@@ -31,6 +34,7 @@ pub struct Service {
     incarnation: String,
     admin_token: String,
     shutdown: watch::Receiver<bool>,
+    auth: Arc<dyn Authenticator>,
 }
 
 impl Service {
@@ -50,7 +54,14 @@ impl Service {
             incarnation,
             admin_token,
             shutdown,
+            auth: Arc::new(NoAuth),
         }
+    }
+
+    /// Authenticates callers with `auth` (default: [`NoAuth`]).
+    pub fn with_auth(mut self, auth: Arc<dyn Authenticator>) -> Self {
+        self.auth = auth;
+        self
     }
 
     fn finish<T>(
@@ -80,20 +91,57 @@ impl Service {
         }
     }
 
-    /// Finds an application and checks the caller's token.
-    fn authorize(&self, app_id: &str, token: &str) -> Result<Arc<AppHandle>, ApiError> {
+    /// Finds an application and checks the caller: its token, and, when the application was
+    /// registered by an authenticated driver, that the caller is the same identity.
+    fn authorize(
+        &self,
+        app_id: &str,
+        token: &str,
+        caller: Option<&DriverIdentity>,
+    ) -> Result<Arc<AppHandle>, ApiError> {
         let app_id = validate::app_id(app_id)?;
         let token = validate::token(token)?;
         let handle = self
             .apps
             .get(&app_id)
             .ok_or_else(|| ApiError::NotFound(app_id.to_string()))?;
+        same_identity(&app_id, handle.identity(), caller)?;
         if !handle.token_matches(token) {
             return Err(ApiError::PermissionDenied(format!(
                 "token: does not belong to application {app_id}"
             )));
         }
         Ok(handle)
+    }
+
+    /// The namespace an authenticated driver's application runs in: the one it asked for
+    /// (spark.kubernetes.namespace) if its identity may create pods there (the API server
+    /// answers), else refused; its ServiceAccount's own namespace when it asked for none.
+    async fn namespace_for(
+        &self,
+        identity: &DriverIdentity,
+        asked: &str,
+    ) -> Result<String, ApiError> {
+        let own = identity.service_account().map(|(ns, _)| ns);
+        if asked.is_empty() || Some(asked) == own {
+            return own.map(str::to_owned).ok_or_else(|| {
+                ApiError::invalid(
+                    "template.kubernetes.namespace",
+                    format!(
+                        "must be set: {} is not a ServiceAccount, so it has no namespace of its own",
+                        identity.username
+                    ),
+                )
+            });
+        }
+        if self.auth.may_create_pods(identity, asked).await? {
+            return Ok(asked.to_owned());
+        }
+        Err(ApiError::PermissionDenied(format!(
+            "template.kubernetes.namespace: {} may not create pods in namespace {asked} \
+             (the Kubernetes API server said so)",
+            identity.username
+        )))
     }
 
     fn is_admin(&self, token: &str) -> bool {
@@ -103,8 +151,26 @@ impl Service {
     async fn register(
         &self,
         request: pb::RegisterApplicationRequest,
+        caller: Option<DriverIdentity>,
     ) -> Result<pb::RegisterApplicationResponse, ApiError> {
-        let registration = validate::registration(request, &self.limits)?;
+        let mut registration = validate::registration(request, &self.limits)?;
+        if let Some(identity) = &caller {
+            let asked = registration.template.kubernetes.namespace.clone();
+            registration.template.kubernetes.namespace =
+                self.namespace_for(identity, &asked).await?;
+        }
+        registration.template.identity = caller.clone();
+        if let crate::config::NamespaceSource::Kubernetes { default } = &self.limits.namespaces {
+            let template = &registration.template;
+            let namespace = if template.kubernetes.namespace.is_empty() {
+                default.as_str()
+            } else {
+                template.kubernetes.namespace.as_str()
+            };
+            self.limits.namespace_allowed(namespace).map_err(|why| {
+                ApiError::PermissionDenied(format!("template.kubernetes.namespace: {why}"))
+            })?;
+        }
         self.apps
             .backend
             .check_template(&registration.template)
@@ -114,6 +180,7 @@ impl Service {
         // re-attachment.
         for _ in 0..2 {
             if let Some(handle) = self.apps.get(&registration.app_id) {
+                same_identity(&registration.app_id, handle.identity(), caller.as_ref())?;
                 let Some(token) = registration.token.as_deref() else {
                     return Err(ApiError::AlreadyExists(format!(
                         "application {} is already registered; pass its token to re-attach",
@@ -213,7 +280,12 @@ impl ExecutorAllocator for Service {
         request: Request<pb::RegisterApplicationRequest>,
     ) -> Result<Response<pb::RegisterApplicationResponse>, Status> {
         let started = Instant::now();
-        let result = self.register(request.into_inner()).await;
+        let bearer = crate::auth::bearer(request.metadata());
+        let result = async {
+            let caller = self.auth.identify(bearer?.as_deref()).await?;
+            self.register(request.into_inner(), caller).await
+        }
+        .await;
         self.finish("RegisterApplication", started, result)
     }
 
@@ -222,9 +294,11 @@ impl ExecutorAllocator for Service {
         request: Request<pb::RequestTotalExecutorsRequest>,
     ) -> Result<Response<pb::RequestTotalExecutorsResponse>, Status> {
         let started = Instant::now();
+        let bearer = crate::auth::bearer(request.metadata());
         let request = request.into_inner();
         let result = async {
-            let handle = self.authorize(&request.app_id, &request.token)?;
+            let caller = self.auth.identify(bearer?.as_deref()).await?;
+            let handle = self.authorize(&request.app_id, &request.token, caller.as_ref())?;
             let targets = validate::targets("targets", &request.targets, &self.limits)?;
             handle
                 .call(|reply| AppCommand::SetTargets { targets, reply })
@@ -240,9 +314,11 @@ impl ExecutorAllocator for Service {
         request: Request<pb::KillExecutorsRequest>,
     ) -> Result<Response<pb::KillExecutorsResponse>, Status> {
         let started = Instant::now();
+        let bearer = crate::auth::bearer(request.metadata());
         let request = request.into_inner();
         let result = async {
-            let handle = self.authorize(&request.app_id, &request.token)?;
+            let caller = self.auth.identify(bearer?.as_deref()).await?;
+            let handle = self.authorize(&request.app_id, &request.token, caller.as_ref())?;
             let ids = validate::executor_ids("executor_ids", &request.executor_ids, &self.limits)?;
             let adjust_target = request.adjust_target;
             let killed = handle
@@ -265,9 +341,11 @@ impl ExecutorAllocator for Service {
         request: Request<pb::DecommissionExecutorsRequest>,
     ) -> Result<Response<pb::DecommissionExecutorsResponse>, Status> {
         let started = Instant::now();
+        let bearer = crate::auth::bearer(request.metadata());
         let request = request.into_inner();
         let result = async {
-            let handle = self.authorize(&request.app_id, &request.token)?;
+            let caller = self.auth.identify(bearer?.as_deref()).await?;
+            let handle = self.authorize(&request.app_id, &request.token, caller.as_ref())?;
             let ids = validate::executor_ids("executor_ids", &request.executor_ids, &self.limits)?;
             let adjust_target = request.adjust_target;
             let affected = handle
@@ -292,9 +370,14 @@ impl ExecutorAllocator for Service {
         request: Request<pb::WatchExecutorsRequest>,
     ) -> Result<Response<Self::WatchExecutorsStream>, Status> {
         let started = Instant::now();
+        let bearer = crate::auth::bearer(request.metadata());
         let request = request.into_inner();
-        let result = self
-            .authorize(&request.app_id, &request.token)
+        let caller = match bearer {
+            Ok(bearer) => self.auth.identify(bearer.as_deref()).await,
+            Err(err) => Err(err),
+        };
+        let result = caller
+            .and_then(|caller| self.authorize(&request.app_id, &request.token, caller.as_ref()))
             .and_then(|handle| {
                 let guard = handle.open_watch(self.limits.max_watches_per_application)?;
                 Ok((handle, guard))
@@ -344,9 +427,11 @@ impl ExecutorAllocator for Service {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let started = Instant::now();
+        let bearer = crate::auth::bearer(request.metadata());
         let request = request.into_inner();
         let result = async {
-            let handle = self.authorize(&request.app_id, &request.token)?;
+            let caller = self.auth.identify(bearer?.as_deref()).await?;
+            let handle = self.authorize(&request.app_id, &request.token, caller.as_ref())?;
             let acked_seq = request.acked_seq;
             handle
                 .call(|reply| AppCommand::Heartbeat { acked_seq, reply })
@@ -365,9 +450,11 @@ impl ExecutorAllocator for Service {
         request: Request<pb::UnregisterApplicationRequest>,
     ) -> Result<Response<pb::UnregisterApplicationResponse>, Status> {
         let started = Instant::now();
+        let bearer = crate::auth::bearer(request.metadata());
         let request = request.into_inner();
         let result = async {
-            let handle = self.authorize(&request.app_id, &request.token)?;
+            let caller = self.auth.identify(bearer?.as_deref()).await?;
+            let handle = self.authorize(&request.app_id, &request.token, caller.as_ref())?;
             let removed = handle
                 .call(|reply| AppCommand::Unregister { reply })
                 .await?;
@@ -384,6 +471,7 @@ impl ExecutorAllocator for Service {
         request: Request<pb::GetApplicationRequest>,
     ) -> Result<Response<pb::ApplicationInfo>, Status> {
         let started = Instant::now();
+        let bearer = crate::auth::bearer(request.metadata());
         let request = request.into_inner();
         let result = async {
             let app_id = validate::app_id(&request.app_id)?;
@@ -392,7 +480,8 @@ impl ExecutorAllocator for Service {
                     .get(&app_id)
                     .ok_or_else(|| ApiError::NotFound(app_id.to_string()))?
             } else {
-                self.authorize(&request.app_id, &request.token)?
+                let caller = self.auth.identify(bearer?.as_deref()).await?;
+                self.authorize(&request.app_id, &request.token, caller.as_ref())?
             };
             Ok(self.application_info(&app_id, &handle).await)
         }
@@ -434,6 +523,27 @@ impl ExecutorAllocator for Service {
     }
 }
 
+/// An application registered by an authenticated driver answers only to that identity.
+fn same_identity(
+    app_id: &AppId,
+    owner: Option<&DriverIdentity>,
+    caller: Option<&DriverIdentity>,
+) -> Result<(), ApiError> {
+    let Some(owner) = owner else {
+        return Ok(());
+    };
+    match caller {
+        Some(caller) if caller.same_user(owner) => Ok(()),
+        Some(caller) => Err(ApiError::PermissionDenied(format!(
+            "application {app_id} belongs to {}; the caller is {}",
+            owner.username, caller.username
+        ))),
+        None => Err(ApiError::NotAuthenticated(format!(
+            "application {app_id} belongs to an authenticated driver: send its bearer token"
+        ))),
+    }
+}
+
 // === domain → protocol ===
 
 fn application_info(
@@ -464,6 +574,16 @@ fn application_info(
         last_seq: summary.last_seq,
         executors: executors.iter().map(executor_info).collect(),
         registered_unix_ms: summary.registered_unix_ms,
+        sizes: summary
+            .sizes
+            .iter()
+            .map(|(&resource_profile_id, size)| pb::ProfileSize {
+                resource_profile_id,
+                heap_mib: size.heap_mib,
+                overhead_mib: size.overhead_mib,
+            })
+            .collect(),
+        resizes: summary.resizes,
     }
 }
 
@@ -476,6 +596,8 @@ fn executor_info(view: &ExecutorView) -> pb::ExecutorInfo {
         backend_name: view.backend_name.clone(),
         deleting: view.deleting,
         created_unix_ms: view.created_unix_ms,
+        heap_mib: view.size.map_or(0, |s| s.heap_mib),
+        overhead_mib: view.size.map_or(0, |s| s.overhead_mib),
     }
 }
 
@@ -513,6 +635,11 @@ pub fn watch_event(event: &Event, time_unix_ms: i64) -> pb::WatchEvent {
                 message: message.clone(),
             })
         }
+        // A WARNING, so that every plugin version logs it.
+        EventKind::Resized(resize) => pb::watch_event::Kind::Application(pb::ApplicationEvent {
+            kind: pb::application_event::Kind::Warning as i32,
+            message: resize.message(),
+        }),
     };
     pb::WatchEvent {
         seq: event.seq,

@@ -13,9 +13,9 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 use stoker_core::{
-    Action, AppId, AppPhase, BackendObservation, Engine, EngineConfig, EngineError, Event,
-    EventKind, ExecutorBackend, ExecutorEvent, ExecutorId, ExecutorPhase, ExecutorTemplate,
-    LaunchRequest, Millis, Observation, ProfileId,
+    Action, AppId, AppPhase, BackendObservation, DriverIdentity, Engine, EngineConfig, EngineError,
+    Event, EventKind, ExecutorBackend, ExecutorEvent, ExecutorId, ExecutorPhase, ExecutorSize,
+    ExecutorTemplate, LaunchRequest, Millis, Observation, ProfileId, Sizing,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
@@ -23,8 +23,9 @@ use tracing::{debug, info, warn};
 use crate::clock::Clock;
 use crate::config::Limits;
 use crate::error::{ApiError, Limit, LimitError};
-use crate::metrics::{Metrics, ReasonLabel};
+use crate::metrics::{CauseLabel, Metrics, ReasonLabel};
 use crate::quota::{total_after, Admission, QuotaKey, Quotas};
+use crate::sizes::SizeStore;
 
 /// A snapshot of an application, published by its actor after every input.
 #[derive(Clone, Debug, Default)]
@@ -53,6 +54,10 @@ pub struct AppSummary {
     pub last_seq: u64,
     /// When the application registered (Unix ms).
     pub registered_unix_ms: i64,
+    /// The size new executors get, per profile.
+    pub sizes: BTreeMap<ProfileId, ExecutorSize>,
+    /// Size changes so far.
+    pub resizes: u32,
 }
 
 /// One executor as GetApplication shows it.
@@ -72,6 +77,8 @@ pub struct ExecutorView {
     pub deleting: bool,
     /// Creation time (Unix ms).
     pub created_unix_ms: i64,
+    /// Its memory, when the engine chose it.
+    pub size: Option<ExecutorSize>,
 }
 
 /// What an actor answers to a re-registration.
@@ -164,6 +171,8 @@ pub struct AppHandle {
     pub summary: watch::Receiver<AppSummary>,
     /// WatchExecutors streams open now.
     watches: AtomicUsize,
+    /// Who registered it, when drivers authenticate.
+    identity: Option<DriverIdentity>,
 }
 
 impl AppHandle {
@@ -175,6 +184,11 @@ impl AppHandle {
     /// The application's token.
     pub fn token(&self) -> &str {
         &self.token
+    }
+
+    /// The identity that registered it (`--auth kubernetes`).
+    pub fn identity(&self) -> Option<&DriverIdentity> {
+        self.identity.as_ref()
     }
 
     /// Sends a command and waits for the reply.
@@ -274,6 +288,10 @@ pub struct Apps {
     pub metrics: Arc<Metrics>,
     /// What all applications hold together.
     pub quotas: Arc<Quotas>,
+    /// `--max-executor-memory` in MiB: no executor grows beyond it.
+    max_executor_memory_mib: u64,
+    /// Sizes remembered across runs, when the backend keeps them.
+    sizes: Option<Arc<SizeStore>>,
 }
 
 /// What a new application starts with.
@@ -313,7 +331,67 @@ impl Apps {
             clock,
             metrics,
             quotas: Arc::new(Quotas::new(limits)),
+            max_executor_memory_mib: limits.max_executor_memory_mib,
+            sizes: limits
+                .sizes_file
+                .clone()
+                .map(|path| Arc::new(SizeStore::new(path, limits.max_remembered_sizes))),
         }
+    }
+
+    /// Starts the application's profiles at the sizes remembered for its sizing key; the
+    /// driver is told of each size taken and each entry ignored.
+    fn recall_sizes(&self, app_id: &AppId, template: &ExecutorTemplate, engine: &mut Engine) {
+        let (Some(store), Some(key), Some(policy)) = (
+            &self.sizes,
+            template
+                .resize
+                .as_ref()
+                .and_then(|r| r.sizing_key.as_deref()),
+            engine.sizing().policy(),
+        ) else {
+            return;
+        };
+        let now_unix_ms = self.clock.unix_ms(self.clock.now());
+        let recalled = store.recall(key, &template.profiles, policy.max_memory_mib, now_unix_ms);
+        for warning in recalled.warnings {
+            warn!(app = %app_id, sizing_key = key, "{warning}");
+            engine.warn(warning);
+        }
+        for (profile, size) in recalled.sizes {
+            let message = format!(
+                "profile {profile} starts executors with {} MiB heap + {} MiB overhead, the size \
+                 an earlier run of spark.stoker.sizing.key {key:?} ended with",
+                size.heap_mib, size.overhead_mib
+            );
+            info!(app = %app_id, profile, sizing_key = key, "{message}");
+            engine.start_at(profile, size);
+            engine.warn(message);
+        }
+    }
+
+    /// The sizing policy of a new application: its `spark.stoker.resize.*` settings bounded by
+    /// the server, or none when the backend cannot start executors at a chosen size.
+    fn sizing(&self, app_id: &AppId, template: &ExecutorTemplate) -> (Sizing, Option<String>) {
+        let Some(settings) = &template.resize else {
+            return (Sizing::new(None), None);
+        };
+        if !self.backend.honours_size() {
+            let message = format!(
+                "spark.stoker.resize.enabled is ignored: the {} backend does not start executors \
+                 at a chosen size yet; executors keep their configured size",
+                self.backend.name()
+            );
+            return (Sizing::new(None), Some(message));
+        }
+        let policy = settings.policy(template.profiles.values(), self.max_executor_memory_mib);
+        info!(
+            app = %app_id,
+            factor_permille = policy.factor_permille,
+            max_memory_mib = policy.max_memory_mib,
+            "executors that run out of memory are replaced by bigger ones"
+        );
+        (Sizing::new(Some(policy)), None)
     }
 
     /// Looks an application up.
@@ -339,12 +417,15 @@ impl Apps {
     pub fn create(self: &Arc<Self>, new: NewApp) -> Result<(Arc<AppHandle>, u64), ApiError> {
         let now = self.clock.now();
         let profiles: Vec<ProfileId> = new.template.profiles.keys().copied().collect();
+        let (sizing, sizing_warning) = self.sizing(&new.app_id, &new.template);
         let mut engine = Engine::new(
             new.config.clone(),
             profiles.clone(),
             new.last_executor_id,
             now,
-        );
+        )
+        .with_sizing(sizing.clone(), new.template.profiles.values());
+        self.recall_sizes(&new.app_id, &new.template, &mut engine);
         engine.set_targets(&new.targets, now)?;
         let initial = total_after(engine.targets(), &[]);
         // Dropped, and so given back, if the id turns out to be taken below.
@@ -370,6 +451,7 @@ impl Apps {
             seq: seq_rx,
             summary: summary_rx,
             watches: AtomicUsize::new(0),
+            identity: new.template.identity.clone(),
         });
         match self.registry.entry(new.app_id.clone()) {
             dashmap::Entry::Occupied(_) => {
@@ -388,7 +470,9 @@ impl Apps {
         let recovered = self.backend.claim(&new.app_id, &new.token);
         self.backend.registered(&new.app_id, &new.template);
         if !recovered.is_empty() {
-            let mut adopted = Engine::new(new.config, profiles, new.last_executor_id, now);
+            let mut adopted = Engine::new(new.config, profiles, new.last_executor_id, now)
+                .with_sizing(sizing, new.template.profiles.values());
+            self.recall_sizes(&new.app_id, &new.template, &mut adopted);
             for r in &recovered {
                 if !adopted.adopt(
                     r.executor_id,
@@ -408,6 +492,10 @@ impl Apps {
             engine = adopted;
         }
         engine.report_unknown_as_lost(&new.known_executor_ids, now);
+        if let Some(message) = sizing_warning {
+            warn!(app = %new.app_id, "{message}");
+            engine.warn(message);
+        }
         let _ = seq_tx.send(engine.last_seq());
         let last_seq = engine.last_seq();
         let actor = Actor {
@@ -541,6 +629,10 @@ impl Actor {
                 let _ = reply.send(result);
             }
             AppCommand::Unregister { reply } => {
+                // A run that ends on its own, not failed: its sizes are the ones to start from.
+                if self.engine.phase() == AppPhase::Active {
+                    self.remember_sizes();
+                }
                 let removed = self.engine.unregister(now);
                 info!(app = %self.app_id, removed, "application unregistered");
                 self.settle();
@@ -572,6 +664,7 @@ impl Actor {
                         backend_name: e.backend_name.clone(),
                         deleting: e.deleting.is_some(),
                         created_unix_ms: clock.unix_ms(e.created_at),
+                        size: e.size,
                     })
                     .collect();
                 let _ = reply.send(views);
@@ -596,6 +689,7 @@ impl Actor {
             )));
         }
         self.engine.add_profiles(template.profiles.keys().copied());
+        self.engine.add_profile_sizes(template.profiles.values());
         self.engine.raise_last_executor_id(last_executor_id);
         if !targets.is_empty() {
             self.set_targets("initial_targets", targets, now)?;
@@ -632,6 +726,30 @@ impl Actor {
         result
     }
 
+    /// Records the sizes the application ends with under its sizing key.
+    fn remember_sizes(&self) {
+        let (Some(store), Some(key)) = (
+            &self.apps.sizes,
+            self.template
+                .resize
+                .as_ref()
+                .and_then(|r| r.sizing_key.as_deref()),
+        ) else {
+            return;
+        };
+        if self.engine.sizing().policy().is_none() {
+            return;
+        }
+        let sizes = self.engine.sizing().sizes().collect();
+        let now_unix_ms = self.apps.clock.unix_ms(self.apps.clock.now());
+        match store.remember(key, &sizes, &self.template.profiles, now_unix_ms) {
+            Ok(()) => debug!(app = %self.app_id, sizing_key = key, "sizes remembered"),
+            Err(err) => {
+                warn!(app = %self.app_id, sizing_key = key, error = %err, "cannot remember sizes")
+            }
+        }
+    }
+
     /// Charges the quotas with the targets the engine holds; none once the application ends.
     fn settle(&mut self) {
         let total = if self.engine.phase() == AppPhase::Ending {
@@ -657,13 +775,26 @@ impl Actor {
         let backend_name = backend.name();
         for action in self.engine.take_actions() {
             match action {
-                Action::Launch { id, profile } => {
-                    debug!(app = %self.app_id, executor = %id, profile, "launching executor");
+                Action::Launch { id, profile, size } => {
+                    // The engine knows every profile of the template; the template's size is
+                    // the fallback for an engine that was not told.
+                    let size = size
+                        .or_else(|| self.template.profiles.get(&profile).map(ExecutorSize::of))
+                        .unwrap_or_default();
+                    debug!(
+                        app = %self.app_id,
+                        executor = %id,
+                        profile,
+                        heap_mib = size.heap_mib,
+                        overhead_mib = size.overhead_mib,
+                        "launching executor"
+                    );
                     self.apps.metrics.backend_op(backend_name, "launch");
                     backend.launch(LaunchRequest {
                         app_id: self.app_id.clone(),
                         executor_id: id,
                         profile,
+                        size,
                         template: Arc::clone(&self.template),
                         token: Arc::clone(&self.token),
                     });
@@ -681,18 +812,41 @@ impl Actor {
 
     fn publish(&mut self) {
         let last_seq = self.engine.last_seq();
+        let mut resizes = 0;
         for event in self.engine.events_after(self.counted_seq) {
-            if let EventKind::Executor(ExecutorEvent {
-                exit: Some(exit), ..
-            }) = &event.kind
-            {
-                self.apps
-                    .metrics
-                    .executor_exits
-                    .get_or_create(&ReasonLabel {
-                        reason: exit.reason.as_str().to_owned(),
-                    })
-                    .inc();
+            match &event.kind {
+                EventKind::Executor(ExecutorEvent {
+                    exit: Some(exit), ..
+                }) => {
+                    self.apps
+                        .metrics
+                        .executor_exits
+                        .get_or_create(&ReasonLabel {
+                            reason: exit.reason.as_str().to_owned(),
+                        })
+                        .inc();
+                }
+                EventKind::Resized(resize) => {
+                    resizes += 1;
+                    info!(
+                        app = %self.app_id,
+                        profile = resize.profile,
+                        executor = %resize.executor,
+                        cause = resize.cause.as_str(),
+                        heap_mib = resize.to.heap_mib,
+                        overhead_mib = resize.to.overhead_mib,
+                        "{}",
+                        resize.message()
+                    );
+                    self.apps
+                        .metrics
+                        .executor_resizes
+                        .get_or_create(&CauseLabel {
+                            cause: resize.cause.as_str(),
+                        })
+                        .inc();
+                }
+                _ => {}
             }
         }
         self.counted_seq = last_seq;
@@ -724,6 +878,8 @@ impl Actor {
             s.failures = engine.failures();
             s.lease_deadline = engine.lease_deadline();
             s.last_seq = last_seq;
+            s.sizes = engine.sizing().sizes().collect();
+            s.resizes = s.resizes.saturating_add(resizes);
         });
     }
 }

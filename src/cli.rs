@@ -1,9 +1,10 @@
 //! The `stoker apps` and `stoker executors` commands: tables from a running server.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::ClientArgs;
 use crate::proto::v1 as pb;
@@ -30,9 +31,54 @@ fn token(args: &ClientArgs) -> anyhow::Result<String> {
 async fn client(
     args: &ClientArgs,
 ) -> anyhow::Result<ExecutorAllocatorClient<tonic::transport::Channel>> {
-    ExecutorAllocatorClient::connect(args.server.clone())
+    let endpoint = endpoint(args)?;
+    let channel = endpoint
+        .connect()
         .await
-        .with_context(|| format!("cannot connect to stoker at {}", args.server))
+        .with_context(|| format!("cannot connect to stoker at {}", args.server))?;
+    Ok(ExecutorAllocatorClient::new(channel))
+}
+
+/// The server's endpoint: plaintext for `http://`, TLS for `https://` (trusting --tls-ca, else
+/// the system's trust store; presenting --tls-cert when given).
+fn endpoint(args: &ClientArgs) -> anyhow::Result<Endpoint> {
+    let endpoint = Endpoint::from_shared(args.server.clone())
+        .with_context(|| format!("--server {:?} is not a URL", args.server))?;
+    let tls_wanted =
+        args.tls_ca.is_some() || args.tls_cert.is_some() || args.tls_server_name.is_some();
+    match endpoint.uri().scheme_str() {
+        Some("https") => {}
+        Some("http") if !tls_wanted => return Ok(endpoint),
+        Some("http") => bail!(
+            "--tls-ca, --tls-cert and --tls-server-name need an https:// --server, not {}",
+            args.server
+        ),
+        _ => bail!(
+            "--server {} must start with http:// or https://",
+            args.server
+        ),
+    }
+    let mut tls = ClientTlsConfig::new();
+    tls = match &args.tls_ca {
+        Some(path) => tls.ca_certificate(Certificate::from_pem(read_pem(path, "--tls-ca")?)),
+        None => tls.with_native_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        tls = tls.identity(Identity::from_pem(
+            read_pem(cert, "--tls-cert")?,
+            read_pem(key, "--tls-key")?,
+        ));
+    }
+    if let Some(name) = &args.tls_server_name {
+        tls = tls.domain_name(name.clone());
+    }
+    endpoint
+        .tls_config(tls)
+        .context("cannot configure TLS for the server connection")
+}
+
+fn read_pem(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("{flag}: cannot read {}", path.display()))
 }
 
 fn status_error(status: tonic::Status, what: &str) -> anyhow::Error {
@@ -110,6 +156,7 @@ pub fn executors_table(info: &pb::ApplicationInfo) -> String {
         "HOST".to_owned(),
         "BACKEND".to_owned(),
         "DELETING".to_owned(),
+        "MEMORY".to_owned(),
     ]];
     for e in &info.executors {
         let state = pb::ExecutorState::try_from(e.state)
@@ -126,9 +173,31 @@ pub fn executors_table(info: &pb::ApplicationInfo) -> String {
             e.host.clone(),
             e.backend_name.clone(),
             if e.deleting { "yes" } else { "" }.to_owned(),
+            memory(e.heap_mib, e.overhead_mib),
         ]);
     }
-    table(&rows)
+    let mut out = table(&rows);
+    for size in &info.sizes {
+        let _ = writeln!(
+            out,
+            "profile {}: new executors get {}{}",
+            size.resource_profile_id,
+            memory(size.heap_mib, size.overhead_mib),
+            match info.resizes {
+                0 => String::new(),
+                n => format!(" ({n} resize(s) of this application so far)"),
+            }
+        );
+    }
+    out
+}
+
+/// `1536m heap + 640m overhead`, or empty when unknown.
+fn memory(heap_mib: u64, overhead_mib: u64) -> String {
+    if heap_mib == 0 {
+        return String::new();
+    }
+    format!("{heap_mib}m heap + {overhead_mib}m overhead")
 }
 
 fn table<const N: usize>(rows: &[[String; N]]) -> String {

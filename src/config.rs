@@ -45,7 +45,7 @@ pub enum Command {
 /// Options of the client subcommands.
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// The server's gRPC address.
+    /// The server's gRPC address: http://host:port, or https://host:port for a server with TLS.
     #[arg(long, env = "STOKER_SERVER", default_value = "http://127.0.0.1:7077")]
     pub server: String,
     /// The admin token (or an application token for `executors`). Defaults to the token file
@@ -55,6 +55,23 @@ pub struct ClientArgs {
     /// The server's work directory, where it wrote `admin-token`.
     #[arg(long, env = "STOKER_WORK_DIR")]
     pub work_dir: Option<PathBuf>,
+    /// PEM CA certificates to verify an https:// server with; default: the system's trust store.
+    #[arg(long, env = "STOKER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a server started with --tls-client-ca.
+    #[arg(
+        long = "tls-cert",
+        env = "STOKER_CLIENT_TLS_CERT",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long = "tls-key", env = "STOKER_CLIENT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The name the server's certificate must carry, when it differs from the URL's host
+    /// (e.g. connecting to 127.0.0.1 through a port-forward).
+    #[arg(long, env = "STOKER_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
 }
 
 /// Where executors run.
@@ -65,6 +82,25 @@ pub enum BackendKind {
     /// Pods on Kubernetes (official apache/spark image), through the cluster in KUBECONFIG or
     /// the in-cluster service account.
     Kubernetes,
+}
+
+/// How callers are authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// Nobody: the per-application token is the only credential (one machine, one user).
+    None,
+    /// A Kubernetes bearer token on every call, reviewed by the API server (TokenReview); pods
+    /// are created and deleted as that identity.
+    Kubernetes,
+}
+
+/// How a driver's writes are authorised (`--auth kubernetes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthzMode {
+    /// Impersonate the driver: the API server judges every write as the driver.
+    Impersonate,
+    /// Ask the API server first (SubjectAccessReview), then write as stoker.
+    SubjectAccessReview,
 }
 
 /// Log output format.
@@ -88,6 +124,19 @@ pub struct ServeArgs {
     /// Executor backend.
     #[arg(long, env = "STOKER_BACKEND", value_enum, default_value = "local")]
     pub backend: BackendKind,
+    /// How callers prove who they are. Default: `kubernetes` with the Kubernetes backend,
+    /// `none` with the local one. `none` is refused on any address that is not loopback.
+    #[arg(long, env = "STOKER_AUTH", value_enum)]
+    pub auth: Option<AuthMode>,
+    /// The audience drivers' tokens must be issued for (`--auth kubernetes`).
+    #[arg(long, env = "STOKER_AUTH_AUDIENCE", default_value = "stoker")]
+    pub auth_audience: String,
+    /// With `--auth kubernetes`: how a driver's writes are authorised. `impersonate` (default):
+    /// made as the driver, judged by the API server in full. `subject-access-review`: made as
+    /// stoker after a SubjectAccessReview for the driver, where impersonation is not allowed
+    /// (admission policies and webhooks then see stoker, not the driver).
+    #[arg(long, env = "STOKER_AUTHZ", value_enum, default_value = "impersonate")]
+    pub authz: AuthzMode,
     /// Spark installation for the local backend (needs jars/). Defaults to the pyspark package
     /// of the project's set-up, else the pyspark that `python3` imports.
     #[arg(long, env = "STOKER_SPARK_HOME")]
@@ -129,6 +178,33 @@ pub struct ServeArgs {
     /// Request limits.
     #[command(flatten)]
     pub limits: Limits,
+    /// TLS on the gRPC port (and the metrics endpoint).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS of `stoker serve`. Without --tls-cert and --tls-key, gRPC and metrics are plaintext.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TlsArgs {
+    /// PEM certificate chain of the gRPC port (server certificate first). Read again every
+    /// --tls-reload-interval: a changed file is used from the next connection on.
+    #[arg(long, env = "STOKER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1), reloaded with it.
+    #[arg(long, env = "STOKER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: gRPC clients must present a certificate that chains to one of them.
+    /// Reloaded with the certificate.
+    #[arg(long, env = "STOKER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// How often the TLS files are read again, e.g. 10s. A bad new file keeps the previous
+    /// certificate in use (logged, counted in stoker_tls_reloads_total{result="error"}).
+    #[arg(long, env = "STOKER_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_millis)]
+    pub tls_reload_interval: Millis,
+    /// Serve the metrics endpoint over HTTPS with the same certificate (no client certificate
+    /// asked for).
+    #[arg(long, env = "STOKER_METRICS_TLS", requires = "tls_cert")]
+    pub metrics_tls: bool,
 }
 
 /// Settings of the Kubernetes backend.
@@ -268,10 +344,37 @@ pub struct Limits {
     /// can have created before it is failed.
     #[arg(long, env = "STOKER_MAX_FAILURE_LIMIT", default_value_t = 20_000)]
     pub max_failure_limit: u32,
+    /// Most memory one executor may grow to (heap + overhead + off-heap + PySpark) when stoker
+    /// replaces executors that ran out of memory by bigger ones (`spark.stoker.resize.*`), e.g.
+    /// 64g or 8192m; an application's own ceiling above it is lowered to it.
+    #[arg(
+        long = "max-executor-memory",
+        env = "STOKER_MAX_EXECUTOR_MEMORY",
+        default_value = "64g",
+        value_parser = parse_mib
+    )]
+    pub max_executor_memory_mib: u64,
+    /// Sizes remembered across runs (`spark.stoker.sizing.key`), one per application key and
+    /// resource profile; the least recently written are dropped beyond it.
+    #[arg(long, env = "STOKER_MAX_REMEMBERED_SIZES", default_value_t = 1_000)]
+    pub max_remembered_sizes: usize,
+    /// Where sizes are remembered across runs; not a flag: `stoker serve` sets it for the local
+    /// backend (`<work-dir>/sizes.tsv`). None: not remembered.
+    #[arg(skip)]
+    pub sizes_file: Option<PathBuf>,
     /// How an application's namespace is found for --max-applications-per-namespace; not a
     /// flag: `stoker serve` sets it from the backend.
     #[arg(skip)]
     pub namespaces: NamespaceSource,
+    /// The only namespaces applications may run in (comma-separated), on the Kubernetes
+    /// backend, whatever their identity may do. Empty: every namespace but `kube-system` and
+    /// stoker's own, which are refused unless named here. Defence in depth: with `--auth
+    /// kubernetes` the API server already judges every pod as the driver.
+    #[arg(long, env = "STOKER_ALLOWED_NAMESPACES", value_delimiter = ',')]
+    pub allowed_namespaces: Vec<String>,
+    /// stoker's own namespace (POD_NAMESPACE); not a flag: `stoker serve` sets it.
+    #[arg(skip)]
+    pub own_namespace: Option<String>,
 }
 
 impl Default for Limits {
@@ -289,8 +392,36 @@ impl Default for Limits {
             max_watches_per_application: 8,
             max_streams_per_connection: 100,
             max_failure_limit: 20_000,
+            max_executor_memory_mib: 64 * 1024,
+            max_remembered_sizes: 1_000,
+            sizes_file: None,
             namespaces: NamespaceSource::default(),
+            allowed_namespaces: Vec::new(),
+            own_namespace: None,
         }
+    }
+}
+
+impl Limits {
+    /// Whether applications may run in `namespace` (see [`Limits::allowed_namespaces`]); the
+    /// error says why not.
+    pub fn namespace_allowed(&self, namespace: &str) -> Result<(), String> {
+        if !self.allowed_namespaces.is_empty() {
+            if self.allowed_namespaces.iter().any(|n| n == namespace) {
+                return Ok(());
+            }
+            return Err(format!(
+                "namespace {namespace} is not one this stoker serves (--allowed-namespaces: {})",
+                self.allowed_namespaces.join(",")
+            ));
+        }
+        if namespace == "kube-system" || self.own_namespace.as_deref() == Some(namespace) {
+            return Err(format!(
+                "namespace {namespace} is refused: kube-system and stoker's own namespace serve \
+                 only when --allowed-namespaces names them"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -306,6 +437,29 @@ pub enum NamespaceSource {
         /// The namespace of applications that name none.
         default: String,
     },
+}
+
+/// Parses a memory size such as `512m`, `8g` or `1t` (Spark's units, binary) into MiB; a plain
+/// number is MiB.
+pub fn parse_mib(raw: &str) -> Result<u64, String> {
+    let lower = raw.trim().to_ascii_lowercase();
+    let unit_at = lower
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(lower.len());
+    let (number, unit) = lower.split_at(unit_at);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a memory size like 512m or 8g"))?;
+    let factor = match unit {
+        "" | "m" | "mb" | "mib" => 1,
+        "g" | "gb" | "gib" => 1024,
+        "t" | "tb" | "tib" => 1024 * 1024,
+        _ => return Err(format!("{raw:?}: unknown unit {unit:?}; use m, g or t")),
+    };
+    value
+        .checked_mul(factor)
+        .filter(|&mib| mib > 0)
+        .ok_or_else(|| format!("{raw:?} is not a positive memory size"))
 }
 
 /// Parses a duration such as `500ms`, `30s`, `10m`, `1h` or plain milliseconds.
@@ -332,7 +486,7 @@ pub fn parse_millis(raw: &str) -> Result<Millis, String> {
 mod tests {
     use clap::Parser;
 
-    use super::{parse_millis, Cli, Command, Limits};
+    use super::{parse_mib, parse_millis, Cli, Command, Limits};
 
     #[test]
     fn limit_flags_default_to_limits_default() {
@@ -345,6 +499,17 @@ mod tests {
     }
 
     #[test]
+    fn memory_sizes_parse_with_units() {
+        assert_eq!(parse_mib("512"), Ok(512));
+        assert_eq!(parse_mib("512m"), Ok(512));
+        assert_eq!(parse_mib("8g"), Ok(8_192));
+        assert_eq!(parse_mib("1T"), Ok(1_048_576));
+        assert!(parse_mib("lots").is_err());
+        assert!(parse_mib("0g").is_err());
+        assert!(parse_mib("8k").is_err());
+    }
+
+    #[test]
     fn durations_parse_with_units() {
         assert_eq!(parse_millis("250"), Ok(250));
         assert_eq!(parse_millis("500ms"), Ok(500));
@@ -354,5 +519,29 @@ mod tests {
         assert!(parse_millis("ten").is_err());
         assert!(parse_millis("5d").is_err());
         assert!(parse_millis("-5s").is_err());
+    }
+}
+
+#[cfg(test)]
+mod namespace_tests {
+    use super::Limits;
+
+    #[test]
+    fn kube_system_and_stokers_own_namespace_are_refused_unless_named() {
+        let mut limits = Limits {
+            own_namespace: Some("stoker".into()),
+            ..Limits::default()
+        };
+        assert!(limits.namespace_allowed("spark").is_ok());
+        assert!(limits.namespace_allowed("kube-system").is_err());
+        assert!(limits
+            .namespace_allowed("stoker")
+            .is_err_and(|e| e.contains("--allowed-namespaces")));
+        limits.allowed_namespaces = vec!["kube-system".into(), "etl".into()];
+        assert!(limits.namespace_allowed("kube-system").is_ok());
+        assert!(limits.namespace_allowed("etl").is_ok());
+        assert!(limits
+            .namespace_allowed("spark")
+            .is_err_and(|e| e.contains("spark") && e.contains("kube-system,etl")));
     }
 }

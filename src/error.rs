@@ -15,6 +15,9 @@ pub enum ApiError {
     /// The call carries no token.
     #[error("token: missing; pass the token RegisterApplication returned")]
     Unauthenticated,
+    /// The caller did not prove who it is (no, bad or refused bearer token).
+    #[error("{0}")]
+    NotAuthenticated(String),
     /// The token does not belong to the application.
     #[error("{0}")]
     PermissionDenied(String),
@@ -38,7 +41,7 @@ impl ApiError {
         match self {
             Self::Invalid(_) => Code::InvalidArgument,
             Self::NotFound(_) => Code::NotFound,
-            Self::Unauthenticated => Code::Unauthenticated,
+            Self::Unauthenticated | Self::NotAuthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::Limit(err) => err.limit.code(),

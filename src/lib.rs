@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -16,6 +17,8 @@ pub mod proto;
 pub mod quota;
 pub mod secret;
 pub mod server;
+pub mod sizes;
+pub mod tls;
 pub mod validate;
 
 use rand::Rng;

@@ -8,12 +8,15 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use stoker::config::{BackendKind, Cli, Command, LogFormat, NamespaceSource, ServeArgs};
+use stoker::config::{
+    AuthMode, AuthzMode, BackendKind, Cli, Command, LogFormat, NamespaceSource, ServeArgs,
+};
 use stoker::server::{self, Settings};
+use stoker::tls::{ServerTls, TlsListener, TlsSettings};
 use stoker_core::{EngineConfig, ExecutorBackend};
 use stoker_k8s::lease::{Elector, LeaseConfig, WriteGate};
 use stoker_k8s::pod::PodDefaults;
-use stoker_k8s::{KubernetesBackend, KubernetesConfig};
+use stoker_k8s::{KubernetesBackend, KubernetesConfig, WriteAs};
 use stoker_local::{LocalBackend, LocalConfig};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
@@ -131,12 +134,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_event_log: 100_000,
     };
     let mut limits = args.limits.clone();
+    // Refused unless --allowed-namespaces names it (see Limits::namespace_allowed).
+    limits.own_namespace = std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|n| !n.is_empty());
     limits.namespaces = match args.backend {
         BackendKind::Local => NamespaceSource::Single,
         BackendKind::Kubernetes => NamespaceSource::Kubernetes {
             default: args.kube.namespace.clone(),
         },
     };
+    // Sizes across runs: a file in the local backend's work directory. The Kubernetes backend
+    // keeps none yet (a ConfigMap is the plan).
+    limits.sizes_file = match args.backend {
+        BackendKind::Local => Some(args.work_dir.join("sizes.tsv")),
+        BackendKind::Kubernetes => None,
+    };
+    let tls = server_tls(&args)?;
     let settings = Settings {
         listen: args.listen,
         metrics_listen: Some(args.metrics_listen),
@@ -144,10 +158,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         limits,
         admin_token,
         incarnation: stoker::random_token()[..16].to_owned(),
+        tls: tls.clone(),
     };
     let mut backend_slot: Option<LocalBackend> = None;
     // With --leader-elect: the task that keeps the Lease, and how to tell it to release it.
     let mut lease: Option<(LeaseTask, tokio::sync::oneshot::Sender<()>)> = None;
+    let auth = auth_mode(&args)?;
     let running = match args.backend {
         BackendKind::Local => {
             let local = local_config(&args)?;
@@ -171,7 +187,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             )?;
             // Requests share one HTTP/2 connection; the watch gets its own.
             let client = stoker_k8s::client(kube_config.clone())?;
-            let watch_client = stoker_k8s::client(kube_config)?;
+            let watch_client = stoker_k8s::client(kube_config.clone())?;
+            let kubernetes_auth = auth == AuthMode::Kubernetes;
             let gate = if args.kube.leader_elect {
                 let mut candidate = elector_for(&args, client.clone())?;
                 let own_pod = own_pod();
@@ -180,11 +197,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     // drivers through the Service.
                     stoker_k8s::lease::label_own_pod(client.clone(), ns, pod, false)
                         .await
-                        .with_context(|| format!("cannot remove the leader label from pod {ns}/{pod}"))?;
+                        .with_context(|| {
+                            format!("cannot remove the leader label from pod {ns}/{pod}")
+                        })?;
                 }
                 // A standby only waits: no list, no watch, no writes, no gRPC port (so its
                 // readiness fails and drivers go to the leader). Liveness: the metrics port.
-                let standby = standby_metrics(args.metrics_listen).await?;
+                let standby = standby_metrics(args.metrics_listen, tls.clone()).await?;
                 tokio::select! {
                     acquired = candidate.acquire() => acquired?,
                     signal = wait_for_signal() => {
@@ -227,6 +246,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 // A driver re-attaches within a lease; give it one more.
                 adoption_window: std::time::Duration::from_millis(args.lease_ttl.saturating_mul(2)),
                 gate,
+                // Pods are written as the driver: the API server judges the driver's rights.
+                write_as: match (kubernetes_auth, args.authz) {
+                    (false, _) => WriteAs::Stoker,
+                    (true, AuthzMode::Impersonate) => {
+                        WriteAs::Impersonate(Box::new(kube_config.clone()))
+                    }
+                    (true, AuthzMode::SubjectAccessReview) => WriteAs::Review(Arc::new(
+                        stoker_k8s::auth::Reviewer::new(client.clone(), args.auth_audience.clone()),
+                    )),
+                },
             };
             info!(backend = "kubernetes", instance = %config.defaults.instance,
                 watch_namespace = ?config.watch_namespace, qps = config.qps, "starting stoker");
@@ -239,10 +268,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     s(o);
                 }
             });
-            let backend = KubernetesBackend::start(client, watch_client, config, sink)
+            let backend = KubernetesBackend::start(client.clone(), watch_client, config, sink)
                 .await
                 .context("cannot start the Kubernetes backend")?;
-            server::start(settings, move |real_sink| {
+            let authenticator: Arc<dyn stoker::auth::Authenticator> = if kubernetes_auth {
+                info!(audience = %args.auth_audience, "drivers authenticate with Kubernetes tokens; pods are written as the driver");
+                stoker::auth::KubernetesAuth::new(client.clone(), args.auth_audience.clone())
+            } else {
+                Arc::new(stoker::auth::NoAuth)
+            };
+            server::start_with_auth(settings, authenticator, move |real_sink| {
                 let _ = slot.set(real_sink);
                 Ok(Arc::new(backend) as Arc<dyn ExecutorBackend>)
             })
@@ -298,6 +333,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     shutdown
 }
 
+/// `--auth`, defaulted by backend, and refused where it cannot protect anything.
+fn auth_mode(args: &ServeArgs) -> anyhow::Result<AuthMode> {
+    let mode = args.auth.unwrap_or(match args.backend {
+        BackendKind::Local => AuthMode::None,
+        BackendKind::Kubernetes => AuthMode::Kubernetes,
+    });
+    if mode == AuthMode::None && !args.listen.ip().is_loopback() {
+        bail!(
+            "--auth none on {}: refused, because anyone who reaches that address could run \
+             executors as stoker; listen on a loopback address, or use --auth kubernetes",
+            args.listen
+        );
+    }
+    if mode == AuthMode::Kubernetes && args.backend == BackendKind::Local {
+        bail!("--auth kubernetes needs --backend kubernetes (the local backend has no cluster to ask)");
+    }
+    Ok(mode)
+}
+
 /// The leader election of `stoker serve --leader-elect`.
 fn elector_for(args: &ServeArgs, client: kube::Client) -> anyhow::Result<Elector> {
     let kube = &args.kube;
@@ -322,7 +376,9 @@ fn elector_for(args: &ServeArgs, client: kube::Client) -> anyhow::Result<Elector
 
 /// This replica's pod (POD_NAMESPACE, POD_NAME from the downward API), when it runs in one.
 fn own_pod() -> Option<(String, String)> {
-    let ns = std::env::var("POD_NAMESPACE").ok().filter(|v| !v.is_empty())?;
+    let ns = std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|v| !v.is_empty())?;
     let pod = std::env::var("POD_NAME").ok().filter(|v| !v.is_empty())?;
     Some((ns, pod))
 }
@@ -336,7 +392,10 @@ struct StandbyMetrics {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
-async fn standby_metrics(addr: std::net::SocketAddr) -> anyhow::Result<StandbyMetrics> {
+async fn standby_metrics(
+    addr: std::net::SocketAddr,
+    tls: Option<Arc<ServerTls>>,
+) -> anyhow::Result<StandbyMetrics> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for metrics on {addr}"))?;
@@ -344,10 +403,43 @@ async fn standby_metrics(addr: std::net::SocketAddr) -> anyhow::Result<StandbyMe
     let text: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(|| {
         "# HELP stoker_leader 1 when this replica leads.\n# TYPE stoker_leader gauge\nstoker_leader 0\n# EOF\n".to_owned()
     });
-    let task = tokio::spawn(stoker::metrics::serve(listener, text, async move {
+    let stopped = async move {
         let _ = stopped.await;
-    }));
+    };
+    // With --metrics-tls the probes speak HTTPS to the standby too.
+    let task = match tls.filter(|tls| tls.settings().metrics) {
+        None => tokio::spawn(stoker::metrics::serve(listener, text, stopped)),
+        Some(tls) => {
+            // The acceptor ends with the listener's task; its shutdown signal never fires.
+            let (_never, no_shutdown) = tokio::sync::watch::channel(false);
+            let listener = TlsListener::metrics(listener, tls, no_shutdown)
+                .context("no local address for the standby metrics endpoint")?;
+            tokio::spawn(stoker::metrics::serve(listener, text, stopped))
+        }
+    };
     Ok(StandbyMetrics { stop, task })
+}
+
+/// The TLS of `stoker serve --tls-cert … --tls-key …`, loaded now so that unusable files stop
+/// stoker at start.
+fn server_tls(args: &ServeArgs) -> anyhow::Result<Option<Arc<ServerTls>>> {
+    let tls = &args.tls;
+    let (Some(cert), Some(key)) = (&tls.tls_cert, &tls.tls_key) else {
+        return Ok(None);
+    };
+    if tls.tls_reload_interval == 0 {
+        bail!("--tls-reload-interval must be positive");
+    }
+    let settings = TlsSettings {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: tls.tls_client_ca.clone(),
+        reload_interval: std::time::Duration::from_millis(tls.tls_reload_interval),
+        metrics: tls.metrics_tls,
+    };
+    let loaded = ServerTls::start(settings)
+        .context("cannot use --tls-cert, --tls-key and --tls-client-ca")?;
+    Ok(Some(loaded))
 }
 
 impl StandbyMetrics {

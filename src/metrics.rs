@@ -45,6 +45,13 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// Why a profile's executors grew.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabel {
+    /// `oom_killed` (more overhead) or `heap` (more heap).
+    pub cause: &'static str,
+}
+
 /// The limit that refused a request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabel {
@@ -73,6 +80,8 @@ pub struct Metrics {
     pub limit_refusals: Family<LimitLabel, Counter>,
     /// Registrations whose failure limit was lowered to `--max-failure-limit`.
     pub failure_limits_lowered: Counter,
+    /// Profiles whose executors grew after a memory failure, by cause.
+    pub executor_resizes: Family<CauseLabel, Counter>,
 }
 
 impl Metrics {
@@ -141,6 +150,13 @@ impl Metrics {
             "Registrations whose failure limit was lowered to --max-failure-limit",
             failure_limits_lowered.clone(),
         );
+        let executor_resizes = Family::<CauseLabel, Counter>::default();
+        registry.register(
+            "executor_resizes",
+            "Resource profiles whose new executors got more memory after a memory failure, by \
+             cause (oom_killed: more overhead; heap: more heap)",
+            executor_resizes.clone(),
+        );
         Self {
             registry,
             applications,
@@ -152,7 +168,18 @@ impl Metrics {
             leases_expired,
             limit_refusals,
             failure_limits_lowered,
+            executor_resizes,
         }
+    }
+
+    /// Registers the TLS reload counts (`stoker_tls_reloads_total{result}`).
+    pub fn with_tls_reloads(mut self, reloads: Family<crate::tls::ReloadLabel, Counter>) -> Self {
+        self.registry.register(
+            "tls_reloads",
+            "TLS certificate reloads by result (ok: new files in use; error: refused, the previous certificate kept)",
+            reloads,
+        );
+        self
     }
 
     /// Counts a request refused by `limit`.
@@ -200,12 +227,17 @@ impl Default for Metrics {
     }
 }
 
-/// Serves `/metrics` until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// Serves `/metrics` on `listener` (a `TcpListener`, or a [`crate::tls::TlsListener`]) until
+/// `shutdown` resolves.
+pub async fn serve<L>(
+    listener: L,
     refresh: Arc<dyn Fn() -> String + Send + Sync>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     use axum::routing::get;
     let app = axum::Router::new().route(
         "/metrics",

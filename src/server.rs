@@ -10,6 +10,7 @@ use stoker_core::{BackendObservation, EngineConfig, ExecutorBackend, Observation
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 use tracing::info;
 
 use crate::api::Service;
@@ -19,6 +20,7 @@ use crate::config::Limits;
 use crate::metrics::{Metrics, StateLabel};
 use crate::proto::v1::executor_allocator_server::ExecutorAllocatorServer;
 use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::tls::{ServerTls, TlsListener};
 
 /// What the server needs besides a backend.
 #[derive(Clone, Debug)]
@@ -35,6 +37,9 @@ pub struct Settings {
     pub admin_token: String,
     /// This run's identity, reported to drivers.
     pub incarnation: String,
+    /// TLS on the gRPC port (and the metrics endpoint, if its settings say so); none:
+    /// plaintext.
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 /// A running server.
@@ -68,9 +73,19 @@ impl Running {
     }
 }
 
-/// Starts the server with the backend that `make_backend` builds around the observation sink.
+/// Starts the server with the backend that `make_backend` builds around the observation sink,
+/// without caller authentication (`--auth none`).
 pub async fn start(
     settings: Settings,
+    make_backend: impl FnOnce(ObservationSink) -> anyhow::Result<Arc<dyn ExecutorBackend>>,
+) -> anyhow::Result<Running> {
+    start_with_auth(settings, Arc::new(crate::auth::NoAuth), make_backend).await
+}
+
+/// [`start`], with callers identified by `auth`.
+pub async fn start_with_auth(
+    settings: Settings,
+    auth: Arc<dyn crate::auth::Authenticator>,
     make_backend: impl FnOnce(ObservationSink) -> anyhow::Result<Arc<dyn ExecutorBackend>>,
 ) -> anyhow::Result<Running> {
     let apps_cell: Arc<OnceLock<Weak<Apps>>> = Arc::new(OnceLock::new());
@@ -81,7 +96,11 @@ pub async fn start(
         }
     });
     let backend = make_backend(sink)?;
-    let metrics = Arc::new(Metrics::new());
+    let metrics = match &settings.tls {
+        Some(tls) => Metrics::new().with_tls_reloads(tls.reloads()),
+        None => Metrics::new(),
+    };
+    let metrics = Arc::new(metrics);
     let apps = Arc::new(Apps::new(
         backend,
         Clock::new(),
@@ -98,7 +117,8 @@ pub async fn start(
         settings.incarnation.clone(),
         settings.admin_token.clone(),
         shutdown_rx.clone(),
-    );
+    )
+    .with_auth(auth);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -117,31 +137,47 @@ pub async fn start(
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", settings.listen))?;
     let grpc_addr = listener.local_addr().context("no local address")?;
-    // TCP_NODELAY: replies come from the application's actor task and can leave in two writes;
-    // with Nagle's algorithm the second waits for the client's delayed ACK (~40 ms), which made
-    // one call in ten on a driver's connection take 44 ms (found by the stoker-bench benchmark).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut grpc_shutdown = shutdown_rx.clone();
     let reporter = health_reporter.clone();
-    let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            // Without it tonic announces no SETTINGS_MAX_CONCURRENT_STREAMS: unbounded streams
-            // (and handler tasks) per connection.
-            .max_concurrent_streams(Some(settings.limits.max_streams_per_connection))
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(ExecutorAllocatorServer::new(service))
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = grpc_shutdown.wait_for(|stop| *stop).await;
-                reporter
-                    .set_not_serving::<ExecutorAllocatorServer<Service>>()
-                    .await;
-            }),
-    );
-    info!(addr = %grpc_addr, incarnation = %settings.incarnation, "gRPC listening");
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Without it tonic announces no SETTINGS_MAX_CONCURRENT_STREAMS: unbounded streams
+        // (and handler tasks) per connection.
+        .max_concurrent_streams(Some(settings.limits.max_streams_per_connection))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ExecutorAllocatorServer::new(service));
+    let grpc_stopped = async move {
+        let _ = grpc_shutdown.wait_for(|stop| *stop).await;
+        reporter
+            .set_not_serving::<ExecutorAllocatorServer<Service>>()
+            .await;
+    };
+    let grpc = match &settings.tls {
+        None => {
+            // TCP_NODELAY (crate::tls::accept sets it too): replies come from the application's
+            // actor task and can leave in two writes; with Nagle's algorithm the second waits
+            // for the client's delayed ACK (~40 ms), which made one call in ten on a driver's
+            // connection take 44 ms (found by the stoker-bench benchmark).
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(server.serve_with_incoming_shutdown(incoming, grpc_stopped))
+        }
+        Some(tls) => {
+            // Our own acceptor rather than tonic's `tls_config`: it takes the configuration
+            // in use at each connection, so that rotated certificates are served (crate::tls).
+            let tls = Arc::clone(tls);
+            let connections =
+                crate::tls::accept(listener, move || tls.grpc_config(), shutdown_rx.clone());
+            let incoming = tokio_stream::wrappers::ReceiverStream::new(connections)
+                .map(|(stream, _peer)| Ok::<_, std::io::Error>(stream));
+            tokio::spawn(server.serve_with_incoming_shutdown(incoming, grpc_stopped))
+        }
+    };
+    info!(addr = %grpc_addr, incarnation = %settings.incarnation, tls = settings.tls.is_some(),
+        "gRPC listening");
 
     let (metrics_addr, metrics_task) = match settings.metrics_listen {
         Some(addr) => {
@@ -158,10 +194,20 @@ pub async fn start(
                 apps.metrics.encode()
             });
             let mut stop = shutdown_rx.clone();
-            let task = tokio::spawn(crate::metrics::serve(listener, refresh, async move {
+            let stopped = async move {
                 let _ = stop.wait_for(|stop| *stop).await;
-            }));
-            info!(addr = %bound, "metrics listening on /metrics");
+            };
+            let metrics_tls = settings.tls.as_ref().filter(|tls| tls.settings().metrics);
+            let task = match metrics_tls {
+                None => tokio::spawn(crate::metrics::serve(listener, refresh, stopped)),
+                Some(tls) => {
+                    let listener =
+                        TlsListener::metrics(listener, Arc::clone(tls), shutdown_rx.clone())
+                            .context("no local address")?;
+                    tokio::spawn(crate::metrics::serve(listener, refresh, stopped))
+                }
+            };
+            info!(addr = %bound, tls = metrics_tls.is_some(), "metrics listening on /metrics");
             (Some(bound), Some(task))
         }
         None => (None, None),

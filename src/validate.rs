@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use stoker_core::{
-    AppId, ExecutorId, ExecutorTemplate, KubernetesSettings, ProfileId, ResourceProfile, SparkPods,
-    SparkProfilePod,
+    AppId, ExecutorId, ExecutorTemplate, KubernetesSettings, ProfileId, ResizeSettings,
+    ResourceProfile, SparkPods, SparkProfilePod,
 };
 
 use crate::config::Limits;
@@ -314,6 +314,7 @@ fn executor_template(
     let labels = map("template.labels", raw.labels, limits)?;
     let annotations = map("template.annotations", raw.annotations, limits)?;
     let kubernetes = kubernetes(raw.kubernetes.unwrap_or_default(), limits)?;
+    let resize = resize(raw.resize, &profiles)?;
     let spark_pods = match raw.spark_pods {
         Some(pods) => Some(spark_pods(pods, &profiles, limits)?),
         None => None,
@@ -332,7 +333,73 @@ fn executor_template(
         kubernetes,
         auth_secret: raw.auth_secret,
         spark_pods,
+        identity: None,
+        resize,
     })
+}
+
+/// Largest growth factor accepted: beyond it one failure would jump to absurd sizes.
+pub const MAX_RESIZE_FACTOR: f64 = 10.0;
+
+/// `spark.stoker.resize.*`: a factor above 1, a ceiling not below any profile's memory. The
+/// field names the Spark key, as the driver's user knows it.
+fn resize(
+    raw: Option<pb::ResizePolicy>,
+    profiles: &BTreeMap<ProfileId, ResourceProfile>,
+) -> Result<Option<ResizeSettings>, ApiError> {
+    let Some(raw) = raw.filter(|r| r.enabled) else {
+        return Ok(None);
+    };
+    let factor = raw.factor;
+    if !factor.is_finite() || factor <= 1.0 || factor > MAX_RESIZE_FACTOR {
+        return Err(ApiError::invalid(
+            "template.resize.factor (spark.stoker.resize.factor)",
+            format!("{factor} must be above 1 and at most {MAX_RESIZE_FACTOR}"),
+        ));
+    }
+    // Checked above: 1 < factor <= 10, so the product is 1001..=10000.
+    let factor_permille = (factor * 1_000.0).round() as u32;
+    if factor_permille <= 1_000 {
+        return Err(ApiError::invalid(
+            "template.resize.factor (spark.stoker.resize.factor)",
+            format!("{factor} is too close to 1: growth would be under 0.1%"),
+        ));
+    }
+    let max_memory_mib = match raw.max_memory_mib {
+        0 => None,
+        ceiling => {
+            if let Some(p) = profiles.values().find(|p| p.total_memory_mib() > ceiling) {
+                return Err(ApiError::invalid(
+                    "template.resize.max_memory_mib (spark.stoker.resize.maxMemory)",
+                    format!(
+                        "{ceiling} MiB is below the {} MiB (heap + overhead + off-heap + \
+                         PySpark) that resource profile {} already gives each executor",
+                        p.total_memory_mib(),
+                        p.id
+                    ),
+                ));
+            }
+            Some(ceiling)
+        }
+    };
+    let sizing_key = match raw.sizing_key.as_str() {
+        "" => None,
+        key if crate::sizes::valid_key(key) => Some(key.to_owned()),
+        key => {
+            return Err(ApiError::invalid(
+                "template.resize.sizing_key (spark.stoker.sizing.key)",
+                format!(
+                    "{:?} is not 1..=253 characters without control characters",
+                    truncate(key)
+                ),
+            ))
+        }
+    };
+    Ok(Some(ResizeSettings {
+        factor_permille,
+        max_memory_mib,
+        sizing_key,
+    }))
 }
 
 /// A message from the driver, cut to a length fit for a status message.

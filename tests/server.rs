@@ -146,6 +146,7 @@ async fn start_with(lease_ttl: Millis, limits: Limits) -> Harness {
         limits,
         admin_token: ADMIN.into(),
         incarnation: "test-incarnation".into(),
+        tls: None,
     };
     let running = server::start(settings, move |sink| {
         *for_start.sink.lock().expect("sink") = Some(sink);

@@ -230,7 +230,12 @@ class Bench:
         port = free_port()
         log = open(self.work / f"stoker-{instance}.log", "w")
         p = subprocess.Popen(
-            [str(stoker_binary()), "serve", "--backend", "kubernetes",
+            # --auth none (loopback): the benchmark's drivers carry no Kubernetes token, and its
+            # per-system API load is counted by a FlowSchema on stoker's own ServiceAccount. With
+            # --auth kubernetes the API server classifies impersonated requests by the
+            # impersonated user (API Priority and Fairness runs after the impersonation filter),
+            # so pod writes would count against the drivers' ServiceAccounts instead.
+            [str(stoker_binary()), "serve", "--backend", "kubernetes", "--auth", "none",
              "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{free_port()}",
              "--work-dir", str(self.work / f"stoker-{instance}"), "--lease-ttl", "10s", "--delete-grace", "3s",
              "--kube-image", IMAGE, "--kube-instance", instance, "--kube-qps", "0",

@@ -115,9 +115,9 @@ class Stoker:
 
 
 class Driver:
-    """A PySpark driver process running tests/e2e/jobs/shuffle.py."""
+    """A PySpark driver process running a job of tests/e2e/jobs (shuffle.py unless told)."""
 
-    def __init__(self, stoker, work_dir, *args):
+    def __init__(self, stoker, work_dir, *args, job="shuffle.py"):
         assert JAR.exists(), f"{JAR} missing: run scripts/setup.sh"
         env = dict(os.environ)
         env["STOKER_PLUGIN_JAR"] = str(JAR)
@@ -127,7 +127,7 @@ class Driver:
         self.log_path = work_dir / f"driver-{time.monotonic_ns()}.log"
         self.out_path = work_dir / f"driver-{time.monotonic_ns()}.out"
         self.proc = subprocess.Popen(
-            [sys.executable, str(JOBS / "shuffle.py"), stoker.address, *args],
+            [sys.executable, str(JOBS / job), stoker.address, *args],
             stdout=open(self.out_path, "w"), stderr=open(self.log_path, "w"), env=env,
             start_new_session=True,
         )
@@ -186,8 +186,8 @@ def stoker(work_dir):
 def driver_factory(work_dir):
     drivers = []
 
-    def make(stoker, *args):
-        d = Driver(stoker, work_dir, *args)
+    def make(stoker, *args, job="shuffle.py"):
+        d = Driver(stoker, work_dir, *args, job=job)
         drivers.append(d)
         return d
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import JAR, JOBS, PROCESS_NODE, STOKER, Driver, Stoker, wait_until
-from testbed import FAULT, ROOT
+from testbed import FAULT, ROOT, ApiError
 
 IMAGE = "apache/spark:4.2.0"
 _instances = itertools.count(1)
@@ -83,10 +83,61 @@ def check_result(result, rows=1_000_000):
         assert r["sum"] == rows * (rows - 1) // 2
 
 
-def k8s_args(namespace="default", *more):
+# Drivers authenticate to stoker (its default --auth kubernetes on the Kubernetes backend) with a
+# real token of their own ServiceAccount, as under Spark's own backend: a ServiceAccount "spark"
+# in the application's namespace, bound to the "edit" ClusterRole there (pods, PVCs, ConfigMaps),
+# and a token the API server issued for the audience "stoker".
+_TESTBED = None
+_TOKENS = {}
+
+
+@pytest.fixture(autouse=True)
+def _driver_tokens(testbed, tmp_path):
+    global _TESTBED
+    _TESTBED = testbed
+    _TOKENS.clear()
+    _TOKENS["dir"] = tmp_path
+    yield
+    _TOKENS.clear()
+
+
+def driver_service_account(namespace, sa="spark", edit=True):
+    """Creates ServiceAccount `sa` in `namespace` (bound to "edit" there when `edit`)."""
+    api = _TESTBED.api
+    for path, body in [
+        (f"/api/v1/namespaces/{namespace}/serviceaccounts",
+         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa}}),
+        *([(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings",
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": f"{sa}-edit"},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+             "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": namespace}]})] if edit else []),
+    ]:
+        try:
+            api.create(path, body)
+        except ApiError as e:
+            if e.code != 409:
+                raise
+
+
+def driver_token(namespace="default", sa="spark", edit=True, audience="stoker"):
+    """A file holding a token of `sa` in `namespace` for `audience`."""
+    key = (namespace, sa, edit, audience)
+    if key not in _TOKENS:
+        driver_service_account(namespace, sa, edit)
+        token = _TESTBED.kubectl("create", "token", sa, "-n", namespace, "--audience", audience,
+                                 "--duration", "2h").stdout.strip()
+        path = _TOKENS["dir"] / f"token-{namespace}-{sa}-{len(_TOKENS)}"
+        path.write_text(token)
+        _TOKENS[key] = path
+    return _TOKENS[key]
+
+
+def k8s_args(namespace="default", *more, token=True):
+    auth = ["--conf", f"spark.stoker.auth.tokenFile={driver_token(namespace)}"] if token else []
     return ["--conf", f"spark.kubernetes.namespace={namespace}",
             "--conf", f"spark.kubernetes.container.image={IMAGE}",
-            "--conf", f"spark.executorEnv.PYSPARK_PYTHON={sys.executable}", *more]
+            "--conf", f"spark.executorEnv.PYSPARK_PYTHON={sys.executable}", *auth, *more]
 
 
 @pytest.fixture
@@ -261,16 +312,26 @@ def test_driver_pod_deletion_garbage_collects_executors(kube, testbed, process_k
         {"name": "PYSPARK_DRIVER_PYTHON", "value": sys.executable},
         {"name": "SPARK_LOCAL_IP", "value": "127.0.0.1"},
     ]
+    # As deploy/examples/driver-pod.yaml: the driver's own ServiceAccount, and a projected token
+    # for the audience "stoker" that the kubelet mounts (and the plugin re-reads when rotated).
+    driver_service_account("default")
     command = [sys.executable, str(JOBS / "shuffle.py"), kube.address, "--executors", "2",
-               "--jobs", "2", "--pause-s", "300", *k8s_args("default"),
+               "--jobs", "2", "--pause-s", "300", *k8s_args("default", token=False),
+               "--conf", "spark.stoker.auth.tokenFile=/var/run/secrets/stoker/token",
                "--conf", f"spark.kubernetes.driver.pod.name={name}"]
     pod = {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": {"spark-role": "driver"}},
         "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 2,
+                 "serviceAccountName": "spark",
                  "nodeSelector": {"kubernetes.io/hostname": process_kubelet.node},
                  "containers": [{"name": "driver", "image": "python:3.11", "command": command,
-                                 "env": env, "resources": {"limits": {"memory": "3Gi"}}}]},
+                                 "env": env, "resources": {"limits": {"memory": "3Gi"}},
+                                 "volumeMounts": [{"name": "stoker-token",
+                                                   "mountPath": "/var/run/secrets/stoker"}]}],
+                 "volumes": [{"name": "stoker-token", "projected": {"sources": [
+                     {"serviceAccountToken": {"audience": "stoker", "path": "token",
+                                              "expirationSeconds": 3600}}]}}]},
     }
     created = testbed.api.create_pod(pod)
     uid = created["metadata"]["uid"]
@@ -288,7 +349,9 @@ def test_driver_pod_deletion_garbage_collects_executors(kube, testbed, process_k
 def test_deploy_manifests_rbac_is_enough_and_no_more(testbed, process_kubelet, work_dir, driver_factory,
                                                      monkeypatch):
     """Applies deploy/base to the test bed and runs stoker with the ServiceAccount's own token:
-    a permission missing from the ClusterRole fails this test."""
+    a permission missing from the manifests fails this test, and so does one stoker could use to
+    act beyond a driver (it writes nothing as itself: pods, claims and ConfigMaps are written by
+    impersonating the driver, in namespaces that opted in)."""
     monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
     rendered = testbed.kubectl("kustomize", str(ROOT / "deploy" / "base")).stdout
     # The stoker image is not runnable on the process kubelet: keep the Deployment at 0 and run
@@ -296,26 +359,30 @@ def test_deploy_manifests_rbac_is_enough_and_no_more(testbed, process_kubelet, w
     rendered = rendered.replace("replicas: 2", "replicas: 0")
     assert "replicas: 0" in rendered
     testbed.kubectl("apply", "-f", "-", input=rendered)
+    opt_in = (ROOT / "deploy" / "examples" / "allow-stoker-in-namespace.yaml").read_text()
     try:
         sa = "system:serviceaccount:stoker:stoker"
         can = lambda *a: testbed.kubectl("auth", "can-i", *a, f"--as={sa}", check=False).stdout.strip()
-        for verb in ("create", "delete", "list", "watch", "get"):
+        for verb in ("list", "watch", "get"):
             assert can(verb, "pods", "-n", "default") == "yes", verb
-        # Spark-built pods: on-demand claims and the executor ConfigMap.
-        for args in (("create", "persistentvolumeclaims"), ("list", "persistentvolumeclaims"),
-                     ("delete", "persistentvolumeclaims"), ("create", "configmaps"),
-                     ("delete", "configmaps")):
-            assert can(*args, "-n", "default") == "yes", args
+        for args in (("create", "tokenreviews"), ("create", "subjectaccessreviews")):
+            assert can(*args) == "yes", args
         # Leader election: the Lease and its own pod's label, in stoker's namespace only.
         for args in (("get", "leases", "-n", "stoker"), ("create", "leases", "-n", "stoker"),
                      ("update", "leases", "-n", "stoker"), ("patch", "pods", "-n", "stoker")):
             assert can(*args) == "yes", args
-        for args in (("get", "secrets", "-n", "default"), ("delete", "nodes"), ("create", "deployments"),
+        # Nothing written as itself, and no impersonation until a namespace opts in.
+        for args in (("create", "pods", "-n", "default"), ("delete", "pods", "-n", "default"),
+                     ("create", "persistentvolumeclaims", "-n", "default"),
+                     ("create", "configmaps", "-n", "default"),
+                     ("impersonate", "serviceaccounts", "-n", "default"),
+                     ("get", "secrets", "-n", "default"), ("delete", "nodes"), ("create", "deployments"),
                      ("patch", "pods", "-n", "default"), ("create", "pods", "--subresource=exec"),
-                     ("update", "leases", "-n", "default"), ("delete", "leases", "-n", "stoker"),
-                     ("get", "configmaps", "-n", "default"), ("list", "configmaps", "-n", "default"),
-                     ("patch", "persistentvolumeclaims", "-n", "default")):
+                     ("update", "leases", "-n", "default"), ("delete", "leases", "-n", "stoker")):
             assert can(*args) == "no", args
+        testbed.kubectl("apply", "-n", "default", "-f", "-", input=opt_in)
+        assert can("impersonate", "serviceaccounts", "-n", "default") == "yes"
+        assert can("impersonate", "serviceaccounts", "-n", "kube-system") == "no"
         token = testbed.kubectl("create", "token", "stoker", "-n", "stoker", "--duration=1h").stdout.strip()
         kubeconfig = work_dir / "stoker-sa.kubeconfig"
         kubeconfig.write_text(json.dumps({
@@ -340,6 +407,7 @@ def test_deploy_manifests_rbac_is_enough_and_no_more(testbed, process_kubelet, w
             server.stop()
         assert "Forbidden" not in server.log_path.read_text()
     finally:
+        testbed.kubectl("delete", "-n", "default", "-f", "-", "--wait=false", input=opt_in, check=False)
         testbed.kubectl("delete", "-f", "-", "--wait=false", input=rendered, check=False)
 
 
@@ -468,10 +536,10 @@ def conf_args(confs):
     return [a for k, v in confs.items() for a in ("--conf", f"{k}={v}")]
 
 
-def comparable(pod):
+def comparable(pod, app_ids=()):
     """An executor pod without what is expected to differ between two applications and between
-    stoker and Spark's own backend: names, ids, driver ports, random suffixes, stoker's own labels
-    and annotations, owner, node and status."""
+    stoker and Spark's own backend: names, ids (`app_ids` wherever they appear), driver ports,
+    random suffixes, stoker's own labels and annotations, owner, node and status."""
     pod = json.loads(json.dumps(pod))
     meta = pod["metadata"]
     for k in ("name", "generateName", "uid", "resourceVersion", "creationTimestamp", "managedFields",
@@ -493,6 +561,8 @@ def comparable(pod):
             elif "value" in e:
                 e["value"] = re.sub(r"(127\.0\.0\.1:|driver\.port=)\d+", r"\1<port>", e["value"])
     text = json.dumps(pod)
+    for app_id in app_ids:
+        text = text.replace(app_id, "<app>")
     text = re.sub(r"spark-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "spark-<uuid>", text)
     text = re.sub(r"spark-exec-[0-9a-f]+-conf-map", "spark-exec-<hex>-conf-map", text)
     # The service account admission plugin's token volume.
@@ -506,6 +576,40 @@ def json_diff(a, b, path=""):
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in json_diff(x, y, f"{path}/{i}")]
     return [] if a == b else [f"{path}: spark={json.dumps(a)} stoker={json.dumps(b)}"]
+
+
+def run_under_both(testbed, kube, work_dir, confs, want=None):
+    """Runs read_mounts.py with `confs` under Spark's own backend, then under stoker; checks what
+    the executors read against `want`; returns the app ids and each application's first executor
+    pod, as the API server stored it on creation."""
+    ns = confs["spark.kubernetes.namespace"]
+    watch = testbed.api.watch(f"/api/v1/namespaces/{ns}/pods", labelSelector="spark-role=executor")
+    try:
+        runs = {}
+        for name, master in (("spark", f"k8s://https://127.0.0.1:{testbed.port}"), ("stoker", kube.address)):
+            code, events, log = run_job("read_mounts.py", master, work_dir, testbed.client_env(),
+                                        "--executors", "1", *conf_args(confs))
+            assert code == 0, f"{name}: driver failed ({code}):\n{log[-8000:]}"
+            result = next(e for e in events if e["event"] == "result")
+            for read in result["reads"] if want else []:
+                assert {k: read[k] for k in want} == want, f"{name}: {read}"
+            runs[name] = next(e for e in events if e["event"] == "started")["app_id"]
+        first = {}
+        for _, pod in watch.objects():
+            first.setdefault(pod["metadata"]["labels"]["spark-app-selector"], pod)
+        return runs, first[runs["spark"]], first[runs["stoker"]]
+    finally:
+        watch.close()
+
+
+def assert_same_pod(runs, spark_pod, stoker_pod):
+    app_ids = (runs["spark"], runs["stoker"])
+    differences = json_diff(comparable(spark_pod, app_ids), comparable(stoker_pod, app_ids))
+    print("\n[pod equivalence] fields removed before comparing: names, ids, driver ports, "
+          "random suffixes, stoker's labels/annotations, owner, node, status")
+    print("[pod equivalence] differences:\n  " + ("\n  ".join(differences) or "none"))
+    assert not differences
+    assert stoker_pod["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "stoker"
 
 
 def test_executors_read_a_host_path_a_mounted_secret_and_a_secret_env_as_under_spark(
@@ -523,28 +627,10 @@ def test_executors_read_a_host_path_a_mounted_secret_and_a_secret_env_as_under_s
     (host_dir / "input.txt").write_text("from-the-host\n")
     confs = mounts_confs(ns, host_dir)
     want = {"data": "from-the-host", "secret_file": "s3cret", "secret_env": "s3cret"}
-    pods_watch = testbed.api.watch(f"/api/v1/namespaces/{ns}/pods", labelSelector="spark-role=executor")
     maps_watch = testbed.api.watch(f"/api/v1/namespaces/{ns}/configmaps", labelSelector="spark-role=executor")
     try:
-        runs = {}
-        for name, master in (("spark", f"k8s://https://127.0.0.1:{testbed.port}"), ("stoker", kube.address)):
-            code, events, log = run_job("read_mounts.py", master, work_dir, testbed.client_env(),
-                                        "--executors", "1", *conf_args(confs))
-            assert code == 0, f"{name}: driver failed ({code}):\n{log[-8000:]}"
-            result = next(e for e in events if e["event"] == "result")
-            for read in result["reads"]:
-                assert {k: read[k] for k in want} == want, f"{name}: {read}"
-            runs[name] = next(e for e in events if e["event"] == "started")["app_id"]
-        first = {}
-        for _, pod in pods_watch.objects():
-            first.setdefault(pod["metadata"]["labels"]["spark-app-selector"], pod)
-        spark_pod, stoker_pod = first[runs["spark"]], first[runs["stoker"]]
-        differences = json_diff(comparable(spark_pod), comparable(stoker_pod))
-        print("\n[pod equivalence] fields removed before comparing: names, ids, driver ports, "
-              "random suffixes, stoker's labels/annotations, owner, node, status")
-        print("[pod equivalence] differences:\n  " + ("\n  ".join(differences) or "none"))
-        assert not differences
-        assert stoker_pod["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "stoker"
+        runs, spark_pod, stoker_pod = run_under_both(testbed, kube, work_dir, confs, want)
+        assert_same_pod(runs, spark_pod, stoker_pod)
         # The executor ConfigMap of the stoker application: created, mounted, deleted at the end.
         created = [o for t, o in maps_watch.objects() if t == "ADDED"
                    and o["metadata"]["labels"].get("spark-app-selector") == runs["stoker"]]
@@ -554,8 +640,45 @@ def test_executors_read_a_host_path_a_mounted_secret_and_a_secret_env_as_under_s
         wait_until(lambda: not testbed.api.get_opt(f"/api/v1/namespaces/{ns}/configmaps/{name}"), 60,
                    "the executor ConfigMap deleted with the application")
     finally:
-        pods_watch.close()
         maps_watch.close()
+
+
+def test_executor_pod_equals_sparks_with_resources_placement_local_dirs_and_placeholders(
+        kube, testbed, work_dir, namespaces):
+    """A second configuration: CPU request and limit, memory overhead, executor labels and an
+    annotation with {{APP_ID}}, {{APP_ID}} and {{EXECUTOR_ID}} in the Java options, tmpfs local
+    dirs, a memory-backed emptyDir with a size limit, and a pod template with a toleration, a
+    label and a variable. Spark's own backend and stoker create the same pod."""
+    ns = namespaces("sparkpods2")
+    template = work_dir / "template2.yaml"
+    template.write_text(json.dumps({"apiVersion": "v1", "kind": "Pod",
+                                    "metadata": {"labels": {"from-template": "yes"}},
+                                    "spec": {"tolerations": [{"key": "dedicated", "operator": "Equal",
+                                                              "value": "spark", "effect": "NoSchedule"}],
+                                             "containers": [{"name": "spark-kubernetes-executor",
+                                                             "env": [{"name": "FROM_TEMPLATE", "value": "1"}]}]}}))
+    v = "spark.kubernetes.executor.volumes.emptyDir.scratch."
+    confs = {
+        "spark.kubernetes.namespace": ns,
+        "spark.kubernetes.container.image": IMAGE,
+        "spark.kubernetes.node.selector.kubernetes.io/hostname": PROCESS_NODE,
+        "spark.executorEnv.PYSPARK_PYTHON": sys.executable,
+        "spark.kubernetes.executor.podTemplateFile": str(template),
+        "spark.kubernetes.executor.request.cores": "500m",
+        "spark.kubernetes.executor.limit.cores": "2",
+        "spark.executor.memoryOverhead": "400m",
+        "spark.kubernetes.executor.label.team": "data",
+        "spark.kubernetes.executor.annotation.note": "app-{{APP_ID}}",
+        "spark.executor.extraJavaOptions": "-Dexec.id={{EXECUTOR_ID}} -Dapp.id={{APP_ID}}",
+        "spark.kubernetes.local.dirs.tmpfs": "true",
+        v + "mount.path": "/scratch",
+        v + "options.medium": "Memory",
+        v + "options.sizeLimit": "1Gi",
+    }
+    runs, spark_pod, stoker_pod = run_under_both(testbed, kube, work_dir, confs)
+    assert_same_pod(runs, spark_pod, stoker_pod)
+    env = {e["name"]: e.get("value") for e in stoker_pod["spec"]["containers"][-1]["env"]}
+    assert any(v == "-Dexec.id=1" for k, v in env.items() if k.startswith("SPARK_JAVA_OPT_")), env
 
 
 @pytest.mark.parametrize("key,value,named", [

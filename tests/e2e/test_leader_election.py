@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import wait_until
-from test_kubernetes import KubeStoker, check_result, k8s_args, kube, pods_of, running_pods, selector  # noqa: F401
+from test_kubernetes import (KubeStoker, _driver_tokens, check_result, k8s_args, kube,  # noqa: F401
+                             pods_of, running_pods, selector)
 
 
 class Replica(KubeStoker):

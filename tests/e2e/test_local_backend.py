@@ -6,6 +6,7 @@ from conftest import Stoker, executor_pids, wait_until
 
 import os
 import signal
+import urllib.request
 
 
 def check_result(result, rows=1_000_000):
@@ -89,3 +90,45 @@ def test_driver_reattaches_after_stoker_restart(work_dir, driver_factory):
         assert log.count("application registered") >= 2, log[-3000:]
     finally:
         server.stop()
+
+
+def test_out_of_memory_executor_is_replaced_by_a_bigger_one_and_the_job_finishes(
+    stoker, driver_factory, work_dir
+):
+    # Each task holds a 600 MiB string in the JVM heap; spark.executor.memory is 512m.
+    driver = driver_factory(stoker, "--mib", "600", "--tasks", "2", job="heap_hog.py")
+    result = driver.wait(timeout=400)
+    assert result["lengths"] == [600 * 1024 * 1024] * 2
+    log = driver.log()
+    resizes = re.findall(
+        r"stoker: profile 0 now starts executors with (\d+) MiB heap \+ (\d+) MiB overhead "
+        r"after executor (\d+) ran out of heap \(OutOfMemoryError, exit code 52\)",
+        log,
+    )
+    assert 1 <= len(resizes) <= 2, log[-8000:]
+    # The driver heard of each out-of-memory exit, and each replacement ran with the bigger
+    # heap: the local backend's -Xmx.
+    assert re.search(r"stoker: executor \d+ exited with code 52", log), log[-8000:]
+    heaps = [int(h) for h, _, _ in resizes]
+    assert heaps == sorted(heaps) and heaps[0] > 512, heaps
+    stoker_log = (work_dir / "stoker.log").read_text()
+    assert f"heap_mib={heaps[-1]}" in stoker_log, stoker_log[-3000:]
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{stoker.metrics_port}/metrics").read().decode()
+    assert f'stoker_executor_resizes_total{{cause="heap"}} {len(resizes)}' in metrics, metrics
+
+
+def test_the_next_run_of_a_sizing_key_starts_at_the_size_that_worked(stoker, driver_factory, work_dir):
+    args = ("--mib", "600", "--tasks", "2", "--conf", "spark.stoker.sizing.key=heap-hog")
+    first = driver_factory(stoker, *args, job="heap_hog.py")
+    first.wait(timeout=400)
+    grown = re.findall(r"now starts executors with (\d+) MiB heap", first.log())
+    assert grown, first.log()[-8000:]
+    assert (work_dir / "sizes.tsv").exists()
+
+    second = driver_factory(stoker, *args, job="heap_hog.py")
+    result = second.wait(timeout=400)
+    assert result["lengths"] == [600 * 1024 * 1024] * 2
+    log = second.log()
+    assert f"profile 0 starts executors with {grown[-1]} MiB heap" in log, log[-8000:]
+    assert "exit code 52" not in log and "exited with code 52" not in log, log[-8000:]
+    assert "now starts executors" not in log, log[-8000:]

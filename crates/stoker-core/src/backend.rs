@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::engine::Observation;
+use crate::sizing::ExecutorSize;
 use crate::types::{AppId, ExecutorId, ExecutorTemplate, Millis, ProfileId};
 
 /// An executor an earlier stoker started that is still there (found after a restart).
@@ -27,6 +28,12 @@ pub struct LaunchRequest {
     pub executor_id: ExecutorId,
     /// Its resource profile (present in `template.profiles`).
     pub profile: ProfileId,
+    /// Its memory: the heap (`-Xmx`, `SPARK_EXECUTOR_MEMORY`) and the overhead, which may be
+    /// larger than the profile's configured size after memory failures (see
+    /// [`crate::sizing`]). The container's memory limit is heap + overhead + the profile's
+    /// off-heap and PySpark memory. Backends start the executor at this size, not at
+    /// `template.profiles[profile]`'s.
+    pub size: ExecutorSize,
     /// The application's template.
     pub template: Arc<ExecutorTemplate>,
     /// The application's token (a backend may record a digest of it, so that only the same
@@ -53,6 +60,12 @@ pub type ObservationSink = Arc<dyn Fn(BackendObservation) + Send + Sync>;
 pub trait ExecutorBackend: Send + Sync {
     /// Short name for logs and metrics ("local", "kubernetes").
     fn name(&self) -> &'static str;
+    /// Whether executors are started at [`LaunchRequest::size`]. A backend that ignores it
+    /// keeps every executor at its profile's configured size, and stoker then does not grow
+    /// sizes (it would tell the driver of sizes that do not run).
+    fn honours_size(&self) -> bool {
+        false
+    }
     /// Starts an executor.
     fn launch(&self, request: LaunchRequest);
     /// Stops an executor: a graceful signal, then a hard kill after `grace` milliseconds. The

@@ -25,6 +25,9 @@
 //! * Failures (see [`ExitReason::counts_as_failure`]) within the validity window are counted;
 //!   when they reach the limit the application fails: a terminal application event, no more
 //!   executors created, not-yet-running ones removed.
+//! * Sizes (see [`crate::sizing`]): every executor is created at its profile's current size and
+//!   keeps it; a memory failure may grow the size for executors created afterwards, with an
+//!   [`EventKind::Resized`] event; how such failures count is the sizing policy's rule.
 //!
 //! # Assumptions
 //!
@@ -34,7 +37,10 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::error::EngineError;
-use crate::types::{ExecutorId, ExecutorPhase, ExitInfo, ExitReason, Millis, ProfileId};
+use crate::sizing::{ExecutorSize, Resize, Sizing, Verdict};
+use crate::types::{
+    ExecutorId, ExecutorPhase, ExitInfo, ExitReason, Millis, ProfileId, ResourceProfile,
+};
 
 /// Per-application policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,6 +87,9 @@ pub enum Action {
         id: ExecutorId,
         /// Its resource profile.
         profile: ProfileId,
+        /// Its memory; `None` when the engine was not told the profile's size (then the
+        /// profile's configured size).
+        size: Option<ExecutorSize>,
     },
     /// Stop an executor: graceful signal, then a hard kill after `grace`.
     Terminate {
@@ -171,6 +180,8 @@ pub enum EventKind {
         /// What.
         message: String,
     },
+    /// A profile's executors are created at a new size from now on.
+    Resized(Resize),
 }
 
 /// An executor's change of phase.
@@ -209,6 +220,8 @@ pub struct Executor {
     pub deleting: Option<ExitReason>,
     /// Set while decommissioning: when it is removed if still alive.
     pub decommission_deadline: Option<Millis>,
+    /// The memory it was created with (`None`: its profile's configured size).
+    pub size: Option<ExecutorSize>,
 }
 
 impl Executor {
@@ -235,6 +248,7 @@ pub struct Engine {
     last_seq: u64,
     dropped_events: u64,
     actions: Vec<Action>,
+    sizing: Sizing,
     now: Millis,
 }
 
@@ -264,8 +278,48 @@ impl Engine {
             last_seq: 0,
             dropped_events: 0,
             actions: Vec::new(),
+            sizing: Sizing::default(),
             now,
         }
+    }
+
+    /// Sets the sizing policy and the profiles' configured sizes (before any executor is
+    /// created). Without it every executor gets its profile's configured size.
+    pub fn with_sizing<'a>(
+        mut self,
+        sizing: Sizing,
+        profiles: impl IntoIterator<Item = &'a ResourceProfile>,
+    ) -> Self {
+        self.sizing = sizing;
+        self.add_profile_sizes(profiles);
+        self
+    }
+
+    /// Adds the configured sizes of profiles (a driver re-registering with new profiles);
+    /// known profiles keep their current size.
+    pub fn add_profile_sizes<'a>(
+        &mut self,
+        profiles: impl IntoIterator<Item = &'a ResourceProfile>,
+    ) {
+        for profile in profiles {
+            self.sizing.add_profile(profile);
+        }
+    }
+
+    /// The sizing state: current sizes per profile.
+    pub fn sizing(&self) -> &Sizing {
+        &self.sizing
+    }
+
+    /// Starts new executors of `profile` at `size` (a size remembered from an earlier run);
+    /// before any executor is created.
+    pub fn start_at(&mut self, profile: ProfileId, size: ExecutorSize) {
+        self.sizing.start_at(profile, size);
+    }
+
+    /// Tells the driver something about the application (an [`EventKind::AppWarning`]).
+    pub fn warn(&mut self, message: String) {
+        self.push_event(EventKind::AppWarning { message });
     }
 
     // === inspection ===
@@ -540,6 +594,8 @@ impl Engine {
                 created_at: now,
                 deleting: None,
                 decommission_deadline: None,
+                // Started by an earlier stoker at a size not recorded: taken as the current one.
+                size: self.sizing.size(profile),
             },
         );
         self.next_id = self.next_id.max(id.get().saturating_add(1));
@@ -642,8 +698,28 @@ impl Engine {
                 };
                 let event = snapshot(&executor, Some(exit));
                 self.push_event(EventKind::Executor(event));
-                if reason.counts_as_failure() {
+                let verdict =
+                    self.sizing
+                        .on_exit(executor.profile, id, executor.size, code, reason);
+                for _ in 0..verdict.counted(reason) {
                     self.record_failure();
+                }
+                match verdict {
+                    Verdict::Grew { resize, .. } => self.push_event(EventKind::Resized(resize)),
+                    Verdict::AtCeiling {
+                        ceiling_mib,
+                        first: true,
+                        ..
+                    } => {
+                        let message = format!(
+                            "profile {} cannot grow past the ceiling of {ceiling_mib} MiB per \
+                             executor (spark.stoker.resize.maxMemory, --max-executor-memory): \
+                             executor {id} failed at that size and counts as a failure",
+                            executor.profile
+                        );
+                        self.push_event(EventKind::AppWarning { message });
+                    }
+                    Verdict::Unchanged | Verdict::AlreadyResized | Verdict::AtCeiling { .. } => {}
                 }
                 self.reconcile();
             }
@@ -808,6 +884,7 @@ impl Engine {
                 }
                 let id = ExecutorId::new(self.next_id);
                 self.next_id += 1;
+                let size = self.sizing.size(profile);
                 let executor = Executor {
                     id,
                     profile,
@@ -817,11 +894,12 @@ impl Engine {
                     created_at: self.now,
                     deleting: None,
                     decommission_deadline: None,
+                    size,
                 };
                 let event = snapshot(&executor, None);
                 self.executors.insert(id, executor);
                 self.push_event(EventKind::Executor(event));
-                self.actions.push(Action::Launch { id, profile });
+                self.actions.push(Action::Launch { id, profile, size });
             }
         }
     }

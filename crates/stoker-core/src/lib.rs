@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod engine;
 pub mod error;
+pub mod sizing;
 pub mod types;
 
 pub use backend::{
@@ -15,7 +16,10 @@ pub use engine::{
     Action, AppPhase, Engine, EngineConfig, Event, EventKind, Executor, ExecutorEvent, Observation,
 };
 pub use error::{EngineError, InvalidInput};
+pub use sizing::{
+    ExecutorSize, MemoryCause, Resize, ResizePolicy, ResizeSettings, Sizing, Verdict,
+};
 pub use types::{
-    AppId, ExecutorId, ExecutorPhase, ExecutorTemplate, ExitInfo, ExitReason, KubernetesSettings,
-    Millis, ProfileId, ResourceProfile, SparkPods, SparkProfilePod,
+    AppId, DriverIdentity, ExecutorId, ExecutorPhase, ExecutorTemplate, ExitInfo, ExitReason,
+    KubernetesSettings, Millis, ProfileId, ResourceProfile, SparkPods, SparkProfilePod,
 };

@@ -183,6 +183,43 @@ pub struct ExecutorTemplate {
     /// The executor pods Spark's own Kubernetes builder made in the driver, when it could (see
     /// [`SparkPods`]); the Kubernetes backend then uses them instead of building pods itself.
     pub spark_pods: Option<SparkPods>,
+    /// How executors that run out of memory are resized (`spark.stoker.resize.*`); `None`:
+    /// never.
+    pub resize: Option<crate::sizing::ResizeSettings>,
+    /// Who registered the application, as the cluster authenticated the driver (`--auth
+    /// kubernetes`); `None` without authentication. The Kubernetes backend creates and deletes
+    /// the application's pods as this identity.
+    pub identity: Option<DriverIdentity>,
+}
+
+/// A driver's identity as the Kubernetes API server reported it in a TokenReview.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Hash)]
+pub struct DriverIdentity {
+    /// `system:serviceaccount:<namespace>:<name>` for a ServiceAccount.
+    pub username: String,
+    /// The user's uid (a ServiceAccount's uid: a deleted and recreated one differs).
+    pub uid: String,
+    /// Its groups.
+    pub groups: Vec<String>,
+    /// The pod the token is bound to, when it is (`authentication.kubernetes.io/pod-name`).
+    pub pod_name: Option<String>,
+    /// That pod's uid (`authentication.kubernetes.io/pod-uid`).
+    pub pod_uid: Option<String>,
+}
+
+impl DriverIdentity {
+    /// `(namespace, name)` when the identity is a ServiceAccount.
+    pub fn service_account(&self) -> Option<(&str, &str)> {
+        let rest = self.username.strip_prefix("system:serviceaccount:")?;
+        let (namespace, name) = rest.split_once(':')?;
+        (!namespace.is_empty() && !name.is_empty()).then_some((namespace, name))
+    }
+
+    /// Same user: the name and the uid (a ServiceAccount deleted and recreated under the same
+    /// name is another identity).
+    pub fn same_user(&self, other: &DriverIdentity) -> bool {
+        self.username == other.username && self.uid == other.uid
+    }
 }
 
 /// Executor pods as Spark's `KubernetesExecutorBuilder` builds them in the driver, one per

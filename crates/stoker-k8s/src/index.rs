@@ -63,6 +63,9 @@ pub struct PodRef {
     /// Its uid, when known: the deletion carries it as a precondition, so that it can only ever
     /// delete the pod the index meant.
     pub uid: Option<String>,
+    /// The driver identity to delete it as (the one it was created as), when drivers
+    /// authenticate.
+    pub as_user: Option<String>,
 }
 
 /// What the shell must do after a call.
@@ -135,6 +138,8 @@ struct Record {
     namespace: String,
     pod_name: String,
     uid: Option<String>,
+    /// The driver identity its pod is written as.
+    owner: Option<String>,
     /// The pod exists (its create returned, or the watch saw it).
     created: bool,
     /// The re-list generation in which the index first knew the pod exists (see
@@ -155,6 +160,7 @@ struct Unclaimed {
     namespace: String,
     pod_name: String,
     uid: Option<String>,
+    owner: Option<String>,
     token_digest: String,
     profile: ProfileId,
     running_ip: Option<String>,
@@ -189,11 +195,31 @@ pub fn key_of(pod: &Pod) -> Option<Key> {
     Some((app, ExecutorId::new(id)))
 }
 
+fn owner_of(p: &Pod) -> Option<String> {
+    p.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(pod::ANNOTATION_OWNER))
+        .cloned()
+}
+
 fn pod_ref(p: &Pod) -> PodRef {
     PodRef {
         namespace: p.metadata.namespace.clone().unwrap_or_default(),
         name: p.metadata.name.clone().unwrap_or_default(),
         uid: p.metadata.uid.clone(),
+        as_user: owner_of(p),
+    }
+}
+
+impl Record {
+    fn pod_ref(&self) -> PodRef {
+        PodRef {
+            namespace: self.namespace.clone(),
+            name: self.pod_name.clone(),
+            uid: self.uid.clone(),
+            as_user: self.owner.clone(),
+        }
     }
 }
 
@@ -269,6 +295,7 @@ impl PodIndex {
                 namespace: p.metadata.namespace.clone().unwrap_or_default(),
                 pod_name: p.metadata.name.clone().unwrap_or_default(),
                 uid: p.metadata.uid.clone(),
+                owner: owner_of(p),
                 token_digest: annotations
                     .get(pod::ANNOTATION_TOKEN)
                     .cloned()
@@ -311,6 +338,7 @@ impl PodIndex {
                     namespace: u.namespace,
                     pod_name: u.pod_name.clone(),
                     uid: u.uid,
+                    owner: u.owner,
                     created: true,
                     known_since: u.known_since,
                     cancelled: false,
@@ -348,6 +376,7 @@ impl PodIndex {
                         namespace: u.namespace,
                         name: u.pod_name,
                         uid: u.uid,
+                        as_user: u.owner,
                     },
                     grace_seconds: 0,
                     why: DeleteWhy::Unclaimed,
@@ -365,6 +394,7 @@ impl PodIndex {
         key: Key,
         namespace: String,
         pod_name: String,
+        owner: Option<String>,
     ) -> Result<(), AlreadyTracked> {
         if let Some(r) = self.records.get(&key) {
             return Err(AlreadyTracked {
@@ -386,6 +416,7 @@ impl PodIndex {
                 namespace,
                 pod_name,
                 uid: None,
+                owner,
                 created: false,
                 known_since: 0,
                 cancelled: false,
@@ -411,11 +442,7 @@ impl PodIndex {
         }
         r.deleting = true;
         vec![Effect::Delete {
-            pod: PodRef {
-                namespace: r.namespace.clone(),
-                name: r.pod_name.clone(),
-                uid: r.uid.clone(),
-            },
+            pod: r.pod_ref(),
             grace_seconds,
             why: DeleteWhy::Asked,
         }]
@@ -460,11 +487,7 @@ impl PodIndex {
         if r.cancelled && !r.deleting {
             r.deleting = true;
             return vec![Effect::Delete {
-                pod: PodRef {
-                    namespace: r.namespace.clone(),
-                    name: r.pod_name.clone(),
-                    uid: r.uid.clone(),
-                },
+                pod: r.pod_ref(),
                 grace_seconds: 0,
                 why: DeleteWhy::Cancelled,
             }];

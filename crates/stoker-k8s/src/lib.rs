@@ -18,6 +18,7 @@
 //! applications in the order the index made them (they are sent under the lock; the sink never
 //! blocks); deletions run in tasks of their own.
 
+pub mod auth;
 pub mod client;
 pub mod index;
 pub mod lease;
@@ -66,6 +67,34 @@ pub struct KubernetesConfig {
     /// Every pod write checks it first: open while this replica leads (see [`lease`]), or
     /// always with one replica ([`lease::WriteGate::always_open`]).
     pub gate: Arc<lease::WriteGate>,
+    /// Whose rights an application's writes use (`--auth kubernetes`, `--authz`).
+    pub write_as: WriteAs,
+}
+
+/// Whose rights the writes for an application (pods, claims, ConfigMaps) are made with.
+#[derive(Clone)]
+pub enum WriteAs {
+    /// stoker's own (`--auth none`).
+    Stoker,
+    /// The driver's, by impersonating it (`--authz impersonate`, the default): clients are made
+    /// from this configuration with `Impersonate-User`, so the API server judges every write
+    /// with the driver's RBAC, the namespace's Pod Security level, quotas and admission
+    /// policies.
+    Impersonate(Box<kube::Config>),
+    /// stoker's own, after a SubjectAccessReview says the driver may create the object there
+    /// (`--authz subject-access-review`, where impersonation is not allowed). Admission
+    /// policies and webhooks that look at the requesting user see stoker, not the driver.
+    Review(Arc<auth::Reviewer>),
+}
+
+impl std::fmt::Debug for WriteAs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Stoker => "Stoker",
+            Self::Impersonate(_) => "Impersonate",
+            Self::Review(_) => "Review",
+        })
+    }
 }
 
 /// Why the backend could not start.
@@ -100,6 +129,9 @@ struct Inner {
     limiter: Limiter,
     driver_uids: DashMap<(String, String), String>,
     spark: resources::SparkApps,
+    /// One client per driver identity that pods are written as (see
+    /// [`KubernetesConfig::write_as`]).
+    driver_clients: DashMap<String, Client>,
 }
 
 /// The Kubernetes backend. Cheap to clone.
@@ -139,6 +171,7 @@ impl KubernetesBackend {
             sink,
             index: Mutex::new(PodIndex::new()),
             driver_uids: DashMap::new(),
+            driver_clients: DashMap::new(),
             spark: resources::SparkApps::default(),
         });
         let backend = Self { inner };
@@ -256,7 +289,7 @@ impl ExecutorBackend for KubernetesBackend {
     fn launch(&self, request: LaunchRequest) {
         let key = (request.app_id.clone(), request.executor_id);
         let digest = pod::token_digest(&request.token);
-        let pod_spec = match self.build_pod(&request, &digest) {
+        let mut pod_spec = match self.build_pod(&request, &digest) {
             Ok(p) => p,
             Err(err) => {
                 self.report(
@@ -272,7 +305,23 @@ impl ExecutorBackend for KubernetesBackend {
         };
         let namespace = pod_spec.metadata.namespace.clone().unwrap_or_default();
         let name = pod_spec.metadata.name.clone().unwrap_or_default();
-        if let Err(err) = self.index().launch(key.clone(), namespace, name.clone()) {
+        let owner = request
+            .template
+            .identity
+            .as_ref()
+            .map(|id| id.username.clone());
+        if let Some(owner) = &owner {
+            // Whom to act as when this pod is deleted later, even by a restarted stoker.
+            pod_spec
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(pod::ANNOTATION_OWNER.into(), owner.clone());
+        }
+        if let Err(err) = self
+            .index()
+            .launch(key.clone(), namespace, name.clone(), owner)
+        {
             // The engine never reuses an id; this is a bug somewhere, and creating the pod
             // again could only produce a duplicate.
             warn!(app = %key.0, executor = %key.1, pod = %name, error = %err, "launch refused");

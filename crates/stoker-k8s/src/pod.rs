@@ -25,6 +25,9 @@ pub const LABEL_PROFILE: &str = "spark-exec-resourceprofile-id";
 pub const ANNOTATION_TOKEN: &str = "stoker.dev/token-sha256";
 /// Annotation with the application id (ids may be longer than a label value allows).
 pub const ANNOTATION_APP_ID: &str = "stoker.dev/app-id";
+/// Annotation: the driver identity (Kubernetes username) the pod was created as; stoker deletes
+/// it as the same identity.
+pub const ANNOTATION_OWNER: &str = "stoker.dev/owner";
 /// Annotation: the name of the executor container (the template may add sidecars).
 pub const ANNOTATION_CONTAINER: &str = "stoker.dev/executor-container";
 /// Annotation: the pod stays after its executor exits (the application set

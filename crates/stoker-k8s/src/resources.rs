@@ -26,7 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher::DefaultBackoff;
 use kube::{Api, Resource};
-use stoker_core::{AppId, ExecutorTemplate, LaunchRequest};
+use stoker_core::{AppId, DriverIdentity, ExecutorTemplate, LaunchRequest};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -79,7 +79,12 @@ fn retryable(err: &kube::Error) -> bool {
 }
 
 /// Creates `object` (409: it exists already, fine), retrying transient errors.
-async fn create<K>(backend: &KubernetesBackend, namespace: &str, object: &K) -> Result<(), String>
+async fn create<K>(
+    backend: &KubernetesBackend,
+    identity: Option<&DriverIdentity>,
+    namespace: &str,
+    object: &K,
+) -> Result<(), String>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -88,7 +93,13 @@ where
         + k8s_openapi::serde::de::DeserializeOwned,
     K::DynamicType: Default,
 {
-    let api: Api<K> = Api::namespaced(backend.inner.client.clone(), namespace);
+    // As the driver, like its pods (--auth kubernetes).
+    let as_user = identity.map(|i| i.username.as_str());
+    backend
+        .may_create(identity, &K::plural(&K::DynamicType::default()), namespace)
+        .await?;
+    let client = backend.writer_client(as_user).map_err(|e| e.to_string())?;
+    let api: Api<K> = Api::namespaced(client, namespace);
     let mut backoff = DefaultBackoff::default();
     let mut last = String::new();
     for _ in 0..ATTEMPTS {
@@ -108,7 +119,12 @@ where
 }
 
 /// Deletes `name` (404: gone already, fine), retrying transient errors.
-async fn delete<K>(backend: &KubernetesBackend, namespace: &str, name: &str) -> Result<(), String>
+async fn delete<K>(
+    backend: &KubernetesBackend,
+    as_user: Option<&str>,
+    namespace: &str,
+    name: &str,
+) -> Result<(), String>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -116,7 +132,9 @@ where
         + k8s_openapi::serde::de::DeserializeOwned,
     K::DynamicType: Default,
 {
-    let api: Api<K> = Api::namespaced(backend.inner.client.clone(), namespace);
+    // As the driver, like its pods (--auth kubernetes).
+    let client = backend.writer_client(as_user).map_err(|e| e.to_string())?;
+    let api: Api<K> = Api::namespaced(client, namespace);
     let mut backoff = DefaultBackoff::default();
     let mut last = String::new();
     for _ in 0..ATTEMPTS {
@@ -242,7 +260,14 @@ impl KubernetesBackend {
                 if let Some(driver) = &driver {
                     config_map.metadata.owner_references = Some(vec![driver_owner(driver)]);
                 }
-                match create(&this, &app.namespace, &config_map).await {
+                match create(
+                    &this,
+                    template.identity.as_ref(),
+                    &app.namespace,
+                    &config_map,
+                )
+                .await
+                {
                     Ok(()) => {
                         debug!(app = %app_id, namespace = %app.namespace, config_map = %name, "executor config map created")
                     }
@@ -291,7 +316,7 @@ impl KubernetesBackend {
             for mut claim in claims {
                 let name = claim.metadata.name.clone().unwrap_or_default();
                 claim.metadata.owner_references = Some(vec![owner_ref.clone()]);
-                match create(&this, &app.namespace, &claim).await {
+                match create(&this, template.identity.as_ref(), &app.namespace, &claim).await {
                     Ok(()) => {
                         debug!(app = %key.0, executor = %key.1, claim = %name, "on-demand claim created")
                     }
@@ -336,11 +361,14 @@ impl KubernetesBackend {
             return;
         };
         let app = entry.app;
+        let as_user = entry.template.identity.as_ref().map(|i| i.username.clone());
         let this = self.clone();
         let app_id = app_id.clone();
         tokio::spawn(async move {
             for name in crate::spark_pod::config_maps_to_delete(&app) {
-                if let Err(err) = delete::<ConfigMap>(&this, &app.namespace, &name).await {
+                if let Err(err) =
+                    delete::<ConfigMap>(&this, as_user.as_deref(), &app.namespace, &name).await
+                {
                     warn!(app = %app_id, namespace = %app.namespace, config_map = %name, error = %err, "cannot delete the executor config map");
                 }
             }
@@ -353,8 +381,14 @@ impl KubernetesBackend {
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
                 .join(",");
-            let api: Api<PersistentVolumeClaim> =
-                Api::namespaced(this.inner.client.clone(), &app.namespace);
+            let client = match this.writer_client(as_user.as_deref()) {
+                Ok(client) => client,
+                Err(err) => {
+                    warn!(app = %app_id, namespace = %app.namespace, error = %err, "cannot list the application's claims");
+                    return;
+                }
+            };
+            let api: Api<PersistentVolumeClaim> = Api::namespaced(client, &app.namespace);
             this.inner.limiter.acquire().await;
             let claims = match api.list(&ListParams::default().labels(&selector)).await {
                 Ok(list) => list.items,
@@ -367,8 +401,13 @@ impl KubernetesBackend {
                 let Some(name) = claim.metadata.name else {
                     continue;
                 };
-                if let Err(err) =
-                    delete::<PersistentVolumeClaim>(&this, &app.namespace, &name).await
+                if let Err(err) = delete::<PersistentVolumeClaim>(
+                    &this,
+                    as_user.as_deref(),
+                    &app.namespace,
+                    &name,
+                )
+                .await
                 {
                     warn!(app = %app_id, claim = %name, error = %err, "cannot delete an on-demand claim");
                 }

@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 use crate::index::{CreateStep, Key, PodRef};
 use crate::pod::DriverPod;
-use crate::KubernetesBackend;
+use crate::{K8sError, KubernetesBackend, WriteAs};
 
 /// Attempts at a deletion before it is left to the orphan sweep of a later event or re-list.
 const DELETE_ATTEMPTS: usize = 8;
@@ -33,12 +33,61 @@ fn next_delay(backoff: &mut DefaultBackoff) -> Duration {
 }
 
 impl KubernetesBackend {
+    /// The client pod writes go through: stoker's own, or, with [`WriteAs::Impersonate`], one
+    /// that impersonates `as_user` (one client, so one HTTP/2 connection, per driver identity).
+    pub(crate) fn writer_client(&self, as_user: Option<&str>) -> Result<kube::Client, K8sError> {
+        let (WriteAs::Impersonate(base), Some(user)) = (&self.inner.config.write_as, as_user)
+        else {
+            return Ok(self.inner.client.clone());
+        };
+        if let Some(client) = self.inner.driver_clients.get(user) {
+            return Ok(client.clone());
+        }
+        let mut config = (**base).clone();
+        config.auth_info.impersonate = Some(user.to_owned());
+        let client = crate::client::client(config)?;
+        self.inner
+            .driver_clients
+            .insert(user.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    /// With [`WriteAs::Review`]: whether the driver may create `resource` in `namespace`
+    /// (a SubjectAccessReview); the error is for the driver. Otherwise always yes: the API
+    /// server judges the write itself.
+    pub(crate) async fn may_create(
+        &self,
+        identity: Option<&stoker_core::DriverIdentity>,
+        resource: &str,
+        namespace: &str,
+    ) -> Result<(), String> {
+        let (WriteAs::Review(reviewer), Some(identity)) = (&self.inner.config.write_as, identity)
+        else {
+            return Ok(());
+        };
+        match reviewer.may(identity, "create", resource, namespace).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!(
+                "refused by a SubjectAccessReview: {} may not create {resource} in namespace {namespace}",
+                identity.username
+            )),
+            Err(err) => Err(err.to_string()),
+        }
+    }
+
     /// Deletes a pod in the background (rate-limited, retried on transient errors). The pod's
     /// uid, when known, is a precondition: a pod recreated under the same name is not touched.
     pub(crate) fn delete_pod(&self, pod: PodRef, grace_seconds: u32) {
         let this = self.clone();
         tokio::spawn(async move {
-            let api: Api<Pod> = Api::namespaced(this.inner.client.clone(), &pod.namespace);
+            let client = match this.writer_client(pod.as_user.as_deref()) {
+                Ok(client) => client,
+                Err(err) => {
+                    warn!(pod = %pod.name, namespace = %pod.namespace, error = %err, "cannot delete pod");
+                    return;
+                }
+            };
+            let api: Api<Pod> = Api::namespaced(client, &pod.namespace);
             let params = DeleteParams {
                 grace_period_seconds: Some(grace_seconds),
                 preconditions: pod.uid.clone().map(|uid| Preconditions {
@@ -129,7 +178,24 @@ impl KubernetesBackend {
                 block_owner_deletion: Some(false),
             }]);
         }
-        let api: Api<Pod> = Api::namespaced(self.inner.client.clone(), &namespace);
+        let as_user = template.identity.as_ref().map(|id| id.username.as_str());
+        let client = match self.writer_client(as_user) {
+            Ok(client) => client,
+            Err(err) => {
+                let message = format!("cannot act as {}: {err}", as_user.unwrap_or("?"));
+                self.apply(|index| index.create_failed(&key, message));
+                return;
+            }
+        };
+        if let Err(why) = self
+            .may_create(template.identity.as_ref(), "pods", &namespace)
+            .await
+        {
+            warn!(app = %key.0, executor = %key.1, pod = %name, error = %why, "pod not created");
+            self.apply(|index| index.create_failed(&key, why));
+            return;
+        }
+        let api: Api<Pod> = Api::namespaced(client, &namespace);
         let mut backoff = DefaultBackoff::default();
         let mut told_quota = false;
         self.app_objects_ready(&key.0).await;
@@ -180,7 +246,7 @@ impl KubernetesBackend {
                 Err(kube::Error::Api(s)) => {
                     warn!(app = %key.0, executor = %key.1, pod = %name, code = s.code, error = %s.message, "pod creation failed");
                     let message = format!(
-                        "the API server refused pod {namespace}/{name}: {} ({})",
+                        "refused by the Kubernetes API server: {} ({}; pod {namespace}/{name})",
                         s.message, s.reason
                     );
                     self.apply(|index| index.create_failed(&key, message));

@@ -6,6 +6,12 @@
 //! configuration, and its output in a log file of its own
 //! (`<work_dir>/<app>/executor-<id>.log`).
 //!
+//! Sizes: the executor's heap is the launch request's [`LaunchRequest::size`] (`-Xmx` and
+//! `SPARK_EXECUTOR_MEMORY`), so executors replaced after a `java.lang.OutOfMemoryError` (exit
+//! code 52) start with the bigger heap. The overhead is not enforced: a local process has no
+//! memory limit (no cgroup), so this backend never reports `OomKilled`; a process the kernel's
+//! OOM killer ends is reported as `Signaled` (code 137).
+//!
 //! # Guarantees
 //!
 //! * Every launched executor is reported `Exited` exactly once: with its exit code, or with the
@@ -138,7 +144,7 @@ impl LocalBackend {
         let config = &self.config;
         let template = &request.template;
         let profile = template.profiles.get(&request.profile);
-        let heap = profile.map_or(1024, |p| p.heap_mib.max(32));
+        let heap = request.size.heap_mib.max(32);
         let cores = profile.map_or(1, |p| p.cores.max(1));
 
         let mut class_path = Vec::new();
@@ -262,7 +268,15 @@ impl LocalBackend {
             return start_failed("executor process exited before it could be tracked".into());
         };
         let backend_name = format!("pid:{pid}");
-        info!(app = %app, executor = %id, pid, log = %log.display(), "executor process started");
+        info!(
+            app = %app,
+            executor = %id,
+            profile = request.profile,
+            pid,
+            heap_mib = request.size.heap_mib,
+            log = %log.display(),
+            "executor process started"
+        );
         self.report(
             app,
             id,
@@ -374,6 +388,11 @@ async fn log_tail(log: &Path) -> String {
 impl ExecutorBackend for LocalBackend {
     fn name(&self) -> &'static str {
         "local"
+    }
+
+    /// The heap only: see the module documentation.
+    fn honours_size(&self) -> bool {
+        true
     }
 
     fn launch(&self, request: LaunchRequest) {

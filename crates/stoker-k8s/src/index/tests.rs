@@ -73,7 +73,7 @@ fn pod(k: &Key, phase: Phase) -> Pod {
 
 fn launched(index: &mut PodIndex, k: &Key) {
     index
-        .launch(k.clone(), "spark".into(), name_of(k))
+        .launch(k.clone(), "spark".into(), name_of(k), None)
         .expect("launch");
 }
 
@@ -227,12 +227,12 @@ fn launch_refuses_an_executor_the_index_already_tracks() {
     let k = key("app-a", 1);
     launched(&mut index, &k);
     assert!(index
-        .launch(k.clone(), "spark".into(), name_of(&k))
+        .launch(k.clone(), "spark".into(), name_of(&k), None)
         .is_err());
     let adopted = key("app-b", 1);
     let _ = index.adopt_listed(&[pod(&adopted, Phase::Running)]);
     let err = index
-        .launch(adopted.clone(), "spark".into(), name_of(&adopted))
+        .launch(adopted.clone(), "spark".into(), name_of(&adopted), None)
         .expect_err("unclaimed pods count");
     assert_eq!(err.pod, name_of(&adopted));
 }
@@ -346,7 +346,8 @@ fn a_pod_stoker_deletes_reports_its_own_exit() {
             pod: PodRef {
                 namespace: "spark".into(),
                 name: name_of(&k),
-                uid: Some("uid-1".into())
+                uid: Some("uid-1".into()),
+                as_user: None,
             },
             grace_seconds: 30,
             why: DeleteWhy::Asked,

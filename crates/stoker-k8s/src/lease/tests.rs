@@ -106,8 +106,18 @@ fn claiming_counts_transitions_and_keeps_the_acquire_time_on_renewal() {
     assert_eq!(spec.lease_transitions, Some(5));
     assert_eq!(spec.acquire_time, Some(now.0));
 
-    let after_release = claim(Some(&lease(None, 100, 5)), &config("a"), jiff_now::Now::current());
-    assert_eq!(after_release.spec.as_ref().and_then(|s| s.lease_transitions), Some(6));
+    let after_release = claim(
+        Some(&lease(None, 100, 5)),
+        &config("a"),
+        jiff_now::Now::current(),
+    );
+    assert_eq!(
+        after_release
+            .spec
+            .as_ref()
+            .and_then(|s| s.lease_transitions),
+        Some(6)
+    );
 
     let fresh = claim(None, &config("a"), jiff_now::Now::current());
     assert_eq!(fresh.metadata.name.as_deref(), Some("stoker"));

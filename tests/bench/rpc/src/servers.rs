@@ -89,6 +89,7 @@ pub async fn start_stoker() -> anyhow::Result<Running> {
         limits: Limits::default(),
         admin_token: ADMIN_TOKEN.into(),
         incarnation: "stoker-bench".into(),
+        tls: None,
     };
     server::start(settings, |sink| {
         Ok(Arc::new(NullBackend { sink }) as Arc<dyn ExecutorBackend>)

@@ -43,17 +43,20 @@ const (
 
 // Admission: a small set that keeps the behaviour Spark-on-k8s relies on
 // (namespaces, service accounts, quotas, limit ranges, priorities, node
-// taints/restriction); everything else that is on by default is switched off.
+// taints/restriction), plus Pod Security admission and ValidatingAdmissionPolicy,
+// which judge the pods stoker creates as a driver; everything else that is on by
+// default is switched off.
 var (
 	admissionOn = []string{
 		"NamespaceLifecycle", "LimitRanger", "ServiceAccount", "NodeRestriction",
 		"TaintNodesByCondition", "Priority", "DefaultTolerationSeconds", "ResourceQuota",
+		"PodSecurity", "ValidatingAdmissionPolicy",
 	}
 	admissionOff = []string{
 		"DefaultStorageClass", "PersistentVolumeClaimResize", "StorageObjectInUseProtection",
 		"PodGroupProtection", "RuntimeClass", "CertificateApproval", "CertificateSigning",
 		"ClusterTrustBundleAttest", "CertificateSubjectRestriction", "DefaultIngressClass",
-		"PodSecurity", "PodTopologyLabels", "MutatingAdmissionPolicy", "ValidatingAdmissionPolicy",
+		"PodTopologyLabels", "MutatingAdmissionPolicy",
 		"MutatingAdmissionWebhook", "ValidatingAdmissionWebhook", "NodeDeclaredFeatureValidator",
 		"PodResizeValidator",
 	}

@@ -234,7 +234,7 @@ impl Sim {
                 let k = key(NEW_APPS[a], self.next_id[a]);
                 self.next_id[a] += 1;
                 self.index
-                    .launch(k.clone(), "spark".into(), name_of(&k))
+                    .launch(k.clone(), "spark".into(), name_of(&k), None)
                     .expect("fresh executor ids are accepted");
                 self.beliefs.insert(k.clone(), Belief::default());
                 self.tasks.push(Task::ToSend(k));

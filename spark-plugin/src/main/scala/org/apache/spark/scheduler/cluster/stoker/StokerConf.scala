@@ -118,6 +118,21 @@ private[spark] object StokerMaster {
  *    attempts to re-attach to stoker after the event stream or a heartbeat failed.
  *  - `spark.stoker.heartbeat.interval` (default: a third of the lease TTL stoker returns): how
  *    often the driver renews its lease. Never more than a third of the lease TTL.
+ *  - `spark.stoker.auth.token`, `spark.stoker.auth.tokenFile`,
+ *    `spark.stoker.auth.allowPlaintext`: the driver's Kubernetes token (see [[StokerAuth]]).
+ *  - `spark.stoker.tls.enabled` (default false): speak TLS to stoker (`stoker serve --tls-cert
+ *    --tls-key`). The server's certificate must name the master URL's host (each host, with
+ *    several addresses).
+ *  - `spark.stoker.tls.caFile` (default: the JVM's trust store): PEM file of the CA
+ *    certificates that stoker's certificate must chain to.
+ *  - `spark.stoker.tls.certFile` and `spark.stoker.tls.keyFile`: PEM client certificate (chain)
+ *    and its private key (PKCS#8, PKCS#1 RSA or SEC1 EC), for a stoker started with
+ *    `--tls-client-ca`. Both or neither.
+ *
+ *  The TLS files are read again when they change (modification time, size or file identity),
+ *  checked at every new connection to stoker: rotated certificates are used from the next
+ *  connection on (see [[StokerTls]]). A changed file that cannot be used keeps the previous one
+ *  in use (logged). The file keys need `spark.stoker.tls.enabled=true`.
  */
 private[spark] case class StokerSettings(
     registrationTimeoutMs: Long = 60000L,
@@ -126,7 +141,9 @@ private[spark] case class StokerSettings(
     unregisterTimeoutMs: Long = 10000L,
     initialBackoffMs: Long = 100L,
     maxBackoffMs: Long = 5000L,
-    heartbeatIntervalMs: Option[Long] = None)
+    heartbeatIntervalMs: Option[Long] = None,
+    auth: Option[BearerToken] = None,
+    tls: Option[StokerTls] = None)
 
 private[spark] object StokerSettings {
   val RegistrationTimeout = "spark.stoker.registration.timeout"
@@ -138,7 +155,7 @@ private[spark] object StokerSettings {
   val HeartbeatInterval = "spark.stoker.heartbeat.interval"
 
   val AllKeys: Seq[String] = Seq(RegistrationTimeout, RpcTimeout, RetryTimeout, UnregisterTimeout,
-    InitialBackoff, MaxBackoff, HeartbeatInterval)
+    InitialBackoff, MaxBackoff, HeartbeatInterval) ++ StokerAuth.AllKeys ++ StokerTls.AllKeys
 
   def fromConf(conf: SparkConf): StokerSettings = {
     def positiveMs(key: String, default: String): Long = {
@@ -159,6 +176,8 @@ private[spark] object StokerSettings {
       initialBackoffMs = initial,
       maxBackoffMs = math.max(initial, max),
       heartbeatIntervalMs =
-        if (conf.contains(HeartbeatInterval)) Some(positiveMs(HeartbeatInterval, "10s")) else None)
+        if (conf.contains(HeartbeatInterval)) Some(positiveMs(HeartbeatInterval, "10s")) else None,
+      auth = StokerAuth.fromConf(conf),
+      tls = StokerTls.fromConf(conf))
   }
 }

@@ -122,7 +122,14 @@ private[spark] class StokerExecutorTracker {
       case ExecutorState.EXECUTOR_STATE_EXITED =>
         exited += id
         live -= id
-        Seq(StokerAction.RemoveExecutor(id, StokerEvents.lossReason(ev)))
+        val remove = StokerAction.RemoveExecutor(id, StokerEvents.lossReason(ev))
+        // An executor that could not even start (refused by the API server, an image that
+        // cannot be pulled) never reaches Spark, which would say nothing: the user must see why.
+        if (ev.getReason == ExitReason.EXIT_REASON_START_FAILED) {
+          Seq(StokerAction.Warn(StokerEvents.exitMessage(ev)), remove)
+        } else {
+          Seq(remove)
+        }
       case ExecutorState.EXECUTOR_STATE_REQUESTED =>
         live(id) = ev.getResourceProfileId
         Seq(StokerAction.Info(

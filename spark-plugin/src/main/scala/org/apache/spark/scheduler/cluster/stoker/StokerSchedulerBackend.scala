@@ -13,7 +13,6 @@ import scala.util.control.NonFatal
 
 import dev.stoker.proto.v1.{ExecutorTemplate, ResourceProfile => ProtoProfile, SparkPods, SparkProfilePod}
 import io.grpc.ManagedChannel
-import io.grpc.netty.shaded.io.grpc.netty.NettyChannelBuilder
 
 import org.apache.spark.SparkContext
 import org.apache.spark.internal.config.SCHEDULER_MIN_REGISTERED_RESOURCES_RATIO
@@ -49,6 +48,7 @@ private[spark] class StokerSchedulerBackend(
   private val minRegisteredExecutors = initialExecutors * minRegisteredRatio
 
   private val settings = StokerSettings.fromConf(conf)
+  StokerAuth.checkTransport(conf, master, settings.auth)
   private val appId = {
     val configured = conf.getOption("spark.app.id")
     val id = StokerSchedulerBackend.chooseAppId(configured)
@@ -89,8 +89,7 @@ private[spark] class StokerSchedulerBackend(
       profiles = Nil,
       readFile = StokerTemplate.readPodTemplate(_, conf))
 
-    channel = NettyChannelBuilder.forTarget(master.grpcTarget)
-      .usePlaintext()
+    channel = StokerTls.channelBuilder(master, settings.tls)
       .keepAliveTime(30, TimeUnit.SECONDS)
       .keepAliveTimeout(10, TimeUnit.SECONDS)
       .maxInboundMessageSize(64 << 20)

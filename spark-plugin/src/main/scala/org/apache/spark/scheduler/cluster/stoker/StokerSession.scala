@@ -56,7 +56,10 @@ private[spark] class StokerSession(
 
   import StokerSession._
 
-  private val blocking = ExecutorAllocatorGrpc.newBlockingStub(channel)
+  private val blocking = {
+    val stub = ExecutorAllocatorGrpc.newBlockingStub(channel)
+    settings.auth.fold(stub)(token => stub.withInterceptors(StokerAuth.interceptor(token)))
+  }
   private def stub(timeoutMs: Long = settings.rpcTimeoutMs) =
     blocking.withDeadlineAfter(timeoutMs, TimeUnit.MILLISECONDS)
 

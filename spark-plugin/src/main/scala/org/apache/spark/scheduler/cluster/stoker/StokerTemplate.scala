@@ -9,7 +9,7 @@ import java.nio.file.{Files, Paths}
 
 import scala.jdk.CollectionConverters._
 
-import dev.stoker.proto.v1.{ExecutorTemplate, FailurePolicy, KubernetesSettings, ResourceProfile => ProtoProfile}
+import dev.stoker.proto.v1.{ExecutorTemplate, FailurePolicy, KubernetesSettings, ResizePolicy, ResourceProfile => ProtoProfile}
 
 import org.apache.spark.{SecurityManager, SPARK_VERSION, SparkConf, SparkException}
 import org.apache.spark.deploy.ExecutorFailureTracker
@@ -19,6 +19,7 @@ import org.apache.spark.internal.config.Python.PYSPARK_EXECUTOR_MEMORY
 import org.apache.spark.resource.{ExecutorResourceRequest, ResourceProfile, ResourceUtils}
 import org.apache.spark.rpc.RpcEndpointAddress
 import org.apache.spark.scheduler.cluster.CoarseGrainedSchedulerBackend
+import org.apache.spark.network.util.JavaUtils
 import org.apache.spark.util.Utils
 
 /**
@@ -239,6 +240,58 @@ private[spark] object StokerTemplate {
     b.build()
   }
 
+  /** The spark.stoker.resize.* keys. */
+  object ResizeKeys {
+    /** Replace executors that ran out of memory by bigger ones (default true). */
+    val Enabled = "spark.stoker.resize.enabled"
+    /** Each growth multiplies the executor's memory by this (default 1.5; above 1). */
+    val Factor = "spark.stoker.resize.factor"
+    /** The most memory (heap + overhead) one executor may grow to, e.g. 8g (default: four
+     *  times the largest profile's, bounded by the server). */
+    val MaxMemory = "spark.stoker.resize.maxMemory"
+    /** The sizes a run ends with are where the next run of the same key starts (default: the
+     *  application name; empty: nothing remembered). */
+    val SizingKey = "spark.stoker.sizing.key"
+  }
+
+  val DefaultResizeFactor = 1.5
+
+  /**
+   * spark.stoker.resize.*: values that are not a boolean, a number or a size are refused here,
+   * naming the key; the server refuses a factor not above 1 and a ceiling below the executors'
+   * memory, naming the key too.
+   */
+  def resizePolicy(conf: SparkConf): ResizePolicy = {
+    import ResizeKeys._
+    def bad(key: String, value: String, what: String): Nothing =
+      throw new SparkException(s"$key: '$value' is not $what")
+    val enabled = conf.getOption(Enabled).forall { v =>
+      v.trim.toLowerCase(java.util.Locale.ROOT) match {
+        case "true" => true
+        case "false" => false
+        case _ => bad(Enabled, v, "true or false")
+      }
+    }
+    val factor = conf.getOption(Factor).map { v =>
+      try v.trim.toDouble catch { case _: NumberFormatException => bad(Factor, v, "a number") }
+    }.getOrElse(DefaultResizeFactor)
+    val maxMemoryMiB = conf.getOption(MaxMemory).map { v =>
+      val mib = try JavaUtils.byteStringAsMb(v.trim) catch {
+        case _: NumberFormatException | _: IllegalArgumentException =>
+          bad(MaxMemory, v, "a memory size such as 8g or 8192m")
+      }
+      if (mib <= 0) bad(MaxMemory, v, "a positive memory size")
+      mib
+    }.getOrElse(0L)
+    val sizingKey = conf.getOption(SizingKey).getOrElse(conf.get("spark.app.name", "")).trim
+    ResizePolicy.newBuilder()
+      .setEnabled(enabled)
+      .setFactor(factor)
+      .setMaxMemoryMib(maxMemoryMiB)
+      .setSizingKey(sizingKey)
+      .build()
+  }
+
   /** spark.executor.maxNumFailures (Spark's default rule) and failuresValidityInterval. */
   def failurePolicy(conf: SparkConf): FailurePolicy = {
     val max = ExecutorFailureTracker.maxNumExecutorFailures(conf)
@@ -278,6 +331,7 @@ private[spark] object StokerTemplate {
         (k, Utils.substituteAppId(v, appId))
       }.asJava)
       .setKubernetes(kubernetes(conf, readFile))
+      .setResize(resizePolicy(conf))
     conf.get(EXECUTOR_CLASS_PATH).foreach(b.setExtraClassPath)
     authSecret.filter(_ != null).foreach(b.setAuthSecret)
     b.build()

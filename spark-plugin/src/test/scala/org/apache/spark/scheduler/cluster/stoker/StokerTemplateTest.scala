@@ -246,4 +246,39 @@ class StokerTemplateTest extends Checks {
     eq(3600000L, explicit.getValidityIntervalMs)
     eq(0L, StokerTemplate.failurePolicy(conf()).getValidityIntervalMs)
   }
+
+  @Test def resizeIsOnByDefaultWithFactorOneAndAHalf(): Unit = {
+    val r = StokerTemplate.build(conf(), "a", "u", Map.empty, None, Nil, noFile).getResize
+    check(r.getEnabled, "enabled by default")
+    eq(1.5, r.getFactor)
+    eq(0L, r.getMaxMemoryMib, "no ceiling: the server's default")
+    eq("", r.getSizingKey, "no application name: nothing remembered")
+    eq("nightly", StokerTemplate.resizePolicy(conf("spark.app.name" -> "nightly")).getSizingKey,
+      "the sizing key defaults to the application name")
+    eq("etl", StokerTemplate.resizePolicy(conf("spark.app.name" -> "nightly",
+      "spark.stoker.sizing.key" -> "etl")).getSizingKey)
+  }
+
+  @Test def resizeSettingsAreRead(): Unit = {
+    val r = StokerTemplate.resizePolicy(conf(
+      "spark.stoker.resize.enabled" -> "false",
+      "spark.stoker.resize.factor" -> "2",
+      "spark.stoker.resize.maxMemory" -> "8g"))
+    check(!r.getEnabled, "disabled")
+    eq(2.0, r.getFactor)
+    eq(8192L, r.getMaxMemoryMib)
+    eq(1536L, StokerTemplate.resizePolicy(conf("spark.stoker.resize.maxMemory" -> "1536"))
+      .getMaxMemoryMib, "a plain number is MiB, as for spark.executor.memory")
+  }
+
+  @Test def malformedResizeSettingsNameTheKey(): Unit = {
+    for ((key, value) <- Seq(
+      "spark.stoker.resize.factor" -> "big",
+      "spark.stoker.resize.maxMemory" -> "lots",
+      "spark.stoker.resize.maxMemory" -> "0",
+      "spark.stoker.resize.enabled" -> "maybe")) {
+      val e = intercept[SparkException](StokerTemplate.resizePolicy(conf(key -> value)))
+      check(e.getMessage.contains(key) && e.getMessage.contains(value), e.getMessage)
+    }
+  }
 }

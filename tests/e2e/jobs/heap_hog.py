@@ -1,0 +1,58 @@
+"""A job whose tasks need more JVM heap than spark.executor.memory=512m gives: each task builds
+one string of --mib MiB in the executor's heap (Spark SQL's repeat(), never folded into a
+constant because it depends on the row) and returns its length. With 512m the executor dies of
+java.lang.OutOfMemoryError (exit code 52); under stoker with spark.stoker.resize.* its
+replacement gets a bigger heap and the job finishes. Prints JSON lines: started, result.
+
+Usage: heap_hog.py HOST:PORT [--mib N] [--tasks N] [--conf KEY=VALUE ...]
+"""
+import argparse
+import json
+import os
+
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("master", help="HOST:PORT of a stoker")
+    p.add_argument("--mib", type=int, default=600, help="MiB one task holds in the heap")
+    p.add_argument("--tasks", type=int, default=2)
+    p.add_argument("--conf", action="append", default=[], help="extra Spark setting KEY=VALUE")
+    a = p.parse_args()
+
+    b = (
+        SparkSession.builder.master(f"spark+stoker://{a.master}")
+        .appName("stoker-e2e-heap-hog")
+        .config("spark.driver.extraClassPath", os.environ["STOKER_PLUGIN_JAR"])
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.executor.memory", "512m")
+        .config("spark.executor.cores", "1")
+        .config("spark.executor.instances", "1")
+        .config("spark.ui.enabled", "false")
+        .config("spark.scheduler.minRegisteredResourcesRatio", "1.0")
+        .config("spark.scheduler.maxRegisteredResourcesWaitingTime", "120s")
+    )
+    for kv in a.conf:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            p.error(f"--conf needs KEY=VALUE, got {kv!r}")
+        b = b.config(key, value)
+    spark = b.getOrCreate()
+    sc = spark.sparkContext
+    print(json.dumps({"event": "started", "app_id": sc.applicationId}), flush=True)
+
+    size = a.mib * 1024 * 1024
+    rows = (
+        spark.range(0, a.tasks, numPartitions=a.tasks)
+        .select(F.expr(f"length(repeat('x', cast({size} + floor(rand() * 0.5) as int)))").alias("n"))
+        .collect()
+    )
+    print(json.dumps({"event": "result", "lengths": [r["n"] for r in rows]}), flush=True)
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""End-to-end: drivers act as themselves. On the test bed (RBAC, Pod Security admission, real
+ServiceAccount tokens from the API server's TokenRequest), stoker runs with --auth kubernetes:
+every call carries the driver's token, the API server reviews it, and executor pods are created
+by impersonating the driver, so the API server judges the driver's own rights."""
+import pytest
+
+from conftest import wait_until
+from test_kubernetes import (_driver_tokens, driver_service_account, driver_token, k8s_args,  # noqa: F401
+                             kube, namespaces, pods_of)
+
+
+def refused(driver, timeout=240):
+    """The driver ended without finishing its job; its log."""
+    try:
+        code = driver.proc.wait(timeout=timeout)
+    except Exception:
+        driver.kill9()
+        raise AssertionError(f"the driver did not give up:\n{driver.log()[-4000:]}")
+    assert code != 0, "the job must not succeed"
+    return driver.log()
+
+
+def test_no_token_or_a_token_for_another_audience_is_unauthenticated(kube, testbed, driver_factory):
+    no_token = driver_factory(kube, *k8s_args(token=False), "--conf", "spark.stoker.registration.timeout=5s")
+    assert "UNAUTHENTICATED" in refused(no_token)
+    wrong = driver_token(audience="https://kubernetes.default.svc")
+    other = driver_factory(kube, *k8s_args(token=False), "--conf", "spark.stoker.registration.timeout=5s",
+                           "--conf", f"spark.stoker.auth.tokenFile={wrong}")
+    log = refused(other)
+    assert "UNAUTHENTICATED" in log and "token" in log
+    assert not pods_of(testbed, kube.instance)
+    assert "application" not in kube.cli("apps").stdout.split("\n", 1)[-1]
+
+
+def test_a_namespace_the_driver_may_not_use_is_refused_at_registration(kube, testbed, driver_factory):
+    driver = driver_factory(kube, *k8s_args("kube-system", token=False),
+                            "--conf", f"spark.stoker.auth.tokenFile={driver_token('default')}",
+                            "--conf", "spark.stoker.registration.timeout=5s")
+    log = refused(driver)
+    assert "PERMISSION_DENIED" in log and "may not create pods in namespace kube-system" in log, log[-3000:]
+    assert not pods_of(testbed, kube.instance)
+
+
+@pytest.mark.parametrize("authz", ["impersonate", "subject-access-review"])
+def test_pods_are_created_with_the_drivers_rights_and_refusals_reach_the_driver(kube, testbed, driver_factory,
+                                                                                 authz):
+    if authz != "impersonate":
+        kube.stop()
+        kube.extra = ["--authz", authz]
+        kube.start()
+    # A ServiceAccount with no RBAC at all: its token is valid, its pods are not.
+    driver_service_account("default", sa="nobody", edit=False)
+    token = driver_token("default", sa="nobody", edit=False)
+    driver = driver_factory(kube, "--executors", "1", "--max-failures", "2", *k8s_args(token=False),
+                            "--conf", f"spark.stoker.auth.tokenFile={token}")
+    log = refused(driver)
+    expected = {
+        "impersonate": 'is forbidden: User "system:serviceaccount:default:nobody" cannot create resource "pods"',
+        "subject-access-review": "refused by a SubjectAccessReview: system:serviceaccount:default:nobody "
+                                 "may not create pods in namespace default",
+    }[authz]
+    assert expected in log, log[-4000:]
+    assert not pods_of(testbed, kube.instance)
+
+
+def test_pod_security_admission_judges_the_drivers_pods(kube, testbed, driver_factory, namespaces):
+    ns = namespaces("restricted-ns")
+    testbed.api.merge_patch(f"/api/v1/namespaces/{ns}", {"metadata": {"labels": {
+        "pod-security.kubernetes.io/enforce": "restricted"}}})
+    driver = driver_factory(kube, "--executors", "1", "--max-failures", "2", *k8s_args(ns))
+    log = refused(driver)
+    assert "violates PodSecurity" in log and "restricted" in log, log[-4000:]
+    assert not pods_of(testbed, kube.instance)
+    # stoker keeps serving others.
+    ok = driver_factory(kube, "--executors", "1", *k8s_args())
+    assert ok.wait(timeout=300)["results"]

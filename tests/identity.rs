@@ -1,0 +1,253 @@
+//! Applications bound to the identity that registered them (`--auth kubernetes`), over loopback
+//! gRPC with an authenticator that stands in for the API server's TokenReview and
+//! SubjectAccessReview (the real ones are exercised on the test bed, tests/e2e/test_identity.py).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use stoker::auth::Authenticator;
+use stoker::config::Limits;
+use stoker::error::ApiError;
+use stoker::proto::v1 as pb;
+use stoker::proto::v1::executor_allocator_client::ExecutorAllocatorClient;
+use stoker::server::{self, Running, Settings};
+use stoker_core::{
+    AppId, DriverIdentity, EngineConfig, ExecutorBackend, ExecutorId, LaunchRequest, Millis,
+};
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+/// Bearer "alice" is system:serviceaccount:team-a:spark, "bob" is team-b's; anything else is
+/// refused. Alice may also create pods in "shared".
+struct FakeKubernetes;
+
+fn identity(namespace: &str) -> DriverIdentity {
+    DriverIdentity {
+        username: format!("system:serviceaccount:{namespace}:spark"),
+        uid: format!("uid-{namespace}"),
+        groups: vec!["system:serviceaccounts".into()],
+        pod_name: None,
+        pod_uid: None,
+    }
+}
+
+#[tonic::async_trait]
+impl Authenticator for FakeKubernetes {
+    async fn identify(&self, bearer: Option<&str>) -> Result<Option<DriverIdentity>, ApiError> {
+        match bearer {
+            Some("alice") => Ok(Some(identity("team-a"))),
+            Some("bob") => Ok(Some(identity("team-b"))),
+            Some(_) => Err(ApiError::NotAuthenticated("token refused".into())),
+            None => Err(ApiError::NotAuthenticated("authorization: missing".into())),
+        }
+    }
+
+    async fn may_create_pods(
+        &self,
+        who: &DriverIdentity,
+        namespace: &str,
+    ) -> Result<bool, ApiError> {
+        Ok(who.username.contains(":team-a:") && namespace == "shared")
+    }
+}
+
+/// An executor launched: its namespace and the identity it is written as.
+type Launched = HashMap<(AppId, ExecutorId), (String, Option<String>)>;
+
+/// Records what it was asked to launch, with the template's namespace and identity.
+#[derive(Default)]
+struct Recorder {
+    launched: Mutex<Launched>,
+}
+
+struct Shared(Arc<Recorder>);
+
+impl ExecutorBackend for Shared {
+    fn name(&self) -> &'static str {
+        "recorder"
+    }
+    fn launch(&self, request: LaunchRequest) {
+        self.0.launched.lock().expect("lock").insert(
+            (request.app_id.clone(), request.executor_id),
+            (
+                request.template.kubernetes.namespace.clone(),
+                request
+                    .template
+                    .identity
+                    .as_ref()
+                    .map(|i| i.username.clone()),
+            ),
+        );
+    }
+    fn terminate(&self, _: &AppId, _: ExecutorId, _: Millis) {}
+}
+
+async fn start() -> (Running, Arc<Recorder>, ExecutorAllocatorClient<Channel>) {
+    let recorder = Arc::new(Recorder::default());
+    let for_start = Arc::clone(&recorder);
+    let settings = Settings {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        metrics_listen: None,
+        engine: EngineConfig::default(),
+        limits: Limits::default(),
+        admin_token: "admin-token-for-tests-0123456789".into(),
+        incarnation: "test".into(),
+        tls: None,
+    };
+    let running = server::start_with_auth(settings, Arc::new(FakeKubernetes), move |_sink| {
+        Ok(Arc::new(Shared(for_start)) as Arc<dyn ExecutorBackend>)
+    })
+    .await
+    .expect("server starts");
+    let client = ExecutorAllocatorClient::connect(format!("http://{}", running.grpc_addr))
+        .await
+        .expect("connect");
+    (running, recorder, client)
+}
+
+fn as_bearer<T>(message: T, bearer: Option<&str>) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(b) = bearer {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {b}").parse().expect("ascii"),
+        );
+    }
+    request
+}
+
+fn registration(app: &str, namespace: &str) -> pb::RegisterApplicationRequest {
+    pb::RegisterApplicationRequest {
+        app_id: app.into(),
+        app_name: "test".into(),
+        template: Some(pb::ExecutorTemplate {
+            driver_url: "spark://CoarseGrainedScheduler@127.0.0.1:40000".into(),
+            spark_version: "4.2.0".into(),
+            spark_user: "tester".into(),
+            profiles: vec![pb::ResourceProfile {
+                id: 0,
+                cores: 1,
+                heap_mib: 512,
+                overhead_mib: 384,
+                ..Default::default()
+            }],
+            kubernetes: Some(pb::KubernetesSettings {
+                namespace: namespace.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        initial_targets: vec![pb::ProfileTarget {
+            resource_profile_id: 0,
+            total: 1,
+        }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn calls_without_a_valid_token_are_unauthenticated_and_change_nothing() {
+    let (running, recorder, mut client) = start().await;
+    for bearer in [None, Some("mallory")] {
+        let err = client
+            .register_application(as_bearer(registration("a", ""), bearer))
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), Code::Unauthenticated, "{bearer:?}: {err}");
+    }
+    assert!(running.apps.registry.is_empty());
+    assert!(recorder.launched.lock().expect("lock").is_empty());
+}
+
+#[tokio::test]
+async fn an_application_runs_in_its_identity_namespace_as_that_identity() {
+    let (running, recorder, mut client) = start().await;
+    client
+        .register_application(as_bearer(registration("a", ""), Some("alice")))
+        .await
+        .expect("registered");
+    let launched = loop {
+        let l = recorder.launched.lock().expect("lock").clone();
+        if !l.is_empty() {
+            break l;
+        }
+        tokio::task::yield_now().await;
+    };
+    let (namespace, owner) = launched.values().next().expect("one").clone();
+    assert_eq!(namespace, "team-a");
+    assert_eq!(owner.as_deref(), Some("system:serviceaccount:team-a:spark"));
+    drop(running);
+}
+
+#[tokio::test]
+async fn another_namespace_needs_the_api_servers_yes() {
+    let (running, _, mut client) = start().await;
+    client
+        .register_application(as_bearer(registration("a", "shared"), Some("alice")))
+        .await
+        .expect("alice may create pods in shared");
+    let err = client
+        .register_application(as_bearer(registration("b", "kube-system"), Some("bob")))
+        .await
+        .expect_err("bob may not");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("kube-system") && err.message().contains("team-b"),
+        "{err}"
+    );
+    assert_eq!(running.apps.registry.len(), 1);
+}
+
+#[tokio::test]
+async fn another_identity_cannot_touch_an_application_even_with_its_token() {
+    let (running, _, mut client) = start().await;
+    let token = client
+        .register_application(as_bearer(registration("a", ""), Some("alice")))
+        .await
+        .expect("registered")
+        .into_inner()
+        .token;
+    let kill = pb::KillExecutorsRequest {
+        app_id: "a".into(),
+        token: token.clone(),
+        executor_ids: vec!["1".into()],
+        adjust_target: true,
+    };
+    let err = client
+        .kill_executors(as_bearer(kill.clone(), Some("bob")))
+        .await
+        .expect_err("bob");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    let err = client
+        .kill_executors(as_bearer(kill.clone(), None))
+        .await
+        .expect_err("anonymous");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    let watch = pb::WatchExecutorsRequest {
+        app_id: "a".into(),
+        token: token.clone(),
+        after_seq: 0,
+    };
+    let err = client
+        .watch_executors(as_bearer(watch, Some("bob")))
+        .await
+        .expect_err("bob may not watch");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    let mut reattach = registration("a", "");
+    reattach.token = token.clone();
+    let err = client
+        .register_application(as_bearer(reattach.clone(), Some("bob")))
+        .await
+        .expect_err("bob may not re-attach");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    // The owner still can.
+    client
+        .register_application(as_bearer(reattach, Some("alice")))
+        .await
+        .expect("alice re-attaches");
+    client
+        .kill_executors(as_bearer(kill, Some("alice")))
+        .await
+        .expect("alice kills");
+    assert_eq!(running.apps.registry.len(), 1);
+}

@@ -1,0 +1,411 @@
+//! Resizing through the server (issue 14): `spark.stoker.resize.*` validated at registration,
+//! and an executor that ran out of memory replaced by a bigger one, with the driver told and
+//! the size visible in GetApplication and the metrics. A recording backend plays the executors.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stoker::config::Limits;
+use stoker::proto::v1 as pb;
+use stoker::proto::v1::executor_allocator_client::ExecutorAllocatorClient;
+use stoker::server::{self, Running, Settings};
+use stoker_core::{
+    AppId, BackendObservation, EngineConfig, ExecutorBackend, ExecutorId, ExecutorSize, ExitReason,
+    LaunchRequest, Millis, Observation, ObservationSink,
+};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Records launches (with their size) and reports them running; `honours_size` as configured.
+struct Recorder {
+    sink: Mutex<Option<ObservationSink>>,
+    launches: mpsc::UnboundedSender<(ExecutorId, ExecutorSize)>,
+    honours_size: bool,
+}
+
+impl Recorder {
+    fn emit(&self, app: &AppId, executor_id: ExecutorId, observation: Observation) {
+        let sink = self.sink.lock().expect("sink").clone();
+        if let Some(sink) = sink {
+            sink(BackendObservation {
+                app_id: app.clone(),
+                executor_id,
+                observation,
+            });
+        }
+    }
+}
+
+struct Shared(Arc<Recorder>);
+
+impl ExecutorBackend for Shared {
+    fn name(&self) -> &'static str {
+        "recorder"
+    }
+
+    fn honours_size(&self) -> bool {
+        self.0.honours_size
+    }
+
+    fn launch(&self, request: LaunchRequest) {
+        let _ = self.0.launches.send((request.executor_id, request.size));
+        self.0.emit(
+            &request.app_id,
+            request.executor_id,
+            Observation::Running {
+                host: "127.0.0.1".into(),
+                backend_name: format!("rec-{}", request.executor_id),
+            },
+        );
+    }
+
+    fn terminate(&self, app: &AppId, executor_id: ExecutorId, _grace: Millis) {
+        self.0.emit(
+            app,
+            executor_id,
+            Observation::Exited {
+                code: Some(143),
+                reason: ExitReason::Signaled,
+                message: String::new(),
+            },
+        );
+    }
+}
+
+struct Harness {
+    running: Running,
+    backend: Arc<Recorder>,
+    launches: mpsc::UnboundedReceiver<(ExecutorId, ExecutorSize)>,
+    client: ExecutorAllocatorClient<Channel>,
+}
+
+async fn start(honours_size: bool, max_executor_memory_mib: u64) -> Harness {
+    start_with(
+        honours_size,
+        Limits {
+            max_executor_memory_mib,
+            ..Limits::default()
+        },
+    )
+    .await
+}
+
+async fn start_with(honours_size: bool, limits: Limits) -> Harness {
+    let (tx, launches) = mpsc::unbounded_channel();
+    let backend = Arc::new(Recorder {
+        sink: Mutex::new(None),
+        launches: tx,
+        honours_size,
+    });
+    let for_start = Arc::clone(&backend);
+    let settings = Settings {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
+        engine: EngineConfig {
+            max_failures: 2,
+            ..EngineConfig::default()
+        },
+        limits,
+        admin_token: "admin-token-for-tests-0123456789".into(),
+        incarnation: "test-incarnation".into(),
+        tls: None,
+    };
+    let running = server::start(settings, move |sink| {
+        *for_start.sink.lock().expect("sink") = Some(sink);
+        Ok(Arc::new(Shared(for_start)) as Arc<dyn ExecutorBackend>)
+    })
+    .await
+    .expect("server starts");
+    let client = ExecutorAllocatorClient::connect(format!("http://{}", running.grpc_addr))
+        .await
+        .expect("client connects");
+    Harness {
+        running,
+        backend,
+        launches,
+        client,
+    }
+}
+
+fn request(app: &str, resize: Option<pb::ResizePolicy>) -> pb::RegisterApplicationRequest {
+    pb::RegisterApplicationRequest {
+        app_id: app.into(),
+        app_name: "resize".into(),
+        template: Some(pb::ExecutorTemplate {
+            driver_url: "spark://CoarseGrainedScheduler@127.0.0.1:40000".into(),
+            spark_version: "4.2.0".into(),
+            profiles: vec![pb::ResourceProfile {
+                id: 0,
+                cores: 1,
+                heap_mib: 512,
+                overhead_mib: 384,
+                ..Default::default()
+            }],
+            resize,
+            ..Default::default()
+        }),
+        initial_targets: vec![pb::ProfileTarget {
+            resource_profile_id: 0,
+            total: 1,
+        }],
+        ..Default::default()
+    }
+}
+
+fn policy(factor: f64, max_memory_mib: u64) -> Option<pb::ResizePolicy> {
+    Some(pb::ResizePolicy {
+        enabled: true,
+        factor,
+        max_memory_mib,
+        sizing_key: String::new(),
+    })
+}
+
+async fn next_launch(
+    launches: &mut mpsc::UnboundedReceiver<(ExecutorId, ExecutorSize)>,
+) -> (u64, u64, u64) {
+    let (id, size) = tokio::time::timeout(DEADLINE, launches.recv())
+        .await
+        .expect("a launch in time")
+        .expect("backend open");
+    (id.get(), size.heap_mib, size.overhead_mib)
+}
+
+/// Application events (warnings) until one contains `needle`.
+async fn warning_containing(stream: &mut tonic::Streaming<pb::WatchEvent>, needle: &str) -> String {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let event = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("no warning containing {needle:?} in time"))
+            .expect("stream ok")
+            .expect("stream open");
+        if let Some(pb::watch_event::Kind::Application(app)) = event.kind {
+            if app.message.contains(needle) {
+                return app.message;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_resize_settings_are_refused_naming_the_key() {
+    let mut h = start(true, 64 * 1024).await;
+    for (resize, key) in [
+        (policy(1.0, 0), "spark.stoker.resize.factor"),
+        (policy(0.5, 0), "spark.stoker.resize.factor"),
+        (policy(f64::NAN, 0), "spark.stoker.resize.factor"),
+        (policy(1.5, 512), "spark.stoker.resize.maxMemory"),
+    ] {
+        let status = h
+            .client
+            .register_application(request("bad-resize", resize))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+        assert!(status.message().contains(key), "{}", status.message());
+    }
+    // Nothing was registered: a valid request takes the id.
+    h.client
+        .register_application(request("bad-resize", policy(1.5, 0)))
+        .await
+        .expect("valid settings register");
+    h.running.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn jvm_out_of_memory_replaces_the_executor_with_a_bigger_heap() {
+    let mut h = start(true, 64 * 1024).await;
+    let response = h
+        .client
+        .register_application(request("grows", policy(1.5, 0)))
+        .await
+        .expect("registered")
+        .into_inner();
+    let mut stream = h
+        .client
+        .watch_executors(pb::WatchExecutorsRequest {
+            app_id: "grows".into(),
+            token: response.token.clone(),
+            after_seq: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(next_launch(&mut h.launches).await, (1, 512, 384));
+    let app = AppId::parse("grows").expect("app id");
+    h.backend.emit(
+        &app,
+        ExecutorId::new(1),
+        Observation::Exited {
+            code: Some(52),
+            reason: ExitReason::Error,
+            message: String::new(),
+        },
+    );
+    // 896 MiB × 1.5 = 1344 MiB, shared by heap and overhead in proportion.
+    assert_eq!(next_launch(&mut h.launches).await, (2, 768, 576));
+    let message = warning_containing(&mut stream, "now starts executors").await;
+    assert_eq!(
+        message,
+        "profile 0 now starts executors with 768 MiB heap + 576 MiB overhead after executor 1 \
+         ran out of heap (OutOfMemoryError, exit code 52)"
+    );
+    let info = h
+        .client
+        .get_application(pb::GetApplicationRequest {
+            app_id: "grows".into(),
+            token: response.token,
+        })
+        .await
+        .expect("info")
+        .into_inner();
+    assert_eq!(info.failures, 0, "the resized failure is not counted");
+    assert_eq!(info.resizes, 1);
+    assert_eq!(
+        info.sizes,
+        vec![pb::ProfileSize {
+            resource_profile_id: 0,
+            heap_mib: 768,
+            overhead_mib: 576,
+        }]
+    );
+    let executor = info
+        .executors
+        .iter()
+        .find(|e| e.executor_id == "2")
+        .expect("executor 2 listed");
+    assert_eq!((executor.heap_mib, executor.overhead_mib), (768, 576));
+    h.running.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn the_servers_ceiling_bounds_the_applications() {
+    // The application asks for up to 4 GiB; the server allows 1000 MiB per executor.
+    let mut h = start(true, 1_000).await;
+    h.client
+        .register_application(request("capped", policy(2.0, 4_096)))
+        .await
+        .expect("registered");
+    assert_eq!(next_launch(&mut h.launches).await, (1, 512, 384));
+    let app = AppId::parse("capped").expect("app id");
+    h.backend.emit(
+        &app,
+        ExecutorId::new(1),
+        Observation::Exited {
+            code: Some(137),
+            reason: ExitReason::OomKilled,
+            message: String::new(),
+        },
+    );
+    assert_eq!(next_launch(&mut h.launches).await, (2, 512, 488));
+    h.running.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_backend_that_ignores_sizes_keeps_them_and_says_so() {
+    let mut h = start(false, 64 * 1024).await;
+    let response = h
+        .client
+        .register_application(request("fixed", policy(1.5, 0)))
+        .await
+        .expect("registered")
+        .into_inner();
+    let mut stream = h
+        .client
+        .watch_executors(pb::WatchExecutorsRequest {
+            app_id: "fixed".into(),
+            token: response.token,
+            after_seq: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let warning = warning_containing(&mut stream, "spark.stoker.resize.enabled").await;
+    assert!(warning.contains("recorder backend"), "{warning}");
+    assert_eq!(next_launch(&mut h.launches).await, (1, 512, 384));
+    let app = AppId::parse("fixed").expect("app id");
+    h.backend.emit(
+        &app,
+        ExecutorId::new(1),
+        Observation::Exited {
+            code: Some(137),
+            reason: ExitReason::OomKilled,
+            message: String::new(),
+        },
+    );
+    assert_eq!(next_launch(&mut h.launches).await, (2, 512, 384));
+    h.running.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn the_next_run_of_a_sizing_key_starts_at_the_size_the_last_one_ended_with() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut h = start_with(
+        true,
+        Limits {
+            sizes_file: Some(dir.path().join("sizes.tsv")),
+            ..Limits::default()
+        },
+    )
+    .await;
+    let keyed = || {
+        Some(pb::ResizePolicy {
+            sizing_key: "nightly etl".into(),
+            ..policy(1.5, 0).expect("policy")
+        })
+    };
+    let first = h
+        .client
+        .register_application(request("run-1", keyed()))
+        .await
+        .expect("registered")
+        .into_inner();
+    assert_eq!(next_launch(&mut h.launches).await, (1, 512, 384));
+    let app = AppId::parse("run-1").expect("app id");
+    h.backend.emit(
+        &app,
+        ExecutorId::new(1),
+        Observation::Exited {
+            code: Some(137),
+            reason: ExitReason::OomKilled,
+            message: String::new(),
+        },
+    );
+    assert_eq!(next_launch(&mut h.launches).await, (2, 512, 832));
+    h.client
+        .unregister_application(pb::UnregisterApplicationRequest {
+            app_id: "run-1".into(),
+            token: first.token,
+        })
+        .await
+        .expect("unregistered");
+
+    let second = h
+        .client
+        .register_application(request("run-2", keyed()))
+        .await
+        .expect("registered")
+        .into_inner();
+    assert_eq!(
+        next_launch(&mut h.launches).await,
+        (1, 512, 832),
+        "the second run starts at the grown size"
+    );
+    let mut stream = h
+        .client
+        .watch_executors(pb::WatchExecutorsRequest {
+            app_id: "run-2".into(),
+            token: second.token,
+            after_seq: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let told = warning_containing(&mut stream, "earlier run").await;
+    assert!(told.contains("\"nightly etl\""), "{told}");
+    h.running.shutdown().await.expect("shutdown");
+}
