@@ -677,8 +677,15 @@ def test_executor_pod_equals_sparks_with_resources_placement_local_dirs_and_plac
     }
     runs, spark_pod, stoker_pod = run_under_both(testbed, kube, work_dir, confs)
     assert_same_pod(runs, spark_pod, stoker_pod)
-    env = {e["name"]: e.get("value") for e in stoker_pod["spec"]["containers"][-1]["env"]}
+    # Not vacuous: the settings are in the pods compared.
+    c = stoker_pod["spec"]["containers"][-1]
+    env = {e["name"]: e.get("value") for e in c["env"]}
     assert any(v == "-Dexec.id=1" for k, v in env.items() if k.startswith("SPARK_JAVA_OPT_")), env
+    assert env["FROM_TEMPLATE"] == "1"
+    assert (c["resources"]["requests"]["cpu"], c["resources"]["limits"]["cpu"]) == ("500m", "2")
+    assert c["resources"]["limits"]["memory"] == "912Mi", "512 MiB heap + 400 MiB overhead"
+    assert any(t.get("key") == "dedicated" for t in stoker_pod["spec"]["tolerations"])
+    assert stoker_pod["metadata"]["annotations"]["note"] == f"app-{runs['stoker']}"
 
 
 @pytest.mark.parametrize("key,value,named", [
