@@ -279,6 +279,18 @@ async fn jvm_out_of_memory_replaces_the_executor_with_a_bigger_heap() {
         .find(|e| e.executor_id == "2")
         .expect("executor 2 listed");
     assert_eq!((executor.heap_mib, executor.overhead_mib), (768, 576));
+    // `stoker executors` shows it, and the metrics count it.
+    let table = stoker::cli::executors_table(&info);
+    assert!(table.contains("768m heap + 576m overhead"), "{table}");
+    assert!(
+        table.contains("profile 0: new executors get 768m heap + 576m overhead (1 resize(s)"),
+        "{table}"
+    );
+    let metrics = h.running.apps.metrics.encode();
+    assert!(
+        metrics.contains("stoker_executor_resizes_total{cause=\"heap\"} 1"),
+        "{metrics}"
+    );
     h.running.shutdown().await.expect("shutdown");
 }
 
