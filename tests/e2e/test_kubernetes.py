@@ -520,6 +520,8 @@ def mounts_confs(ns, host_dir):
         "name": "spark-kubernetes-executor",
         "env": [{"name": "DATA_DIR", "value": "/data"}, {"name": "SECRET_DIR", "value": "/mnt/s1"}]}]}}))
     return {
+        # stoker's --auth kubernetes: the driver's ServiceAccount token (Spark's backend ignores it).
+        "spark.stoker.auth.tokenFile": str(driver_token(ns)),
         "spark.kubernetes.executor.podTemplateFile": str(template),
         "spark.kubernetes.namespace": ns,
         "spark.kubernetes.container.image": IMAGE,
@@ -659,6 +661,7 @@ def test_executor_pod_equals_sparks_with_resources_placement_local_dirs_and_plac
                                                              "env": [{"name": "FROM_TEMPLATE", "value": "1"}]}]}}))
     v = "spark.kubernetes.executor.volumes.emptyDir.scratch."
     confs = {
+        "spark.stoker.auth.tokenFile": str(driver_token(ns)),
         "spark.kubernetes.namespace": ns,
         "spark.kubernetes.container.image": IMAGE,
         "spark.kubernetes.node.selector.kubernetes.io/hostname": PROCESS_NODE,
