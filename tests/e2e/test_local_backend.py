@@ -99,6 +99,9 @@ def test_out_of_memory_executor_is_replaced_by_a_bigger_one_and_the_job_finishes
     driver = driver_factory(stoker, "--mib", "600", "--tasks", "2", job="heap_hog.py")
     result = driver.wait(timeout=400)
     assert result["lengths"] == [600 * 1024 * 1024] * 2
+    # The driver sees the live executor's real storage memory: (heap - 300 MiB) x 0.6, 127 MiB
+    # for the 512m executor, more for the grown one.
+    assert result["storage_mib"] and all(m > 200 for m in result["storage_mib"]), result
     log = driver.log()
     resizes = re.findall(
         r"stoker: profile 0 now starts executors with (\d+) MiB heap \+ (\d+) MiB overhead "

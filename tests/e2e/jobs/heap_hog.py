@@ -50,7 +50,19 @@ def main():
         .select(F.expr(f"length(repeat('x', cast({size} + floor(rand() * 0.5) as int)))").alias("n"))
         .collect()
     )
-    print(json.dumps({"event": "result", "lengths": [r["n"] for r in rows]}), flush=True)
+    # What the driver believes each live executor has: the storage memory the executor's own
+    # JVM reported when it registered (Spark's UI shows the same), not spark.executor.memory.
+    jsc = sc._jsc.sc()
+    driver_port = jsc.env().blockManager().blockManagerId().port()
+    storage_mib = [
+        info.totalOnHeapStorageMemory() // (1024 * 1024)
+        for info in jsc.statusTracker().getExecutorInfos()
+        if info.port() != driver_port
+    ]
+    print(
+        json.dumps({"event": "result", "lengths": [r["n"] for r in rows], "storage_mib": storage_mib}),
+        flush=True,
+    )
     spark.stop()
 
 
