@@ -481,7 +481,28 @@ impl ExecutorAllocator for Service {
                     .ok_or_else(|| ApiError::NotFound(app_id.to_string()))?
             } else {
                 let caller = self.auth.identify(bearer?.as_deref()).await?;
-                self.authorize(&request.app_id, &request.token, caller.as_ref())?
+                match self.authorize(&request.app_id, &request.token, caller.as_ref()) {
+                    Ok(handle) => handle,
+                    // Not the application's driver: an identity RBAC lets inspect it.
+                    Err(refused) => {
+                        let Some(caller) = caller else {
+                            return Err(refused);
+                        };
+                        let handle = self
+                            .apps
+                            .get(&app_id)
+                            .ok_or_else(|| ApiError::NotFound(app_id.to_string()))?;
+                        let namespace = handle.namespace().map(str::to_owned);
+                        if !self
+                            .auth
+                            .may_inspect(&caller, "get", namespace.as_deref())
+                            .await?
+                        {
+                            return Err(refused);
+                        }
+                        handle
+                    }
+                }
             };
             Ok(self.application_info(&app_id, &handle).await)
         }
@@ -494,12 +515,22 @@ impl ExecutorAllocator for Service {
         request: Request<pb::ListApplicationsRequest>,
     ) -> Result<Response<pb::ListApplicationsResponse>, Status> {
         let started = Instant::now();
+        let bearer = crate::auth::bearer(request.metadata());
         let request = request.into_inner();
         let result = async {
             if request.admin_token.is_empty() {
-                return Err(ApiError::Unauthenticated);
-            }
-            if !self.is_admin(&request.admin_token) {
+                // No admin token: an identity RBAC lets list applications (stoker-viewer).
+                let Some(caller) = self.auth.identify(bearer?.as_deref()).await? else {
+                    return Err(ApiError::Unauthenticated);
+                };
+                if !self.auth.may_inspect(&caller, "list", None).await? {
+                    return Err(ApiError::PermissionDenied(format!(
+                        "{} may not list applications.stoker.dev (a ClusterRole such as \
+                         stoker-viewer grants it), and no admin_token was given",
+                        caller.username
+                    )));
+                }
+            } else if !self.is_admin(&request.admin_token) {
                 return Err(ApiError::PermissionDenied(
                     "admin_token: is not this server's admin token".into(),
                 ));

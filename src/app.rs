@@ -173,6 +173,8 @@ pub struct AppHandle {
     watches: AtomicUsize,
     /// Who registered it, when drivers authenticate.
     identity: Option<DriverIdentity>,
+    /// Its Kubernetes namespace (empty on the local backend).
+    namespace: String,
 }
 
 impl AppHandle {
@@ -189,6 +191,11 @@ impl AppHandle {
     /// The identity that registered it (`--auth kubernetes`).
     pub fn identity(&self) -> Option<&DriverIdentity> {
         self.identity.as_ref()
+    }
+
+    /// Its Kubernetes namespace, when it has one.
+    pub fn namespace(&self) -> Option<&str> {
+        Some(self.namespace.as_str()).filter(|n| !n.is_empty())
     }
 
     /// Sends a command and waits for the reply.
@@ -452,6 +459,7 @@ impl Apps {
             summary: summary_rx,
             watches: AtomicUsize::new(0),
             identity: new.template.identity.clone(),
+            namespace: new.template.kubernetes.namespace.clone(),
         });
         match self.registry.entry(new.app_id.clone()) {
             dashmap::Entry::Occupied(_) => {

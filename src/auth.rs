@@ -27,6 +27,15 @@ pub trait Authenticator: Send + Sync {
         identity: &DriverIdentity,
         namespace: &str,
     ) -> Result<bool, ApiError>;
+    /// Whether `identity` may inspect applications (`verb` `get` or `list` on the virtual
+    /// resource `applications.stoker.dev`) in `namespace` (`None`: all), without their tokens:
+    /// platform teams grant it with the ClusterRole `stoker-viewer`.
+    async fn may_inspect(
+        &self,
+        identity: &DriverIdentity,
+        verb: &str,
+        namespace: Option<&str>,
+    ) -> Result<bool, ApiError>;
 }
 
 /// `--auth none`: no identity; bearer tokens are ignored.
@@ -40,6 +49,15 @@ impl Authenticator for NoAuth {
 
     async fn may_create_pods(&self, _: &DriverIdentity, _: &str) -> Result<bool, ApiError> {
         Ok(true)
+    }
+
+    async fn may_inspect(
+        &self,
+        _: &DriverIdentity,
+        _: &str,
+        _: Option<&str>,
+    ) -> Result<bool, ApiError> {
+        Ok(false)
     }
 }
 
@@ -89,6 +107,18 @@ impl Authenticator for KubernetesAuth {
     ) -> Result<bool, ApiError> {
         self.reviewer
             .may(identity, "create", "pods", namespace)
+            .await
+            .map_err(api_error)
+    }
+
+    async fn may_inspect(
+        &self,
+        identity: &DriverIdentity,
+        verb: &str,
+        namespace: Option<&str>,
+    ) -> Result<bool, ApiError> {
+        self.reviewer
+            .may_in_group(identity, "stoker.dev", verb, "applications", namespace)
             .await
             .map_err(api_error)
     }

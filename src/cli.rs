@@ -85,12 +85,37 @@ fn status_error(status: tonic::Status, what: &str) -> anyhow::Error {
     anyhow::anyhow!("{what}: {} ({:?})", status.message(), status.code())
 }
 
+/// A request with the caller's Kubernetes token (`--bearer-token-file`), if it has one.
+fn with_bearer<T>(args: &ClientArgs, message: T) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    if let Some(path) = &args.bearer_token_file {
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("--bearer-token-file: cannot read {}", path.display()))?;
+        let value = format!("Bearer {}", token.trim())
+            .parse()
+            .with_context(|| format!("--bearer-token-file: {} holds no token", path.display()))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(request)
+}
+
+/// The admin (or application) token, unless a Kubernetes token stands in for it.
+fn token_or_bearer(args: &ClientArgs) -> anyhow::Result<String> {
+    if args.bearer_token_file.is_some() && args.token.is_none() {
+        return Ok(String::new());
+    }
+    token(args)
+}
+
 /// `stoker apps`.
 pub async fn apps(args: ClientArgs) -> anyhow::Result<String> {
-    let admin_token = token(&args)?;
+    let admin_token = token_or_bearer(&args)?;
     let mut client = client(&args).await?;
     let response = client
-        .list_applications(pb::ListApplicationsRequest { admin_token })
+        .list_applications(with_bearer(
+            &args,
+            pb::ListApplicationsRequest { admin_token },
+        )?)
         .await
         .map_err(|s| status_error(s, "cannot list applications"))?
         .into_inner();
@@ -131,13 +156,16 @@ pub fn apps_table(apps: &[pb::ApplicationInfo]) -> String {
 
 /// `stoker executors <app>`.
 pub async fn executors(app_id: String, args: ClientArgs) -> anyhow::Result<String> {
-    let token = token(&args)?;
+    let token = token_or_bearer(&args)?;
     let mut client = client(&args).await?;
     let info = client
-        .get_application(pb::GetApplicationRequest {
-            app_id: app_id.clone(),
-            token,
-        })
+        .get_application(with_bearer(
+            &args,
+            pb::GetApplicationRequest {
+                app_id: app_id.clone(),
+                token,
+            },
+        )?)
         .await
         .map_err(|s| status_error(s, &format!("cannot get application {app_id}")))?
         .into_inner();

@@ -72,6 +72,11 @@ pub struct ClientArgs {
     /// (e.g. connecting to 127.0.0.1 through a port-forward).
     #[arg(long, env = "STOKER_TLS_SERVER_NAME")]
     pub tls_server_name: Option<String>,
+    /// A Kubernetes token to present instead of the admin token (`--auth kubernetes`): its
+    /// identity needs `get`/`list` on `applications.stoker.dev` (the ClusterRole
+    /// `stoker-viewer`). E.g. `kubectl create token <sa> --audience stoker > token`.
+    #[arg(long, env = "STOKER_BEARER_TOKEN_FILE")]
+    pub bearer_token_file: Option<PathBuf>,
 }
 
 /// Where executors run.
@@ -496,6 +501,36 @@ mod tests {
         };
         assert_eq!(args.limits, Limits::default());
         assert_eq!(args.limits.max_pod_template_bytes, 64 * 1024);
+    }
+
+    #[test]
+    fn tls_flags_need_their_partners() {
+        for partial in [
+            &["stoker", "serve", "--tls-cert", "tls.crt"][..],
+            &["stoker", "serve", "--tls-key", "tls.key"],
+            &["stoker", "serve", "--tls-client-ca", "ca.crt"],
+            &["stoker", "serve", "--metrics-tls"],
+            &["stoker", "apps", "--tls-cert", "client.crt"],
+        ] {
+            assert!(Cli::try_parse_from(partial).is_err(), "{partial:?}");
+        }
+        let cli = Cli::try_parse_from([
+            "stoker",
+            "serve",
+            "--tls-cert",
+            "tls.crt",
+            "--tls-key",
+            "tls.key",
+            "--tls-reload-interval",
+            "1m",
+        ])
+        .expect("parses");
+        let Command::Serve(args) = cli.command else {
+            panic!("serve");
+        };
+        assert_eq!(args.tls.tls_cert.as_deref(), Some("tls.crt".as_ref()));
+        assert_eq!(args.tls.tls_reload_interval, 60_000);
+        assert!(!args.tls.metrics_tls);
     }
 
     #[test]

@@ -37,9 +37,19 @@ impl Authenticator for FakeKubernetes {
         match bearer {
             Some("alice") => Ok(Some(identity("team-a"))),
             Some("bob") => Ok(Some(identity("team-b"))),
+            Some("ops") => Ok(Some(identity("ops"))),
             Some(_) => Err(ApiError::NotAuthenticated("token refused".into())),
             None => Err(ApiError::NotAuthenticated("authorization: missing".into())),
         }
+    }
+
+    async fn may_inspect(
+        &self,
+        who: &DriverIdentity,
+        _verb: &str,
+        _namespace: Option<&str>,
+    ) -> Result<bool, ApiError> {
+        Ok(who.username.contains(":ops:"))
     }
 
     async fn may_create_pods(
@@ -250,4 +260,48 @@ async fn another_identity_cannot_touch_an_application_even_with_its_token() {
         .await
         .expect("alice kills");
     assert_eq!(running.apps.registry.len(), 1);
+}
+
+#[tokio::test]
+async fn inspection_needs_the_admin_token_or_an_identity_rbac_allows() {
+    let (_running, _, mut client) = start().await;
+    client
+        .register_application(as_bearer(registration("a", ""), Some("alice")))
+        .await
+        .expect("registered");
+    let list = pb::ListApplicationsRequest::default();
+    let err = client
+        .list_applications(as_bearer(list.clone(), Some("bob")))
+        .await
+        .expect_err("bob may not list");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("applications.stoker.dev"), "{err}");
+    let err = client
+        .list_applications(as_bearer(list.clone(), None))
+        .await
+        .expect_err("anonymous");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    let apps = client
+        .list_applications(as_bearer(list, Some("ops")))
+        .await
+        .expect("ops may list")
+        .into_inner()
+        .applications;
+    assert_eq!(apps.len(), 1);
+    let get = pb::GetApplicationRequest {
+        app_id: "a".into(),
+        token: String::new(),
+    };
+    let err = client
+        .get_application(as_bearer(get.clone(), Some("bob")))
+        .await
+        .expect_err("bob may not look");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    // RBAC, not the application's token: ops needs none.
+    let got = client
+        .get_application(as_bearer(get, Some("ops")))
+        .await
+        .expect("ops may look")
+        .into_inner();
+    assert_eq!(got.app_id, "a");
 }

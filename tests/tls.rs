@@ -457,6 +457,7 @@ fn client_args(running: &Running, ca: Option<&Path>, identity: Option<&Files>) -
         tls_cert: identity.map(|f| f.path("tls.crt")),
         tls_key: identity.map(|f| f.path("tls.key")),
         tls_server_name: Some("localhost".into()),
+        bearer_token_file: None,
     }
 }
 

@@ -2,9 +2,11 @@
 ServiceAccount tokens from the API server's TokenRequest), stoker runs with --auth kubernetes:
 every call carries the driver's token, the API server reviews it, and executor pods are created
 by impersonating the driver, so the API server judges the driver's own rights."""
+import subprocess
+
 import pytest
 
-from conftest import wait_until
+from conftest import STOKER, wait_until
 from test_kubernetes import (_driver_tokens, driver_service_account, driver_token, k8s_args,  # noqa: F401
                              kube, namespaces, pods_of)
 
@@ -74,3 +76,42 @@ def test_pod_security_admission_judges_the_drivers_pods(kube, testbed, driver_fa
     # stoker keeps serving others.
     ok = driver_factory(kube, "--executors", "1", *k8s_args())
     assert ok.wait(timeout=300)["results"]
+
+
+def test_inspection_is_granted_by_kubernetes_rbac(kube, testbed, driver_factory):
+    """`stoker apps` with a Kubernetes token instead of the admin token file: allowed for an
+    identity bound to the ClusterRole stoker-viewer (deploy/base), refused otherwise."""
+    testbed.kubectl("apply", "-f", "-", input="""
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: stoker-viewer}
+rules:
+- apiGroups: ["stoker.dev"]
+  resources: ["applications"]
+  verbs: ["get", "list"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: e2e-ops-views-stoker}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: stoker-viewer}
+subjects: [{kind: ServiceAccount, name: ops, namespace: default}]
+""")
+    try:
+        driver = driver_factory(kube, "--executors", "1", "--jobs", "2", "--pause-s", "60", *k8s_args())
+        app_id = driver.wait_event("started", timeout=120)["app_id"]
+        ops = driver_token("default", sa="ops", edit=False)
+        nobody = driver_token("default", sa="nobody", edit=False)
+        run = lambda token, *args: subprocess.run(
+            [str(STOKER), *args, "--server", f"http://{kube.address}", "--bearer-token-file", str(token)],
+            capture_output=True, text=True, timeout=30)
+        listed = run(ops, "apps")
+        assert listed.returncode == 0 and app_id in listed.stdout, listed.stderr
+        shown = run(ops, "executors", app_id)
+        assert shown.returncode == 0, shown.stderr
+        refused_list = run(nobody, "apps")
+        assert refused_list.returncode != 0 and "PermissionDenied" in refused_list.stderr, refused_list.stderr
+        driver.kill9()
+        # Its lease runs out and stoker deletes its pods (as the driver).
+        wait_until(lambda: not pods_of(testbed, kube.instance), 60, "the killed driver's pods deleted")
+    finally:
+        testbed.kubectl("delete", "clusterrolebinding", "e2e-ops-views-stoker", "--wait=false", check=False)

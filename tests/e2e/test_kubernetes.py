@@ -753,3 +753,18 @@ def test_on_demand_claims_are_created_after_the_pod_and_owned_by_it(kube, testbe
     wait_until(lambda: not pods_of(testbed, kube.instance, app_id), 60, "the pod deleted within the lease")
     wait_until(lambda: not testbed.api.get_opt(f"/api/v1/namespaces/default/persistentvolumeclaims/{name}-pvc-0"),
                60, "the claim garbage-collected with its pod")
+
+
+def test_deploy_manifests_use_only_flags_stoker_knows(testbed):
+    """deploy/base and the TLS overlay render, and every `stoker serve` flag they pass exists."""
+    help_text = subprocess.run([str(STOKER), "serve", "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    for overlay, expected in (("base", ["--leader-elect"]), ("tls", ["--tls-cert", "--tls-key", "--metrics-tls"])):
+        rendered = testbed.kubectl("kustomize", str(ROOT / "deploy" / overlay)).stdout
+        flags = set(re.findall(r"^\s*- (--[a-z-]+)", rendered, re.M))
+        for flag in expected:
+            assert flag in flags, (overlay, flag, sorted(flags))
+        for flag in flags:
+            assert re.search(rf"\s{re.escape(flag)}\b", help_text), f"deploy/{overlay} passes unknown {flag}"
+
+

@@ -142,7 +142,7 @@ pub fn identity_of(review: &TokenReview, audience: &str) -> Result<DriverIdentit
 // === the I/O shell ===
 
 type Verdict = Result<DriverIdentity, AuthError>;
-/// A SubjectAccessReview's question: user, uid, verb, resource, namespace.
+/// A SubjectAccessReview's question: user, uid, verb, group/resource, namespace.
 type Access = (String, String, String, String, String);
 
 /// Reviews tokens and permissions with the API server, with a cache.
@@ -201,7 +201,8 @@ impl Reviewer {
         verdict
     }
 
-    /// Whether `identity` may `verb` `resource` in `namespace` (a SubjectAccessReview).
+    /// Whether `identity` may `verb` core-group `resource` in `namespace` (a
+    /// SubjectAccessReview).
     pub async fn may(
         &self,
         identity: &DriverIdentity,
@@ -209,12 +210,27 @@ impl Reviewer {
         resource: &str,
         namespace: &str,
     ) -> Result<bool, AuthError> {
+        self.may_in_group(identity, "", verb, resource, Some(namespace))
+            .await
+    }
+
+    /// Whether `identity` may `verb` `group`/`resource` in `namespace` (`None`: in all
+    /// namespaces, or a cluster-scoped resource). RBAC needs no such resource to exist, so a
+    /// virtual one (`applications.stoker.dev`) can be granted with a ClusterRole.
+    pub async fn may_in_group(
+        &self,
+        identity: &DriverIdentity,
+        group: &str,
+        verb: &str,
+        resource: &str,
+        namespace: Option<&str>,
+    ) -> Result<bool, AuthError> {
         let key = (
             identity.username.clone(),
             identity.uid.clone(),
             verb.to_owned(),
-            resource.to_owned(),
-            namespace.to_owned(),
+            format!("{group}/{resource}"),
+            namespace.unwrap_or_default().to_owned(),
         );
         let cached = self
             .access
@@ -230,7 +246,8 @@ impl Reviewer {
                 uid: Some(identity.uid.clone()).filter(|u| !u.is_empty()),
                 groups: Some(identity.groups.clone()),
                 resource_attributes: Some(ResourceAttributes {
-                    namespace: Some(namespace.to_owned()),
+                    namespace: namespace.map(str::to_owned),
+                    group: Some(group.to_owned()).filter(|g| !g.is_empty()),
                     verb: Some(verb.to_owned()),
                     resource: Some(resource.to_owned()),
                     ..ResourceAttributes::default()
