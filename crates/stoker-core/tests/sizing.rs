@@ -292,6 +292,36 @@ proptest! {
         prop_assert!(e.failures() >= plain_failures);
     }
 
+    /// One executor that keeps failing for the same memory cause: every failure counts except
+    /// the one behind the last growth, which counts only if the grown size fails the same way
+    /// too; so while the size can still grow, exactly one failure is pending.
+    #[test]
+    fn repeated_memory_failures_count_all_but_the_last_growth(
+        factor in 1_100u32..3_000,
+        ceiling in 896u64..20_000,
+        heap in any::<bool>(),
+        n in 1usize..30,
+    ) {
+        let mut e = engine(u32::MAX, policy(factor, ceiling));
+        e.set_targets(&[(0, 1)], 1).expect("valid");
+        let mut now = 1;
+        let mut at_ceiling = 0;
+        for _ in 0..n {
+            let (id, _) = launches(&e.take_actions())[0];
+            now += 1;
+            let before = resizes(&e).len();
+            let observation = if heap { jvm_oom() } else { oom_killed() };
+            e.observe(ExecutorId::new(id), observation, now);
+            if resizes(&e).len() == before {
+                at_ceiling += 1;
+            }
+        }
+        let grown = resizes(&e).len();
+        prop_assert_eq!(grown + at_ceiling, n);
+        let expected = if grown == 0 || at_ceiling > 0 { n } else { n - 1 };
+        prop_assert_eq!(e.failures() as usize, expected);
+    }
+
     /// With resizing, a profile whose executors keep running out of memory fails only after
     /// it reached the ceiling: the failure limit still ends a hopeless application.
     #[test]
