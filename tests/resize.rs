@@ -199,6 +199,14 @@ async fn bad_resize_settings_are_refused_naming_the_key() {
         (policy(0.5, 0), "spark.stoker.resize.factor"),
         (policy(f64::NAN, 0), "spark.stoker.resize.factor"),
         (policy(1.5, 512), "spark.stoker.resize.maxMemory"),
+        (policy(11.0, 0), "spark.stoker.resize.factor"),
+        (
+            Some(pb::ResizePolicy {
+                sizing_key: "nightly\netl".into(),
+                ..policy(1.5, 0).expect("policy")
+            }),
+            "spark.stoker.sizing.key",
+        ),
     ] {
         let status = h
             .client
