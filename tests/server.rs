@@ -636,6 +636,37 @@ async fn bad_input_gets_its_status_and_changes_nothing() {
     let mut r = register_request("app-2");
     r.known_executor_ids = vec!["x".into()];
     bad.push((r, "known_executor_ids[0]"));
+    // Spark-built pods: one per profile, for profiles of the template, a lower-case placeholder.
+    let spark_pods = |profiles: Vec<i32>, placeholder: &str| pb::SparkPods {
+        placeholder_executor_id: placeholder.into(),
+        profiles: profiles
+            .into_iter()
+            .map(|id| pb::SparkProfilePod {
+                resource_profile_id: id,
+                pod_json: "{}".into(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    for (pods, field) in [
+        (
+            spark_pods(vec![], "stokerexecid"),
+            "template.spark_pods.profiles",
+        ),
+        (
+            spark_pods(vec![0, 5], "stokerexecid"),
+            "template.spark_pods.profiles[1].resource_profile_id",
+        ),
+        (
+            spark_pods(vec![0], "Exec-1"),
+            "template.spark_pods.placeholder_executor_id",
+        ),
+    ] {
+        let mut r = register_request("app-2");
+        r.template.as_mut().expect("template").spark_pods = Some(pods);
+        bad.push((r, field));
+    }
     for (request, field) in bad {
         let status = h
             .client
