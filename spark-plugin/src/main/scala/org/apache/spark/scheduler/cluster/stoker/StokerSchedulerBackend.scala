@@ -15,6 +15,7 @@ import dev.stoker.proto.v1.{ExecutorTemplate, ResourceProfile => ProtoProfile, S
 import io.grpc.ManagedChannel
 
 import org.apache.spark.SparkContext
+import org.apache.spark.deploy.security.HadoopDelegationTokenManager
 import org.apache.spark.internal.config.SCHEDULER_MIN_REGISTERED_RESOURCES_RATIO
 import org.apache.spark.resource.ResourceProfile
 import org.apache.spark.rpc.RpcAddress
@@ -249,6 +250,14 @@ private[spark] class StokerSchedulerBackend(
     totalRegisteredExecutors.get() >= minRegisteredExecutors
 
   override def createDriverEndpoint(): DriverEndpoint = new StokerDriverEndpoint()
+
+  /**
+   * As Spark's Kubernetes (and YARN) backend: with Hadoop security on, the driver obtains Hadoop
+   * delegation tokens (renewing them with a keytab when one is configured) and sends them to its
+   * executors. Spark calls this only when UserGroupInformation.isSecurityEnabled.
+   */
+  override protected def createTokenManager(): Option[HadoopDelegationTokenManager] =
+    Some(new HadoopDelegationTokenManager(conf, sc.hadoopConfiguration, driverEndpoint))
 
   /**
    * As on Kubernetes: a disconnected executor is only disabled; stoker's EXITED event then
