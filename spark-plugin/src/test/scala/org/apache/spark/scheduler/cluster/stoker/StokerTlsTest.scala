@@ -152,6 +152,52 @@ class StokerTlsTest extends Checks {
     eventually("a call on the rotated files succeeds") { register(ch).isSuccess }
   }
 
+  /** PEM of `der` as `kind`. */
+  private def pemOf(kind: String, der: Array[Byte]): Array[Byte] =
+    (s"-----BEGIN $kind-----\n" + Base64.getMimeEncoder(64, "\n".getBytes).encodeToString(der) +
+      s"\n-----END $kind-----\n").getBytes(StandardCharsets.US_ASCII)
+
+  /** A DER element with a short-or-long length. */
+  private def tlv(tag: Int, content: Array[Byte]): Array[Byte] = {
+    val n = content.length
+    val length =
+      if (n < 0x80) Array(n.toByte)
+      else { val b = BigInt(n).toByteArray.dropWhile(_ == 0); Array((0x80 | b.length).toByte) ++ b }
+    Array(tag.toByte) ++ length ++ content
+  }
+
+  @Test def keysInTheEncodingsCertManagerWritesAreRead(): Unit = {
+    // SEC1 `EC PRIVATE KEY` with its curve (cert-manager's default for ECDSA keys).
+    val ec = java.security.KeyPairGenerator.getInstance("EC")
+    ec.initialize(new java.security.spec.ECGenParameterSpec("secp256r1"))
+    val ecKey = ec.generateKeyPair().getPrivate.asInstanceOf[java.security.interfaces.ECPrivateKey]
+    val scalar = ecKey.getS.toByteArray.dropWhile(_ == 0).reverse.padTo(32, 0.toByte).reverse
+    val p256 = Array[Byte](0x06, 0x08, 0x2a, 0x86.toByte, 0x48, 0xce.toByte, 0x3d, 0x03, 0x01, 0x07)
+    val sec1 = tlv(0x30, Array[Byte](0x02, 0x01, 0x01) ++ tlv(0x04, scalar) ++ tlv(0xa0, p256))
+    val readEc = StokerTls.parsePrivateKey(pemOf("EC PRIVATE KEY", sec1))
+    eq(ecKey.getS, readEc.asInstanceOf[java.security.interfaces.ECPrivateKey].getS, "EC scalar")
+
+    // PKCS#1 `RSA PRIVATE KEY` (cert-manager's default for RSA keys): the inner part of the
+    // PKCS#8 encoding Java makes, after its fixed 26-byte header for a 2048-bit key.
+    val rsa = java.security.KeyPairGenerator.getInstance("RSA")
+    rsa.initialize(2048)
+    val rsaKey = rsa.generateKeyPair().getPrivate
+      .asInstanceOf[java.security.interfaces.RSAPrivateCrtKey]
+    val pkcs1 = rsaKey.getEncoded.drop(26)
+    eq(0x30, pkcs1(0) & 0xff, "PKCS#1 starts with a SEQUENCE")
+    val readRsa = StokerTls.parsePrivateKey(pemOf("RSA PRIVATE KEY", pkcs1))
+      .asInstanceOf[java.security.interfaces.RSAPrivateCrtKey]
+    eq(rsaKey.getModulus, readRsa.getModulus, "RSA modulus")
+    eq(rsaKey.getPrivateExponent, readRsa.getPrivateExponent, "RSA exponent")
+
+    // PKCS#8 as is; an encrypted key is refused by key.
+    eq(ecKey.getS, StokerTls.parsePrivateKey(pemOf("PRIVATE KEY", ecKey.getEncoded))
+      .asInstanceOf[java.security.interfaces.ECPrivateKey].getS, "PKCS#8")
+    val encrypted = intercept[SparkException](
+      StokerTls.parsePrivateKey(pemOf("ENCRYPTED PRIVATE KEY", Array[Byte](0x30, 0x00))))
+    check(encrypted.getMessage.contains(StokerTls.KeyFile), encrypted.getMessage)
+  }
+
   @Test def badSettingsAreRefusedByKey(): Unit = {
     val id = selfSigned("stoker-d")
     val ca = install("ca.pem", id.cert)
