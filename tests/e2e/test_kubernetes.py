@@ -340,9 +340,16 @@ def test_driver_pod_deletion_garbage_collects_executors(kube, testbed, process_k
     for p in execs:
         owners = p["metadata"].get("ownerReferences") or []
         assert [(o["kind"], o["name"], o["uid"]) for o in owners] == [("Pod", name, uid)], owners
+    # The executor ConfigMap of the Spark-built pods is the driver pod's too.
+    config_maps = lambda: testbed.api.get("/api/v1/namespaces/default/configmaps",
+                                          labelSelector=f"stoker.dev/instance={kube.instance}")["items"]
+    [cm] = config_maps()
+    owners = cm["metadata"].get("ownerReferences") or []
+    assert [(o["kind"], o["name"], o["uid"]) for o in owners] == [("Pod", name, uid)], owners
     kube.kill9()  # nobody left to delete them but the garbage collector
     testbed.api.delete_pod(name, grace=0)
     wait_until(lambda: not pods_of(testbed, kube.instance), 60, "executor pods garbage-collected")
+    wait_until(lambda: not config_maps(), 60, "the executor ConfigMap garbage-collected")
     testbed.api.wait_pod_gone(name, 60)
 
 
