@@ -564,6 +564,15 @@ fn same_identity(
         return Ok(());
     };
     match caller {
+        // A driver whose token is bound to its pod (a projected token) stays bound to that pod:
+        // another pod of the same ServiceAccount is another driver.
+        Some(caller) if caller.same_user(owner) && owner.pod_uid.is_some() && caller.pod_uid != owner.pod_uid => {
+            Err(ApiError::PermissionDenied(format!(
+                "application {app_id} belongs to the driver pod {} of {}; the caller is another pod",
+                owner.pod_name.as_deref().unwrap_or("?"),
+                owner.username
+            )))
+        }
         Some(caller) if caller.same_user(owner) => Ok(()),
         Some(caller) => Err(ApiError::PermissionDenied(format!(
             "application {app_id} belongs to {}; the caller is {}",

@@ -295,6 +295,14 @@ pub struct Limits {
         default_value_t = 200
     )]
     pub max_applications_per_namespace: usize,
+    /// Applications registered at once by one driver identity (a ServiceAccount), with
+    /// `--auth kubernetes`: one team's runaway job submitter cannot take every slot.
+    #[arg(
+        long,
+        env = "STOKER_MAX_APPLICATIONS_PER_IDENTITY",
+        default_value_t = 100
+    )]
+    pub max_applications_per_identity: usize,
     /// Executors per resource profile of one application.
     #[arg(
         long,
@@ -387,6 +395,7 @@ impl Default for Limits {
         Self {
             max_applications: 1_000,
             max_applications_per_namespace: 200,
+            max_applications_per_identity: 100,
             max_executors_per_profile: 10_000,
             max_executors_per_application: 10_000,
             max_executors: 20_000,

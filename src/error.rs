@@ -75,6 +75,9 @@ pub enum Limit {
     Applications,
     /// Applications registered at once in one namespace (`--max-applications-per-namespace`).
     ApplicationsPerNamespace,
+    /// Applications registered at once by one driver identity
+    /// (`--max-applications-per-identity`, with `--auth kubernetes`).
+    ApplicationsPerIdentity,
     /// The total of one resource profile (`--max-executors-per-profile`).
     ExecutorsPerProfile,
     /// The totals of one application, summed over its profiles
@@ -91,9 +94,10 @@ pub enum Limit {
 
 impl Limit {
     /// Every limit, for metrics that start at zero.
-    pub const ALL: [Limit; 7] = [
+    pub const ALL: [Limit; 8] = [
         Self::Applications,
         Self::ApplicationsPerNamespace,
+        Self::ApplicationsPerIdentity,
         Self::ExecutorsPerProfile,
         Self::ExecutorsPerApplication,
         Self::Executors,
@@ -106,6 +110,7 @@ impl Limit {
         match self {
             Self::Applications => "applications",
             Self::ApplicationsPerNamespace => "applications_per_namespace",
+            Self::ApplicationsPerIdentity => "applications_per_identity",
             Self::ExecutorsPerProfile => "executors_per_profile",
             Self::ExecutorsPerApplication => "executors_per_application",
             Self::Executors => "executors",
@@ -119,6 +124,7 @@ impl Limit {
         match self {
             Self::Applications => "--max-applications",
             Self::ApplicationsPerNamespace => "--max-applications-per-namespace",
+            Self::ApplicationsPerIdentity => "--max-applications-per-identity",
             Self::ExecutorsPerProfile => "--max-executors-per-profile",
             Self::ExecutorsPerApplication => "--max-executors-per-application",
             Self::Executors => "--max-executors",
@@ -137,6 +143,7 @@ impl Limit {
             }
             Self::Applications
             | Self::ApplicationsPerNamespace
+            | Self::ApplicationsPerIdentity
             | Self::Executors
             | Self::WatchesPerApplication => Code::ResourceExhausted,
         }

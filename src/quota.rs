@@ -29,6 +29,8 @@ use crate::error::{Limit, LimitError};
 pub struct QuotaKey {
     /// The application's namespace; empty for the local backend (one namespace for all).
     pub namespace: String,
+    /// The driver identity that registered it (`--auth kubernetes`), by user name.
+    pub identity: Option<String>,
 }
 
 impl QuotaKey {
@@ -44,7 +46,10 @@ impl QuotaKey {
                 }
             }
         };
-        Self { namespace }
+        Self {
+            namespace,
+            identity: template.identity.as_ref().map(|i| i.username.clone()),
+        }
     }
 
     fn describe_namespace(&self) -> String {
@@ -60,6 +65,7 @@ impl QuotaKey {
 struct Usage {
     applications: usize,
     per_namespace: HashMap<String, usize>,
+    per_identity: HashMap<String, usize>,
     executors: u64,
 }
 
@@ -68,6 +74,7 @@ struct Usage {
 pub struct Quotas {
     max_applications: usize,
     max_applications_per_namespace: usize,
+    max_applications_per_identity: usize,
     max_executors_per_application: u64,
     max_executors: u64,
     usage: Mutex<Usage>,
@@ -79,6 +86,7 @@ impl Quotas {
         Self {
             max_applications: limits.max_applications,
             max_applications_per_namespace: limits.max_applications_per_namespace,
+            max_applications_per_identity: limits.max_applications_per_identity,
             max_executors_per_application: limits.max_executors_per_application,
             max_executors: limits.max_executors,
             usage: Mutex::new(Usage::default()),
@@ -137,7 +145,23 @@ impl Quotas {
                 ),
             ));
         }
+        if let Some(identity) = &key.identity {
+            let by_identity = usage.per_identity.get(identity).copied().unwrap_or(0);
+            if by_identity >= self.max_applications_per_identity {
+                return Err(LimitError::new(
+                    Limit::ApplicationsPerIdentity,
+                    format!(
+                        "applications: {identity} has {by_identity} applications, the limit set \
+                         by {}; retry when one has ended",
+                        Limit::ApplicationsPerIdentity.flag()
+                    ),
+                ));
+            }
+        }
         self.check_executors(&usage, 0, executors, app_id, "initial_targets")?;
+        if let Some(identity) = &key.identity {
+            *usage.per_identity.entry(identity.clone()).or_default() += 1;
+        }
         usage.applications += 1;
         *usage
             .per_namespace
@@ -252,6 +276,14 @@ impl Drop for Admission {
                 usage.per_namespace.remove(&self.key.namespace);
             }
         }
+        if let Some(identity) = &self.key.identity {
+            if let Some(count) = usage.per_identity.get_mut(identity) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    usage.per_identity.remove(identity);
+                }
+            }
+        }
         usage.executors = usage.executors.saturating_sub(self.executors);
     }
 }
@@ -290,7 +322,36 @@ mod tests {
     fn key(ns: &str) -> QuotaKey {
         QuotaKey {
             namespace: ns.into(),
+            identity: None,
         }
+    }
+
+    #[test]
+    fn one_identity_cannot_take_every_slot_and_gets_its_slots_back() {
+        let q = Arc::new(Quotas::new(&Limits {
+            max_applications_per_identity: 2,
+            ..Limits::default()
+        }));
+        let of = |who: &str| QuotaKey {
+            namespace: "etl".into(),
+            identity: Some(who.into()),
+        };
+        let a = q.admit(&app("a"), of("alice"), 1).expect("a");
+        let _b = q.admit(&app("b"), of("alice"), 1).expect("b");
+        let err = q
+            .admit(&app("c"), of("alice"), 1)
+            .expect_err("alice is at her limit");
+        assert_eq!(err.limit, Limit::ApplicationsPerIdentity);
+        assert!(
+            err.to_string().contains("--max-applications-per-identity"),
+            "{err}"
+        );
+        assert_eq!(q.applications(), 2, "a refusal counts nothing");
+        let _d = q.admit(&app("d"), of("bob"), 1).expect("bob has his own");
+        drop(a);
+        let _c = q
+            .admit(&app("c"), of("alice"), 1)
+            .expect("a slot came back");
     }
 
     fn app(name: &str) -> AppId {

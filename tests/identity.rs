@@ -38,6 +38,11 @@ impl Authenticator for FakeKubernetes {
             Some("alice") => Ok(Some(identity("team-a"))),
             Some("bob") => Ok(Some(identity("team-b"))),
             Some("ops") => Ok(Some(identity("ops"))),
+            Some(pod) if pod.starts_with("carol-pod-") => Ok(Some(DriverIdentity {
+                pod_name: Some(pod.into()),
+                pod_uid: Some(format!("uid-{pod}")),
+                ..identity("team-c")
+            })),
             Some(_) => Err(ApiError::NotAuthenticated("token refused".into())),
             None => Err(ApiError::NotAuthenticated("authorization: missing".into())),
         }
@@ -304,4 +309,30 @@ async fn inspection_needs_the_admin_token_or_an_identity_rbac_allows() {
         .expect("ops may look")
         .into_inner();
     assert_eq!(got.app_id, "a");
+}
+
+#[tokio::test]
+async fn a_driver_bound_to_its_pod_stays_bound_to_it() {
+    let (_running, _, mut client) = start().await;
+    let token = client
+        .register_application(as_bearer(registration("a", ""), Some("carol-pod-1")))
+        .await
+        .expect("registered")
+        .into_inner()
+        .token;
+    let heartbeat = pb::HeartbeatRequest {
+        app_id: "a".into(),
+        token,
+        acked_seq: 0,
+    };
+    client
+        .heartbeat(as_bearer(heartbeat.clone(), Some("carol-pod-1")))
+        .await
+        .expect("the same pod");
+    let err = client
+        .heartbeat(as_bearer(heartbeat, Some("carol-pod-2")))
+        .await
+        .expect_err("another pod of the same ServiceAccount");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("carol-pod-1"), "{err}");
 }

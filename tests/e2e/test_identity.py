@@ -22,7 +22,7 @@ def refused(driver, timeout=240):
     return driver.log()
 
 
-def test_no_token_or_a_token_for_another_audience_is_unauthenticated(kube, testbed, driver_factory):
+def test_no_token_a_token_for_another_audience_or_of_a_deleted_account_is_unauthenticated(kube, testbed, driver_factory):
     no_token = driver_factory(kube, *k8s_args(token=False), "--conf", "spark.stoker.registration.timeout=5s")
     assert "UNAUTHENTICATED" in refused(no_token)
     wrong = driver_token(audience="https://kubernetes.default.svc")
@@ -30,6 +30,12 @@ def test_no_token_or_a_token_for_another_audience_is_unauthenticated(kube, testb
                            "--conf", f"spark.stoker.auth.tokenFile={wrong}")
     log = refused(other)
     assert "UNAUTHENTICATED" in log and "token" in log
+    # A token of a ServiceAccount deleted since it was issued.
+    gone = driver_token("default", sa="gone", edit=False)
+    testbed.api.delete("/api/v1/namespaces/default/serviceaccounts/gone")
+    orphan = driver_factory(kube, *k8s_args(token=False), "--conf", "spark.stoker.registration.timeout=5s",
+                            "--conf", f"spark.stoker.auth.tokenFile={gone}")
+    assert "UNAUTHENTICATED" in refused(orphan)
     assert not pods_of(testbed, kube.instance)
     assert "application" not in kube.cli("apps").stdout.split("\n", 1)[-1]
 
