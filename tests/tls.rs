@@ -448,6 +448,79 @@ async fn unusable_files_are_refused_at_start_with_the_file_named() {
     assert!(matches!(err, TlsError::Pair { .. }), "{err:?}");
 }
 
+/// The elements inside the DER SEQUENCE `der` (short and long lengths), as (tag, content).
+fn der_children(der: &[u8]) -> Vec<(u8, &[u8])> {
+    fn element(der: &[u8]) -> (u8, &[u8], &[u8]) {
+        let tag = der[0];
+        let (len, header) = match der[1] {
+            n if n < 0x80 => (usize::from(n), 2),
+            n => {
+                let count = usize::from(n & 0x7f);
+                let len = der[2..2 + count]
+                    .iter()
+                    .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+                (len, 2 + count)
+            }
+        };
+        (tag, &der[header..header + len], &der[header + len..])
+    }
+    let (_, mut rest, _) = element(der);
+    let mut children = Vec::new();
+    while !rest.is_empty() {
+        let (tag, content, after) = element(rest);
+        children.push((tag, content));
+        rest = after;
+    }
+    children
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_sec1_ec_key_as_cert_manager_writes_it_is_served() {
+    let ca = Ca::new("test CA");
+    let leaf = ca.server();
+    // PKCS#8 wraps the SEC1 `ECPrivateKey` in its last element (an OCTET STRING).
+    let pkcs8 = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_slice(leaf.key_pem.as_bytes())
+        .expect("PKCS#8 key");
+    let children = der_children(pkcs8.secret_pkcs8_der());
+    let (tag, sec1) = children.last().copied().expect("private key element");
+    assert_eq!(tag, 0x04, "an OCTET STRING");
+    let sec1_pem = format!(
+        "-----BEGIN EC PRIVATE KEY-----\n{}\n-----END EC PRIVATE KEY-----\n",
+        base64(sec1)
+    );
+    let files = Files::new(&leaf, None);
+    std::fs::write(files.path("tls.key"), sec1_pem).expect("write SEC1 key");
+    let running = start(files.settings(false)).await;
+    let (_, served) = connect_raw(running.grpc_addr, &ca, b"h2")
+        .await
+        .expect("TLS with a SEC1 key");
+    assert_eq!(served, leaf.der);
+    let channel = tls_channel(&running, &ca, None)
+        .await
+        .expect("TLS connects");
+    check(channel).await.expect("health");
+    running.shutdown().await.expect("shutdown");
+}
+
 fn client_args(running: &Running, ca: Option<&Path>, identity: Option<&Files>) -> ClientArgs {
     ClientArgs {
         server: format!("https://{}", running.grpc_addr),
