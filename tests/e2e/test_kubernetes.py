@@ -775,3 +775,48 @@ def test_deploy_manifests_use_only_flags_stoker_knows(testbed):
             assert re.search(rf"\s{re.escape(flag)}\b", help_text), f"deploy/{overlay} passes unknown {flag}"
 
 
+
+
+def test_an_in_cluster_driver_owns_the_on_demand_claims(kube, testbed, process_kubelet, work_dir):
+    """spark.kubernetes.driver.ownPersistentVolumeClaim (Spark's default) with a driver pod: the
+    executor's OnDemand claim is owned by the driver pod, not by the executor's pod, and goes
+    with the driver pod (garbage collector; stoker is down by then)."""
+    name = "driver-pvc"
+    driver_service_account("default")
+    v = "spark.kubernetes.executor.volumes.persistentVolumeClaim.data."
+    command = [sys.executable, str(JOBS / "shuffle.py"), kube.address, "--executors", "1",
+               *k8s_args("default", token=False),
+               "--conf", "spark.stoker.auth.tokenFile=/var/run/secrets/stoker/token",
+               "--conf", f"spark.kubernetes.driver.pod.name={name}",
+               *conf_args({v + "mount.path": "/data", v + "options.claimName": "OnDemand",
+                           v + "options.storageClass": "stoker-e2e-none", v + "options.sizeLimit": "1Gi"})]
+    env = [{"name": "STOKER_PLUGIN_JAR", "value": str(JAR)},
+           {"name": "PYSPARK_PYTHON", "value": sys.executable},
+           {"name": "PYSPARK_DRIVER_PYTHON", "value": sys.executable},
+           {"name": "SPARK_LOCAL_IP", "value": "127.0.0.1"}]
+    pod = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"spark-role": "driver"}},
+        "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 2,
+                 "serviceAccountName": "spark",
+                 "nodeSelector": {"kubernetes.io/hostname": process_kubelet.node},
+                 "containers": [{"name": "driver", "image": "python:3.11", "command": command,
+                                 "env": env, "resources": {"limits": {"memory": "3Gi"}},
+                                 "volumeMounts": [{"name": "stoker-token",
+                                                   "mountPath": "/var/run/secrets/stoker"}]}],
+                 "volumes": [{"name": "stoker-token", "projected": {"sources": [
+                     {"serviceAccountToken": {"audience": "stoker", "path": "token",
+                                              "expirationSeconds": 3600}}]}}]},
+    }
+    uid = testbed.api.create_pod(pod)["metadata"]["uid"]
+    try:
+        [executor] = wait_until(lambda: pods_of(testbed, kube.instance), 180, "the executor pod")
+        claim_path = f"/api/v1/namespaces/default/persistentvolumeclaims/{executor['metadata']['name']}-pvc-0"
+        claim = wait_until(lambda: testbed.api.get_opt(claim_path), 60, "the on-demand claim")
+        owners = claim["metadata"].get("ownerReferences") or []
+        assert [(o["kind"], o["name"], o["uid"]) for o in owners] == [("Pod", name, uid)], owners
+        kube.kill9()  # nobody left to delete them but the garbage collector
+    finally:
+        testbed.api.delete_pod(name, grace=0)
+    wait_until(lambda: not pods_of(testbed, kube.instance), 60, "the executor pod garbage-collected")
+    wait_until(lambda: not testbed.api.get_opt(claim_path), 60, "the claim garbage-collected with the driver pod")
