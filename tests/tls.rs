@@ -323,6 +323,37 @@ async fn a_tls_client_is_served_and_a_plaintext_client_is_not() {
 }
 
 #[tokio::test]
+async fn silent_connections_do_not_hold_up_other_clients() {
+    let ca = Ca::new("test CA");
+    let files = Files::new(&ca.server(), None);
+    let running = start(files.settings(false)).await;
+    // Connections that never send a ClientHello: each handshake waits in its own task.
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(
+            TcpStream::connect(running.grpc_addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    // Well within the 10 s a silent handshake is given: no queueing behind the silent ones.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let channel = tls_channel(&running, &ca, None)
+            .await
+            .expect("TLS connects");
+        check(channel)
+            .await
+            .expect("health while others stay silent");
+    })
+    .await
+    .expect("served while silent connections wait");
+    let metrics = metrics_text(running.metrics_addr.expect("metrics"), &ca).await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    drop(silent);
+    running.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
 async fn with_a_client_ca_only_clients_with_its_certificates_are_served() {
     let server_ca = Ca::new("server CA");
     let client_ca = Ca::new("client CA");
