@@ -208,8 +208,11 @@ private[spark] object StokerTls extends Logging {
     private case class Identity(alias: String, chain: Array[X509Certificate], key: PrivateKey)
 
     private val generation = new AtomicLong()
-    /** The identity before the current one: a handshake may pick an alias just before a reload. */
-    @volatile private var previous: Identity = null
+    /**
+     * The current identity and the one before it, newest first: a handshake that picked an
+     * alias just before a reload still gets that alias's certificate and key.
+     */
+    @volatile private var known: List[Identity] = Nil
     private val identity = new Reloading(
       Seq(CertFile -> Paths.get(certFile), KeyFile -> Paths.get(keyFile)), bytes => {
         val chain = parseCertificates(CertFile, bytes(0)).toArray
@@ -221,16 +224,15 @@ private[spark] object StokerTls extends Logging {
         Identity(s"stoker-client-${generation.incrementAndGet()}", chain, key)
       })
 
-    private def current(): Identity = {
+    private def current(): Identity = synchronized {
       val id = identity.current()
-      val before = previous
-      if (before == null || before.alias != id.alias) previous = id
+      if (!known.headOption.exists(_.alias == id.alias)) known = (id :: known).take(2)
       id
     }
 
     private def byAlias(alias: String): Option[Identity] = {
-      val id = identity.current()
-      Seq(id, previous).find(i => i != null && i.alias == alias)
+      current()
+      known.find(_.alias == alias)
     }
 
     private def choose(keyTypes: Array[String]): String = {

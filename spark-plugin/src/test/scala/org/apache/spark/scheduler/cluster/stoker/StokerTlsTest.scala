@@ -198,6 +198,26 @@ class StokerTlsTest extends Checks {
     check(encrypted.getMessage.contains(StokerTls.KeyFile), encrypted.getMessage)
   }
 
+  @Test def aHandshakeKeepsTheIdentityItChoseAcrossAReload(): Unit = {
+    val (one, two) = (selfSigned("driver-f1"), selfSigned("driver-f2"))
+    val cert = install("client.crt", one.cert)
+    val key = install("client.key", one.key)
+    val manager = new StokerTls.ReloadingKeyManager(cert, key)
+    val chosen = manager.chooseEngineClientAlias(Array("EC"), null, null)
+    check(chosen != null, "an alias for an EC key")
+    val firstChain = manager.getCertificateChain(chosen).toSeq
+    // Rotated between choosing the alias and reading its key, as a handshake may see it, while
+    // another connection's handshake already picks the new identity.
+    install("client.key", two.key)
+    install("client.crt", two.cert)
+    val next = manager.chooseEngineClientAlias(Array("EC"), null, null)
+    check(next != chosen, s"a new alias after the reload, got $next")
+    eq(firstChain, manager.getCertificateChain(chosen).toSeq, "the chosen alias's chain")
+    check(manager.getPrivateKey(chosen) != null, "the chosen alias's key")
+    check(manager.getCertificateChain(next).head != firstChain.head, "the rotated certificate")
+    eq(null, manager.chooseEngineClientAlias(Array("RSA"), null, null), "no RSA key")
+  }
+
   @Test def badSettingsAreRefusedByKey(): Unit = {
     val id = selfSigned("stoker-d")
     val ca = install("ca.pem", id.cert)
