@@ -25,6 +25,7 @@ pub mod lease;
 pub mod limiter;
 pub mod pod;
 mod resources;
+pub mod size;
 pub mod spark_pod;
 pub mod status;
 mod watch;
@@ -258,8 +259,13 @@ impl KubernetesBackend {
             } => {
                 info!(app = %key.0, executor = %key.1, %reason, message = %message, "executor pod ended")
             }
+            // Quota refusals are logged where they happen (writer.rs); the index reports pods
+            // the scheduler cannot place.
+            Observation::Waiting { message } if message.contains("cannot be scheduled") => {
+                warn!(app = %key.0, executor = %key.1, reason = %message, "executor pod cannot be scheduled")
+            }
             Observation::Waiting { message } => {
-                warn!(app = %key.0, executor = %key.1, message = %message, "executor waits")
+                debug!(app = %key.0, executor = %key.1, message = %message, "executor waits")
             }
             Observation::Accepted { .. } | Observation::Running { .. } => {}
         }
@@ -286,6 +292,10 @@ impl ExecutorBackend for KubernetesBackend {
         "kubernetes"
     }
 
+    fn honours_size(&self) -> bool {
+        true
+    }
+
     fn launch(&self, request: LaunchRequest) {
         let key = (request.app_id.clone(), request.executor_id);
         let digest = pod::token_digest(&request.token);
@@ -303,6 +313,24 @@ impl ExecutorBackend for KubernetesBackend {
                 return;
             }
         };
+        // A replacement grown after an out-of-memory failure starts at its chosen size.
+        let sized = match request.template.profiles.get(&request.profile) {
+            Some(profile) => {
+                size::apply(&mut pod_spec, profile, request.size).map_err(|e| e.to_string())
+            }
+            None => Err(format!("resource profile {} is unknown", request.profile)),
+        };
+        if let Err(message) = sized {
+            self.report(
+                &key,
+                Observation::Exited {
+                    code: None,
+                    reason: ExitReason::StartFailed,
+                    message,
+                },
+            );
+            return;
+        }
         let namespace = pod_spec.metadata.namespace.clone().unwrap_or_default();
         let name = pod_spec.metadata.name.clone().unwrap_or_default();
         let owner = request

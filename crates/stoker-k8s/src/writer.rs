@@ -234,6 +234,8 @@ impl KubernetesBackend {
                 Err(kube::Error::Api(s)) if is_retryable(&s) => {
                     if s.code == 403 && !told_quota {
                         told_quota = true;
+                        warn!(app = %key.0, executor = %key.1, namespace = %namespace, error = %s.message,
+                            "resource quota exceeded: the executor stays requested and creation is retried with backoff");
                         let message = format!(
                             "namespace {namespace}: {} (stoker retries with backoff)",
                             s.message
