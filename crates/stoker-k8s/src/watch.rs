@@ -3,7 +3,7 @@
 
 use futures::StreamExt;
 use kube::runtime::{watcher, WatchStreamExt};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::index::PodIndex;
 use crate::KubernetesBackend;
@@ -21,10 +21,13 @@ impl KubernetesBackend {
             .boxed();
         while let Some(event) = stream.next().await {
             match event {
-                Ok(watcher::Event::Init) => self.apply(|index| {
-                    index.relist_started();
-                    Vec::new()
-                }),
+                Ok(watcher::Event::Init) => {
+                    info!("pod watch: listing pods (start-up, or a re-list after 410 Gone)");
+                    self.apply(|index| {
+                        index.relist_started();
+                        Vec::new()
+                    })
+                }
                 Ok(watcher::Event::InitApply(p)) => self.apply(|index| index.relist_apply(&p)),
                 Ok(watcher::Event::InitDone) => self.apply(PodIndex::relist_done),
                 Ok(watcher::Event::Apply(p)) => self.apply(|index| index.apply(&p)),
