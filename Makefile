@@ -6,7 +6,7 @@ VENV := $(CACHE)/venv-pyspark-4.2.0
 JAR := spark-plugin/target/stoker-spark-plugin.jar
 
 
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick chaos chaos-quick
 .PHONY: setup demo test test-rust test-plugin test-e2e test-testbed lint
 
 setup:
@@ -44,3 +44,12 @@ bench:
 
 bench-quick:
 	scripts/bench.sh --quick
+
+# The fault matrix (tests/chaos/chaos.py, not part of `make test`, which runs its quick variant
+# tests/e2e/test_chaos.py): every case 10 times, ramps of 500 executor pods; prints the table and
+# writes target/chaos/chaos.md. Exits non-zero when a loss figure is not 0.
+chaos: setup
+	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python tests/chaos/chaos.py --out target/chaos
+
+chaos-quick: setup
+	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python tests/chaos/chaos.py --quick --out target/chaos

@@ -1,0 +1,828 @@
+"""A fault matrix on the Kubernetes test bed: stoker's Kubernetes backend under faults, with the
+loss figures that must stay at zero.
+
+Each case is one function that runs one ramp (a real Spark 4.2.0 driver, tests/bench/jobs/hold.py,
+asking stoker for N executors, on a process-less kubelet) with one fault in the middle of it, and
+returns one row of figures. `main` runs the matrix and prints a table; a non-zero loss figure (or
+a run that did not finish) makes it exit non-zero.
+
+Ground truth is the API server, not stoker: a pods watch of our own (straight to the API server,
+not through the fault proxy) records every ADDED pod per (stoker.dev/app-id annotation,
+spark-exec-id label); a second pod for one executor id is a duplicate. What stoker believes comes
+from `stoker executors <app>` (admin token); what the driver was told comes from the plugin's
+INFO log in the driver's stderr ("stoker: executor N exited ...").
+
+Usage: chaos.py [--quick] [--runs R] [--n N] [--cases a,b,c,d] [--out DIR]
+"""
+import argparse
+import base64
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+
+from testbed import ApiError, Kubelet, Testbed, wait_until  # noqa: E402
+
+STOKER = Path(os.environ.get("STOKER_BIN", ROOT / "target" / "debug" / "stoker"))
+JAR = Path(os.environ.get("STOKER_PLUGIN_JAR", ROOT / "spark-plugin" / "target" / "stoker-spark-plugin.jar"))
+HOLD = ROOT / "tests" / "bench" / "jobs" / "hold.py"
+IMAGE = "apache/spark:4.2.0"
+NODE = "chaos-noproc"
+LEASE_TTL_S = 10
+DELETE_GRACE_S = 3
+# The API server serves pods without its watch cache on the chaos test bed: a watch that resumes
+# from a resource version then goes to etcd, so compacting etcd turns the resume into 410 Gone (with
+# the cache, the resume is served from the cache's 75 s of history and never expires).
+TESTBED_ARGS = ["--apiserver-arg=--watch-cache-sizes=pods#0"]
+
+
+def log(msg):
+    print(f"[chaos {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- a TCP proxy between stoker and the API server ---------------------------------------------
+
+class FaultProxy:
+    """127.0.0.1 only. Forwards bytes unchanged (TLS passes through: the API server's certificate is
+    for 127.0.0.1). `blackhole()` stops forwarding and keeps every socket open (new connections are
+    accepted and held); `heal()` resumes; `drop()` resets every open connection. At most
+    `max_conns` connections at once (more are refused), two threads per connection."""
+
+    def __init__(self, upstream_port, max_conns=128):
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.lock = threading.Lock()
+        self.conns = set()
+        self.max_conns = max_conns
+        self.closed = False
+        self.accepted = 0
+        self.server = socket.socket()
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(64)
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True, name="proxy-accept").start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                down, _ = self.server.accept()
+            except OSError:
+                return
+            with self.lock:
+                if len(self.conns) >= self.max_conns:
+                    down.close()
+                    continue
+                self.conns.add(down)
+                self.accepted += 1
+            threading.Thread(target=self._serve, args=(down,), daemon=True).start()
+
+    def _serve(self, down):
+        up = None
+        try:
+            # Blackholed: the connection is held until healed (bounded: the proxy's lifetime).
+            while not self.flowing.wait(1.0):
+                if self.closed:
+                    return
+            up = socket.create_connection(self.upstream, timeout=10)
+            up.settimeout(None)
+            with self.lock:
+                if down not in self.conns:  # dropped meanwhile
+                    return
+                self.conns.add(up)
+            t = threading.Thread(target=self._pump, args=(up, down), daemon=True)
+            t.start()
+            self._pump(down, up)
+            t.join(timeout=600)
+        except OSError:
+            pass
+        finally:
+            for s in (down, up):
+                if s is not None:
+                    self._close(s)
+
+    def _pump(self, src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                # Blackholed: what was read is held here (one chunk), nothing more is read.
+                while not self.flowing.wait(1.0):
+                    if self.closed:
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _close(self, s, reset=False):
+        with self.lock:
+            self.conns.discard(s)
+        try:
+            if reset:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            s.close()
+        except OSError:
+            pass
+
+    def blackhole(self):
+        self.flowing.clear()
+
+    def heal(self):
+        self.flowing.set()
+
+    def drop(self):
+        """Resets every open connection (both sides)."""
+        with self.lock:
+            conns = list(self.conns)
+        for s in conns:
+            self._close(s, reset=True)
+        return len(conns)
+
+    def close(self):
+        self.closed = True
+        self.flowing.set()
+        try:
+            self.server.close()
+        except OSError:
+            pass
+        self.drop()
+
+
+# ---- ground truth: a pods watch of our own -----------------------------------------------------
+
+class PodWatch:
+    """Every pod event of one namespace, straight from the API server. Reconnects from the last
+    resource version; after a 410 it lists again and records the pods it had not seen as ADDED
+    (`gaps` counts those re-lists: a pod born and gone inside one would be missed)."""
+
+    def __init__(self, api, namespace):
+        self.api = api
+        self.path = f"/api/v1/namespaces/{namespace}/pods"
+        self.events = []  # (t, type, uid, app, exec_id, phase, deleting)
+        self.cond = threading.Condition()
+        self.closed = False
+        self.gaps = 0
+        self.seen = set()
+        self.rv = None
+        self.resp = None
+        self._list()
+        self.resp = self._open()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="pod-watch")
+        self.thread.start()
+
+    def _list(self):
+        out = self.api.get(self.path)
+        self.rv = out["metadata"]["resourceVersion"]
+        for p in out["items"]:
+            self._record("ADDED", p)
+
+    def _open(self):
+        q = {"watch": "1", "timeoutSeconds": "1800", "resourceVersion": self.rv}
+        req = urllib.request.Request(f"{self.api.url}{self.path}?{urllib.parse.urlencode(q)}")
+        req.add_header("Authorization", f"Bearer {self.api.token}")
+        return urllib.request.urlopen(req, context=self.api.ctx, timeout=1900)
+
+    def _record(self, typ, o):
+        meta = o.get("metadata") or {}
+        uid = meta.get("uid")
+        if typ == "ADDED" and uid in self.seen:
+            return
+        self.seen.add(uid)
+        status = o.get("status") if isinstance(o.get("status"), dict) else {}
+        ev = (time.monotonic(), typ, uid, (meta.get("annotations") or {}).get("stoker.dev/app-id"),
+              (meta.get("labels") or {}).get("spark-exec-id"), status.get("phase"),
+              bool(meta.get("deletionTimestamp")))
+        with self.cond:
+            self.events.append(ev)
+            self.cond.notify_all()
+
+    def _run(self):
+        attempts = 0
+        while not self.closed and attempts < 100:
+            try:
+                for line in self.resp:
+                    if not line.strip():
+                        continue
+                    ev = json.loads(line)
+                    o = ev.get("object") or {}
+                    if ev.get("type") == "ERROR":
+                        if o.get("code") == 410:
+                            self.gaps += 1
+                            self._list()
+                        break
+                    rv = (o.get("metadata") or {}).get("resourceVersion")
+                    if rv:
+                        self.rv = rv
+                    if ev.get("type") in ("ADDED", "MODIFIED", "DELETED"):
+                        self._record(ev["type"], o)
+            except Exception as e:  # noqa: BLE001 - broken stream: reconnect
+                if not self.closed:
+                    log(f"ground-truth watch broke ({e!r}); reconnecting")
+            if self.closed:
+                return
+            attempts += 1
+            try:
+                self.resp = self._open()
+            except Exception as e:  # noqa: BLE001
+                log(f"ground-truth watch reconnect failed ({e!r})")
+                time.sleep(0.5)
+
+    def snapshot(self):
+        with self.cond:
+            return list(self.events)
+
+    def added(self):
+        """{(app, exec id): [uid, ...]} of every pod ever ADDED."""
+        out = {}
+        for _, typ, uid, app, eid, _, _ in self.snapshot():
+            if typ == "ADDED":
+                out.setdefault((app, eid), []).append(uid)
+        return out
+
+    def state(self):
+        """{uid: (app, exec id, phase, deleting, gone)} as last seen."""
+        out = {}
+        for _, typ, uid, app, eid, ph, deleting in self.snapshot():
+            out[uid] = (app, eid, ph, deleting, typ == "DELETED")
+        return out
+
+    def first_deletion(self):
+        """Time of the first pod deletion seen (deletionTimestamp or DELETED), or None."""
+        for t, typ, _, _, _, _, deleting in self.snapshot():
+            if deleting or typ == "DELETED":
+                return t
+        return None
+
+    def wait_added(self, count, timeout, proc=None):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while sum(1 for e in self.events if e[1] == "ADDED") < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out after {timeout}s waiting for {count} pods")
+                if proc is not None and proc.poll() is not None:
+                    raise AssertionError(f"driver exited ({proc.returncode}) before {count} pods existed")
+                self.cond.wait(min(left, 0.5))
+
+    def close(self):
+        self.closed = True
+        try:
+            self.resp.fp.raw._sock.shutdown(socket.SHUT_RDWR)
+        except Exception:  # noqa: BLE001
+            pass
+        self.thread.join(timeout=10)
+
+
+# ---- stoker, drivers ---------------------------------------------------------------------------
+
+class ChaosStoker:
+    """stoker with --backend kubernetes whose API server is the fault proxy."""
+
+    def __init__(self, work, instance, kubeconfig, qps, burst):
+        self.work = work
+        self.instance = instance
+        self.kubeconfig = kubeconfig
+        self.port = free_port()
+        self.work_dir = work / f"stoker-{instance}"
+        self.log_path = work / f"stoker-{instance}.log"
+        self.qps, self.burst = qps, burst
+        self.proc = None
+
+    def start(self):
+        env = dict(os.environ)
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        env.setdefault("RUST_LOG", "info")
+        self.proc = subprocess.Popen(
+            # --auth none (loopback only): drivers carry no Kubernetes token; pods are written
+            # with the kubeconfig's (admin) identity.
+            [str(STOKER), "serve", "--backend", "kubernetes", "--auth", "none",
+             "--listen", f"127.0.0.1:{self.port}", "--metrics-listen", f"127.0.0.1:{free_port()}",
+             "--work-dir", str(self.work_dir), "--lease-ttl", f"{LEASE_TTL_S}s",
+             "--delete-grace", f"{DELETE_GRACE_S}s", "--kube-image", IMAGE,
+             "--kube-instance", self.instance, "--kube-qps", str(self.qps),
+             "--kube-burst", str(self.burst), "--kube-create-concurrency", "64"],
+            stdout=open(self.log_path, "a"), stderr=subprocess.STDOUT, env=env)
+
+        def listening():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"stoker exited ({self.proc.returncode}): {self.log()[-3000:]}")
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+        wait_until(listening, 60, "stoker to listen")
+        return self
+
+    def log(self):
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def executors(self, app_id):
+        """{exec id: (state, deleting)} as stoker reports them, or None if it cannot answer."""
+        try:
+            out = subprocess.run([str(STOKER), "executors", app_id, "--server", f"http://127.0.0.1:{self.port}",
+                                  "--work-dir", str(self.work_dir)], capture_output=True, text=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            return None
+        if out.returncode != 0:
+            return None
+        lines = out.stdout.splitlines()
+        if not lines:
+            return None
+        header = lines[0]
+        cols = {name: header.index(name) for name in ("EXECUTOR", "STATE", "HOST", "DELETING", "MEMORY")}
+        rows = {}
+        for line in lines[1:]:
+            if not line.strip() or line.startswith("profile "):
+                continue
+            eid = line[:cols["STATE"]].split()[0]
+            state = line[cols["STATE"]:cols["HOST"]].strip()
+            deleting = line[cols["DELETING"]:cols["MEMORY"]].strip() == "yes"
+            rows[eid] = (state, deleting)
+        return rows
+
+    def kill9(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+
+
+def log4j2(work):
+    path = work / "log4j2-driver.properties"
+    if not path.exists():
+        path.write_text("\n".join([
+            "rootLogger.level = warn",
+            "rootLogger.appenderRef.stderr.ref = console",
+            "appender.console.type = Console",
+            "appender.console.name = console",
+            "appender.console.target = SYSTEM_ERR",
+            "appender.console.layout.type = PatternLayout",
+            "appender.console.layout.pattern = %d{HH:mm:ss.SSS} %p %c{1}: %m%n%ex",
+            "logger.stoker.name = org.apache.spark.scheduler.cluster.stoker",
+            "logger.stoker.level = info", ""]))
+    return path
+
+
+EXITED = re.compile(r"stoker: executor (\d+) exited [^(]*\(([A-Z_0-9]+)\)")
+
+
+class HoldDriver:
+    """tests/bench/jobs/hold.py: a real Spark driver that asks for n executors and holds them."""
+
+    def __init__(self, work, stoker_port, namespace, n):
+        self.stop_file = work / f"stop-{namespace}"
+        self.log_path = work / f"driver-{namespace}.log"
+        self.out_path = work / f"driver-{namespace}.out"
+        env = dict(os.environ)
+        env.update(STOKER_PLUGIN_JAR=str(JAR), SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
+                   PYSPARK_DRIVER_PYTHON=sys.executable)
+        env.pop("SPARK_HOME", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HOLD), f"spark+stoker://127.0.0.1:{stoker_port}", "--executors", str(n),
+             "--stop-file", str(self.stop_file), "--max-seconds", "1200",
+             "--conf", f"spark.kubernetes.namespace={namespace}",
+             "--conf", f"spark.kubernetes.container.image={IMAGE}",
+             "--conf", f"spark.kubernetes.node.selector.kubernetes.io/hostname={NODE}",
+             "--conf", f"spark.executorEnv.PYSPARK_PYTHON={sys.executable}",
+             # The plugin's INFO lines (terminal events of executors stoker deleted or lost are
+             # INFO) pass PySpark's default WARN threshold only for a logger configured on its own.
+             "--conf", f"spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=file:{log4j2(work)}"],
+            stdout=open(self.out_path, "w"), stderr=open(self.log_path, "w"), env=env, start_new_session=True)
+
+    def ready(self, timeout=240):
+        def check():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"driver exited ({self.proc.returncode}): {self.log()[-3000:]}")
+            for line in self.out_path.read_text().splitlines():
+                if line.startswith("{") and json.loads(line).get("event") == "ready":
+                    return json.loads(line)
+            return None
+        return wait_until(check, timeout, "the driver to be ready", interval=0.3)
+
+    def log(self):
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def exited(self):
+        """{exec id: reason} of every terminal event the plugin logged."""
+        return {m.group(1): m.group(2) for m in EXITED.finditer(self.log())}
+
+    def stop(self, timeout=120):
+        self.stop_file.touch()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+
+    def kill9(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
+
+# ---- the harness -------------------------------------------------------------------------------
+
+class Harness:
+    def __init__(self, work=None, n=500, qps=50, blackhole_s=30):
+        self.work = Path(work or tempfile.mkdtemp(prefix="stoker-chaos-"))
+        self.n = n
+        self.qps = qps
+        self.blackhole_s = blackhole_s
+        self.runs = 0
+        self.testbed = self.kubelet = None
+
+    def start(self):
+        assert STOKER.exists(), f"{STOKER} missing: cargo build --bins"
+        assert JAR.exists(), f"{JAR} missing: run scripts/setup.sh"
+        (self.work / "kubelets").mkdir(parents=True, exist_ok=True)
+        extra = os.environ.get("STOKER_TESTBED_ARGS", "")
+        os.environ["STOKER_TESTBED_ARGS"] = " ".join([extra, *TESTBED_ARGS]).strip()
+        try:
+            self.testbed = Testbed(self.work / "testbed").start()
+        finally:
+            os.environ["STOKER_TESTBED_ARGS"] = extra
+        self.api = self.testbed.api
+        self.kubelet = Kubelet(self.testbed, self.work / "kubelets", NODE, mode="no-process", max_pods=20000,
+                               extra=("--cpu", "100000", "--memory", "100000Gi")).start()
+        return self
+
+    def stop(self):
+        if self.kubelet:
+            self.kubelet.stop()
+        if self.testbed:
+            self.testbed.stop()
+
+    # -- pieces --
+    def kubeconfig(self, proxy_port, name):
+        path = self.work / f"{name}.kubeconfig"
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "chaos",
+            "clusters": [{"name": "proxy", "cluster": {"server": f"https://127.0.0.1:{proxy_port}",
+                                                       "certificate-authority": self.testbed.env["CA_CERT"]}}],
+            "users": [{"name": "admin", "user": {"token": self.testbed.env["ADMIN_TOKEN"]}}],
+            "contexts": [{"name": "chaos", "context": {"cluster": "proxy", "user": "admin"}}]}))
+        return path
+
+    def namespace(self, name):
+        self.api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        wait_until(lambda: self.api.get_opt(f"/api/v1/namespaces/{name}/serviceaccounts/default"), 60,
+                   f"service account in {name}")
+        return name
+
+    def live_pods(self, ns):
+        """{exec id: pod} of pods neither deleting nor ended."""
+        out = {}
+        for p in self.api.pods(ns):
+            if p["metadata"].get("deletionTimestamp"):
+                continue
+            if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                continue
+            out[p["metadata"]["labels"].get("spark-exec-id")] = p
+        return out
+
+    def compact_etcd(self):
+        """Compacts etcd at its current revision (its JSON gateway); returns the revision."""
+        url = self.testbed.env["ETCD_URL"].rstrip("/")
+
+        def post(path, body):
+            req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())
+        rev = int(post("/v3/kv/range", {"key": base64.b64encode(b"/").decode()})["header"]["revision"])
+        post("/v3/kv/compaction", {"revision": str(rev), "physical": True})
+        return rev
+
+    # -- one run --
+    def run(self, case, key, fault, kill_driver=False, check=None):
+        """One ramp with `fault(ctx)` injected once a third of the pods exist. `fault` returns the
+        monotonic time the fault ended (recovery is measured from there)."""
+        self.runs += 1
+        tag = f"{key}-{self.runs}"
+        ns = self.namespace(f"chaos-{tag}")
+        proxy = FaultProxy(self.testbed.port)
+        stoker = ChaosStoker(self.work, f"chaos-{tag}", self.kubeconfig(proxy.port, tag), self.qps,
+                             max(1, self.qps // 10)).start()
+        watch = PodWatch(self.api, ns)
+        driver = None
+        row = {"case": case, "n": self.n}
+        try:
+            driver = HoldDriver(self.work, stoker.port, ns, self.n)
+            watch.wait_added(max(1, self.n // 3), 300, driver.proc)
+            row["created_at_fault"] = len(watch.added())
+            log(f"{tag}: fault at {row['created_at_fault']}/{self.n} pods created")
+            ctx = {"stoker": stoker, "proxy": proxy, "driver": driver, "watch": watch, "ns": ns,
+                   "log_offset": len(stoker.log()), "row": row}
+            t_end = fault(ctx)
+            if kill_driver:
+                self._after_driver_kill(row, ns, watch, t_end)
+            else:
+                app_id = row["app_id"] = driver.ready()["app_id"]
+                self._recover(row, ns, stoker, driver, app_id, t_end)
+                self._judge(row, ns, stoker, driver, app_id, watch)
+                if check is not None:
+                    check(ctx)
+                t_stop = time.monotonic()
+                row["live_deleted"] = len({e[2] for e in watch.snapshot() if (e[6] or e[1] == "DELETED") and e[0] < t_stop})
+                driver.stop()
+                row["leaked"] = self._leaked(ns, LEASE_TTL_S + DELETE_GRACE_S + self.n / self.qps + 30)
+        except Exception as e:  # noqa: BLE001 - the run counts as failed, the matrix goes on
+            log(f"{tag} FAILED: {e!r}")
+            row["error"] = repr(e)[:300]
+        finally:
+            if driver is not None and driver.proc.poll() is None:
+                driver.kill9()
+            added = watch.added()
+            row["created"] = len(added)
+            row["duplicates"] = sum(len(u) - 1 for u in added.values())
+            row["watch_gaps"] = watch.gaps
+            watch.close()
+            stoker.stop()
+            proxy.close()
+            self._cleanup(ns)
+        log(f"{tag}: {json.dumps({k: v for k, v in row.items() if k != 'app_id'})}")
+        return row
+
+    def _recover(self, row, ns, stoker, driver, app_id, t_end):
+        """Recovered: N pods live on the API server and N executors RUNNING in stoker's view."""
+        def whole():
+            if driver.proc.poll() is not None:
+                raise AssertionError(f"driver exited ({driver.proc.returncode}): {driver.log()[-2000:]}")
+            if len(self.live_pods(ns)) < self.n:
+                return False
+            view = stoker.executors(app_id)
+            return view is not None and sum(1 for s, d in view.values() if s == "RUNNING" and not d) >= self.n
+        wait_until(whole, 300, f"{self.n} executors running again", interval=0.5)
+        row["recovery_s"] = time.monotonic() - t_end
+
+    def _judge(self, row, ns, stoker, driver, app_id, watch):
+        """Lost: an executor whose pod is not live and that the driver was never told ended
+        (ids the API server ever had, and ids stoker lists). Wrong: a terminal event the driver got
+        for an executor whose pod is live. Events take a moment to arrive: up to 20 s for lost to
+        settle at 0."""
+        def figures():
+            live = set(self.live_pods(ns))
+            view = stoker.executors(app_id) or {}
+            exited = driver.exited()
+            ever = {eid for (app, eid) in watch.added() if app == app_id}
+            lost = sorted((ever | set(view)) - live - set(exited), key=int)
+            wrong = sorted(set(exited) & live, key=int)
+            return lost, wrong, exited
+        deadline = time.monotonic() + 20
+        lost, wrong, exited = figures()
+        while lost and time.monotonic() < deadline:
+            time.sleep(1)
+            lost, wrong, exited = figures()
+        row["lost"], row["wrong"], row["terminal_events"] = len(lost), len(wrong), len(exited)
+        reasons = {}
+        for reason in exited.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        row["terminal_reasons"] = reasons
+        if lost:
+            row["lost_ids"] = lost[:20]
+        if wrong:
+            row["wrong_ids"] = wrong[:20]
+
+    def _leaked(self, ns, budget):
+        """Pods left `budget` seconds after the application ended."""
+        deadline = time.monotonic() + budget
+        while time.monotonic() < deadline:
+            if not self.api.pods(ns):
+                return 0
+            time.sleep(0.5)
+        return len(self.api.pods(ns))
+
+    def _after_driver_kill(self, row, ns, watch, t_kill):
+        """Every pod (live or not) gone within the lease + delete grace, plus the time stoker's
+        --kube-qps pacing needs to send N deletions, plus 15 s for the kubelet."""
+        budget = LEASE_TTL_S + DELETE_GRACE_S + self.n / self.qps + 15
+        row["budget_s"] = budget
+        deadline = t_kill + budget
+        while time.monotonic() < deadline and self.api.pods(ns):
+            time.sleep(0.3)
+        left = self.api.pods(ns)
+        row["leaked"] = len(left)
+        if not left:
+            row["recovery_s"] = time.monotonic() - t_kill
+        for k in ("lost", "wrong", "live_deleted", "terminal_events"):
+            row[k] = None  # not observable: the driver is gone, and stoker deletes by design
+
+    def _cleanup(self, ns):
+        try:
+            for p in self.api.pods(ns):
+                self.api.delete_pod(p["metadata"]["name"], ns, force=True)
+            self.api.delete(f"/api/v1/namespaces/{ns}")
+        except (ApiError, OSError) as e:
+            log(f"cleanup of {ns}: {e!r}")
+
+    # ---- the cases ----
+    def case_stoker_kill(self):
+        """(a) stoker SIGKILLed mid-ramp, restarted on the same port, instance and work dir."""
+        def fault(ctx):
+            ctx["stoker"].kill9()
+            ctx["stoker"].start()
+            t = time.monotonic()
+            return t
+        def check(ctx):
+            text = ctx["stoker"].log()[ctx["log_offset"]:]
+            m = re.search(r"driver re-registered: its pods are handed back.*?executors=(\d+)", text)
+            ctx["row"]["adopted"] = int(m.group(1)) if m else 0
+            ctx["row"]["reattached"] = "re-attached to stoker" in ctx["driver"].log()
+
+        row = self.run("stoker SIGKILL + restart", "a", fault, check=check)
+        if "error" not in row and not row.get("reattached"):
+            row["error"] = "the driver did not re-attach"
+        return row
+
+    def case_blackhole(self):
+        """(b) the API server unreachable for blackhole_s seconds mid-ramp (sockets held open)."""
+        def fault(ctx):
+            ctx["proxy"].blackhole()
+            deadline = time.monotonic() + self.blackhole_s
+            while time.monotonic() < deadline:  # the fault's duration is the point: nothing to wait on
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            ctx["proxy"].heal()
+            return time.monotonic()
+        return self.run(f"API server blackholed {self.blackhole_s:g} s", "b", fault)
+
+    def case_watch_expiry(self):
+        """(c) 410 Gone: stoker cut off (blackhole), the revision moved past what its watch has
+        seen (a ConfigMap written), etcd compacted at that revision, stoker's connections reset,
+        the proxy healed: the watcher's resume must fail with 410 and re-list (stoker's log)."""
+        marker = "pod watch: listing pods"
+
+        def fault(ctx):
+            ctx["proxy"].blackhole()
+            self.api.create(f"/api/v1/namespaces/{ctx['ns']}/configmaps", {
+                "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "chaos-bump"}, "data": {"k": "v"}})
+            rev = self.compact_etcd()
+            dropped = ctx["proxy"].drop()
+            ctx["proxy"].heal()
+            log(f"compacted etcd at revision {rev}, reset {dropped} connection(s)")
+            return time.monotonic()
+
+        def check(ctx):
+            text = ctx["stoker"].log()[ctx["log_offset"]:]
+            ctx["row"]["relisted"] = marker in text
+
+        row = self.run("watch expiry (410): etcd compacted, connections reset", "c", fault, check=check)
+        if "error" not in row and not row.get("relisted"):
+            row["error"] = "no re-list in stoker's log after the 410"
+        return row
+
+    def case_driver_kill(self):
+        """(d) the driver SIGKILLed mid-ramp: every pod gone within the lease (+ delete grace)."""
+        def fault(ctx):
+            ctx["driver"].kill9()
+            return time.monotonic()
+        return self.run("driver SIGKILL", "d", fault, kill_driver=True)
+
+
+CASES = {"a": "case_stoker_kill", "b": "case_blackhole", "c": "case_watch_expiry", "d": "case_driver_kill"}
+LOSS = ("duplicates", "leaked", "lost", "wrong", "live_deleted")
+
+
+def summarize(rows):
+    """One line per case: sums of the counts, recovery p50/max, failed runs."""
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        rs = [r for r in rows if r["case"] == case]
+        line = {"case": case, "runs": len(rs), "n": rs[0]["n"],
+                "failed": sum(1 for r in rs if "error" in r),
+                "created": sum(r.get("created", 0) for r in rs),
+                "created_at_fault": [r.get("created_at_fault") for r in rs]}
+        for k in LOSS + ("terminal_events",):
+            vals = [r.get(k) for r in rs]
+            line[k] = None if all(v is None for v in vals) else sum(v or 0 for v in vals)
+        reasons = {}
+        for r in rs:
+            for k, v in (r.get("terminal_reasons") or {}).items():
+                reasons[k] = reasons.get(k, 0) + v
+        line["terminal_reasons"] = reasons
+        line["adopted"] = sum(r.get("adopted", 0) for r in rs) if any("adopted" in r for r in rs) else None
+        rec = sorted(r["recovery_s"] for r in rs if r.get("recovery_s") is not None)
+        line["recovery_p50"] = statistics.median(rec) if rec else None
+        line["recovery_max"] = rec[-1] if rec else None
+        if any("relisted" in r for r in rs):
+            line["relisted"] = sum(1 for r in rs if r.get("relisted"))
+        out.append(line)
+    return out
+
+
+def table(summary):
+    def f(v, fmt="{}"):
+        return "n/a" if v is None else fmt.format(v)
+    lines = ["| case | runs (failed) | N | executors created | duplicates | leaked pods | lost without terminal event "
+             "| wrong terminal events | live pods deleted | recovery p50 / max (s) | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        notes = [f"pods created at the fault: {min(x for x in s['created_at_fault'] if x is not None) if any(x is not None for x in s['created_at_fault']) else '?'}"
+                 f"–{max((x for x in s['created_at_fault'] if x is not None), default='?')} of {s['n']}"]
+        if "relisted" in s:
+            notes.append(f"re-list seen in stoker's log: {s['relisted']}/{s['runs']}")
+        if s["terminal_events"]:
+            why = ", ".join(f"{v} {k}" for k, v in sorted(s["terminal_reasons"].items()))
+            notes.append(f"terminal events the driver got: {why}")
+        if s.get("adopted") is not None:
+            notes.append(f"pods adopted by the restarted stoker: {s['adopted']}")
+        lines.append(f"| {s['case']} | {s['runs']} ({s['failed']}) | {s['n']} | {s['created']} | {f(s['duplicates'])} | "
+                     f"{f(s['leaked'])} | {f(s['lost'])} | {f(s['wrong'])} | {f(s['live_deleted'])} | "
+                     f"{f(s['recovery_p50'], '{:.1f}')} / {f(s['recovery_max'], '{:.1f}')} | {'; '.join(notes)} |")
+    return "\n".join(lines)
+
+
+def failed(summary):
+    return [s["case"] for s in summary if s["failed"] or any(s[k] for k in LOSS)]
+
+
+def run_matrix(runs, n, cases, blackhole_s, qps, work=None):
+    h = Harness(work, n=n, qps=qps, blackhole_s=blackhole_s)
+    rows = []
+    try:
+        h.start()
+        for c in cases:
+            for i in range(runs):
+                log(f"case {c} run {i + 1}/{runs}")
+                rows.append(getattr(h, CASES[c])())
+    finally:
+        h.stop()
+    return rows, h.work
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="each case once, N=60, 20 s blackhole")
+    ap.add_argument("--runs", type=int)
+    ap.add_argument("--n", type=int)
+    ap.add_argument("--qps", type=int, help="stoker's --kube-qps (paces the ramp so a fault lands in it)")
+    ap.add_argument("--blackhole-s", type=float)
+    ap.add_argument("--cases", default="a,b,c,d")
+    ap.add_argument("--out", help="folder for chaos.md and chaos-rows.json")
+    a = ap.parse_args()
+    runs = a.runs or (1 if a.quick else 10)
+    n = a.n or (60 if a.quick else 500)
+    qps = a.qps or (10 if a.quick else 50)
+    blackhole_s = a.blackhole_s or (20 if a.quick else 30)
+    cases = [c for c in a.cases.split(",") if c]
+    if any(c not in CASES for c in cases):
+        ap.error(f"--cases takes {','.join(CASES)}")
+    t0 = time.monotonic()
+    rows, work = run_matrix(runs, n, cases, blackhole_s, qps)
+    summary = summarize(rows)
+    text = (f"Fault matrix ({'quick' if a.quick else 'full'}: {runs} run(s) per case, N={n}, stoker --kube-qps {qps}), "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {time.monotonic() - t0:.0f} s; "
+            f"lease {LEASE_TTL_S} s, delete grace {DELETE_GRACE_S} s; work dir {work}\n\n{table(summary)}\n")
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "chaos.md").write_text(text)
+        (out / "chaos-rows.json").write_text(json.dumps(rows, indent=1))
+    print(text)
+    bad = failed(summary)
+    if bad:
+        print(f"FAILED: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

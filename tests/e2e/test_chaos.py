@@ -1,0 +1,25 @@
+"""The fault matrix of tests/chaos/chaos.py, quick: each case once, with a small ramp, on a test bed
+of its own (the chaos test bed serves pods without the API server's watch cache, and its etcd gets
+compacted). The loss figures must be 0. `make chaos` runs the full matrix."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chaos"))
+
+import chaos  # noqa: E402
+
+N = 60
+
+
+def test_fault_matrix_quick(tmp_path):
+    rows, _ = chaos.run_matrix(runs=1, n=N, cases=list(chaos.CASES), blackhole_s=20, qps=10, work=tmp_path)
+    summary = chaos.summarize(rows)
+    print("\n" + chaos.table(summary))
+    assert [s["case"] for s in summary] and len(rows) == len(chaos.CASES)
+    for r in rows:
+        assert "error" not in r, r
+        # A fault that came after the ramp tests less: the pace (--kube-qps) must keep it inside.
+        assert r["created_at_fault"] < N, r
+        for k in chaos.LOSS:
+            assert not r.get(k), (k, r)
+    assert not chaos.failed(summary)
