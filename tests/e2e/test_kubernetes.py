@@ -226,10 +226,22 @@ def test_oom_and_external_deletion_are_reported_and_replaced(kube, testbed, driv
                "the driver to hear of the deleted pod")
     result = driver.wait(timeout=400)
     check_result(result)
-    ids = {o["metadata"]["labels"]["spark-exec-id"] for t, o in watch.objects() if t == "ADDED"}
+    added = {o["metadata"]["labels"]["spark-exec-id"]: o for t, o in watch.objects() if t == "ADDED"}
     watch.close()
     # Both were replaced by new executors (ids are never reused).
-    assert {"1", "2", "3", "4"} <= ids, ids
+    assert {"1", "2", "3", "4"} <= set(added), sorted(added)
+    # The OOM kill grew the profile: executors created after it get a bigger memory limit (more
+    # overhead, same heap), and the driver was told.
+    def memory(pod):
+        container = next(c for c in pod["spec"]["containers"]
+                         if c["name"] == pod["metadata"]["annotations"]["stoker.dev/executor-container"])
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        return int(container["resources"]["limits"]["memory"].removesuffix("Mi")), env["SPARK_EXECUTOR_MEMORY"]
+    first_limit, first_heap = memory(added["1"])
+    grown = [memory(o) for i, o in added.items() if int(i) >= 3]
+    assert grown and all(limit > first_limit and heap == first_heap for limit, heap in grown), \
+        (first_limit, first_heap, grown)
+    assert re.search(r"stoker: profile 0 now starts executors with .* after executor 1 was OOM-killed", driver.log())
 
 
 def test_dynamic_allocation_scales_pods_up_and_down(kube, testbed, driver_factory):
