@@ -704,6 +704,13 @@ impl PodIndex {
                 reason,
                 message,
             } if deleting => (code, reason, message),
+            // stoker asked, and the pod went before its container reported an exit (a kubelet
+            // that deletes without a last status, a node gone): still stoker's own removal.
+            _ if deleting => (
+                None,
+                ExitReason::KilledByDriver,
+                format!("pod {name} was deleted by stoker"),
+            ),
             view => {
                 let code = match view {
                     PodView::Exited { code, .. } => code,

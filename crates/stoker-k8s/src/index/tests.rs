@@ -362,6 +362,18 @@ fn a_pod_stoker_deletes_reports_its_own_exit() {
 }
 
 #[test]
+fn a_pod_stoker_deleted_that_vanishes_without_a_last_status_is_not_deleted_externally() {
+    let mut index = PodIndex::new();
+    let k = key("app-a", 1);
+    launched(&mut index, &k);
+    let _ = index.created(&k, Some("uid-1".into()));
+    let _ = index.terminate(&k, 0);
+    // The pod goes while it still shows Running (no terminated container status).
+    let effects = index.delete(&pod(&k, Phase::Running));
+    assert_eq!(exit_reason(&effects), Some(ExitReason::KilledByDriver));
+}
+
+#[test]
 fn the_driver_hears_once_that_a_pod_cannot_be_scheduled() {
     let mut index = PodIndex::new();
     let k = key("app-a", 1);
