@@ -297,6 +297,19 @@ class PodWatch:
                     raise AssertionError(f"driver exited ({proc.returncode}) before {count} pods existed")
                 self.cond.wait(min(left, 0.5))
 
+    def wait_gone(self, deadline):
+        """Waits (on the watch, until the monotonic `deadline`) for every pod it has seen to be
+        DELETED; True when none is left."""
+        def left():
+            return [uid for uid, (_, _, _, _, gone) in self.state().items() if not gone]
+        with self.cond:
+            while left():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.cond.wait(min(remaining, 1.0))
+        return True
+
     def close(self):
         self.closed = True
         try:
@@ -580,7 +593,7 @@ class Harness:
                 t_stop = time.monotonic()
                 row["live_deleted"] = len({e[2] for e in watch.snapshot() if (e[6] or e[1] == "DELETED") and e[0] < t_stop})
                 driver.stop()
-                row["leaked"] = self._leaked(ns, LEASE_TTL_S + DELETE_GRACE_S + self.n / self.qps + 30)
+                row["leaked"] = self._leaked(ns, watch, LEASE_TTL_S + DELETE_GRACE_S + self.n / self.qps + 30)
                 # Not a loss (the driver has gone), but a wrong label: stoker's own deletions at
                 # the application's end reported as DELETED_EXTERNALLY "(not by stoker)" when the
                 # pod's last state was not a terminated container (the process-less kubelet
@@ -630,11 +643,16 @@ class Harness:
             lost = sorted((ever | set(view)) - live - set(exited), key=int)
             wrong = sorted(set(exited) & live, key=int)
             return lost, wrong, exited
-        deadline = time.monotonic() + 20
-        lost, wrong, exited = figures()
-        while lost and time.monotonic() < deadline:
-            time.sleep(1)
-            lost, wrong, exited = figures()
+        last = [figures()]
+
+        def settled():
+            last[0] = figures()
+            return not last[0][0]
+        try:
+            wait_until(settled, 20, "lost executors to settle at 0", interval=1)
+        except AssertionError:
+            pass  # the row reports what is still lost
+        lost, wrong, exited = last[0]
         row["lost"], row["wrong"], row["terminal_events"] = len(lost), len(wrong), len(exited)
         reasons = {}
         for reason in exited.values():
@@ -645,13 +663,10 @@ class Harness:
         if wrong:
             row["wrong_ids"] = wrong[:20]
 
-    def _leaked(self, ns, budget):
-        """Pods left `budget` seconds after the application ended."""
-        deadline = time.monotonic() + budget
-        while time.monotonic() < deadline:
-            if not self.api.pods(ns):
-                return 0
-            time.sleep(0.5)
+    def _leaked(self, ns, watch, budget):
+        """Pods left `budget` seconds after the application ended (waits on the watch, then asks
+        the API server once)."""
+        watch.wait_gone(time.monotonic() + budget)
         return len(self.api.pods(ns))
 
     def _after_driver_kill(self, row, ns, watch, t_kill):
@@ -659,9 +674,7 @@ class Harness:
         --kube-qps pacing needs to send N deletions, plus 15 s for the kubelet."""
         budget = LEASE_TTL_S + DELETE_GRACE_S + self.n / self.qps + 15
         row["budget_s"] = budget
-        deadline = t_kill + budget
-        while time.monotonic() < deadline and self.api.pods(ns):
-            time.sleep(0.3)
+        watch.wait_gone(t_kill + budget)
         left = self.api.pods(ns)
         row["leaked"] = len(left)
         if not left:
@@ -700,9 +713,7 @@ class Harness:
         """(b) the API server unreachable for blackhole_s seconds mid-ramp (sockets held open)."""
         def fault(ctx):
             ctx["proxy"].blackhole()
-            deadline = time.monotonic() + self.blackhole_s
-            while time.monotonic() < deadline:  # the fault's duration is the point: nothing to wait on
-                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            time.sleep(self.blackhole_s)  # the fault's duration is the point: no event to wait on
             ctx["proxy"].heal()
             return time.monotonic()
         return self.run(f"API server blackholed {self.blackhole_s:g} s", "b", fault)
