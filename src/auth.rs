@@ -63,15 +63,14 @@ impl Authenticator for NoAuth {
 
 /// `--auth kubernetes`: TokenReview and SubjectAccessReview with the API server.
 pub struct KubernetesAuth {
-    reviewer: Reviewer,
+    reviewer: Arc<Reviewer>,
 }
 
 impl KubernetesAuth {
-    /// Accepts tokens issued for `audience`.
-    pub fn new(client: kube::Client, audience: String) -> Arc<Self> {
-        Arc::new(Self {
-            reviewer: Reviewer::new(client, audience),
-        })
+    /// Authenticates with `reviewer` (shared with the backend's subject-access-review writes, so
+    /// both use one cache).
+    pub fn new(reviewer: Arc<Reviewer>) -> Arc<Self> {
+        Arc::new(Self { reviewer })
     }
 }
 

@@ -189,6 +189,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let client = stoker_k8s::client(kube_config.clone())?;
             let watch_client = stoker_k8s::client(kube_config.clone())?;
             let kubernetes_auth = auth == AuthMode::Kubernetes;
+            let reviewer = Arc::new(stoker_k8s::auth::Reviewer::new(
+                client.clone(),
+                args.auth_audience.clone(),
+            ));
             let gate = if args.kube.leader_elect {
                 let mut candidate = elector_for(&args, client.clone())?;
                 let own_pod = own_pod();
@@ -252,9 +256,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     (true, AuthzMode::Impersonate) => {
                         WriteAs::Impersonate(Box::new(kube_config.clone()))
                     }
-                    (true, AuthzMode::SubjectAccessReview) => WriteAs::Review(Arc::new(
-                        stoker_k8s::auth::Reviewer::new(client.clone(), args.auth_audience.clone()),
-                    )),
+                    (true, AuthzMode::SubjectAccessReview) => {
+                        WriteAs::Review(Arc::clone(&reviewer))
+                    }
                 },
             };
             info!(backend = "kubernetes", instance = %config.defaults.instance,
@@ -273,7 +277,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .context("cannot start the Kubernetes backend")?;
             let authenticator: Arc<dyn stoker::auth::Authenticator> = if kubernetes_auth {
                 info!(audience = %args.auth_audience, "drivers authenticate with Kubernetes tokens; pods are written as the driver");
-                stoker::auth::KubernetesAuth::new(client.clone(), args.auth_audience.clone())
+                stoker::auth::KubernetesAuth::new(reviewer)
             } else {
                 Arc::new(stoker::auth::NoAuth)
             };

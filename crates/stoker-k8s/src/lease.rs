@@ -227,7 +227,7 @@ impl Candidate {
 
 /// The Lease with `identity` as its holder, renewed at `now`: acquired (a new acquire time, one
 /// more transition) if someone else held it, renewed otherwise.
-pub fn claim(lease: Option<&Lease>, config: &LeaseConfig, now: jiff_now::Now) -> Lease {
+pub fn claim(lease: Option<&Lease>, config: &LeaseConfig, now: MicroTime) -> Lease {
     let mut out = lease.cloned().unwrap_or_else(|| Lease {
         metadata: ObjectMeta {
             name: Some(config.name.clone()),
@@ -243,14 +243,11 @@ pub fn claim(lease: Option<&Lease>, config: &LeaseConfig, now: jiff_now::Now) ->
         holder_identity: Some(config.identity.clone()),
         lease_duration_seconds: Some(seconds),
         acquire_time: if ours {
-            previous
-                .acquire_time
-                .clone()
-                .or_else(|| Some(now.0.clone()))
+            previous.acquire_time.clone().or_else(|| Some(now.clone()))
         } else {
-            Some(now.0.clone())
+            Some(now.clone())
         },
-        renew_time: Some(now.0),
+        renew_time: Some(now),
         // As client-go counts them: every change of holder, also from a released (empty)
         // Lease; a Lease created now starts at 0.
         lease_transitions: Some(if ours || lease.is_none() {
@@ -263,20 +260,9 @@ pub fn claim(lease: Option<&Lease>, config: &LeaseConfig, now: jiff_now::Now) ->
     out
 }
 
-/// A wall-clock time for the Lease's timestamps (which only people and other clients read).
-pub mod jiff_now {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-
-    /// A timestamp to write.
-    #[derive(Clone, Debug)]
-    pub struct Now(pub MicroTime);
-
-    impl Now {
-        /// The current time.
-        pub fn current() -> Self {
-            Self(MicroTime(k8s_openapi::jiff::Timestamp::now()))
-        }
-    }
+/// Now, for the Lease's timestamps (which only people and other clients read).
+pub fn now() -> MicroTime {
+    MicroTime(k8s_openapi::jiff::Timestamp::now())
 }
 
 /// Open while this replica holds the Lease with a renewal younger than the renew deadline.
@@ -412,7 +398,7 @@ impl Elector {
         match candidate.observe(current.as_ref(), Instant::now()) {
             Verdict::HeldBy { holder, .. } => Ok(Some(holder)),
             Verdict::Take => {
-                let wanted = claim(current.as_ref(), &self.config, jiff_now::Now::current());
+                let wanted = claim(current.as_ref(), &self.config, now());
                 let written = match current {
                     None => {
                         with_timeout(timeout, self.api.create(&PostParams::default(), &wanted))
@@ -491,7 +477,7 @@ impl Elector {
         if left.is_zero() {
             return Err(None);
         }
-        let wanted = claim(self.held.as_ref(), &self.config, jiff_now::Now::current());
+        let wanted = claim(self.held.as_ref(), &self.config, now());
         match with_timeout(
             left,
             self.api
@@ -542,7 +528,7 @@ impl Elector {
         if let Some(spec) = lease.spec.as_mut() {
             spec.holder_identity = None;
             spec.lease_duration_seconds = Some(1);
-            spec.renew_time = Some(jiff_now::Now::current().0);
+            spec.renew_time = Some(now());
         }
         match with_timeout(
             self.config.retry_period,

@@ -88,29 +88,23 @@ async fn a_lease_naming_this_replica_is_its_own() {
 
 #[test]
 fn claiming_counts_transitions_and_keeps_the_acquire_time_on_renewal() {
-    let now = jiff_now::Now(MicroTime(
-        k8s_openapi::jiff::Timestamp::from_second(500).expect("time"),
-    ));
-    let taken = claim(Some(&lease(Some("a"), 100, 4)), &config("b"), now.clone());
+    let at = MicroTime(k8s_openapi::jiff::Timestamp::from_second(500).expect("time"));
+    let taken = claim(Some(&lease(Some("a"), 100, 4)), &config("b"), at.clone());
     let spec = taken.spec.as_ref().expect("spec");
     assert_eq!(spec.holder_identity.as_deref(), Some("b"));
     assert_eq!(spec.lease_transitions, Some(5));
-    assert_eq!(spec.acquire_time, Some(now.0.clone()));
-    assert_eq!(spec.renew_time, Some(now.0.clone()));
+    assert_eq!(spec.acquire_time, Some(at.clone()));
+    assert_eq!(spec.renew_time, Some(at.clone()));
     assert_eq!(spec.lease_duration_seconds, Some(15));
     // The resourceVersion read is kept: it is the write's precondition.
     assert_eq!(taken.metadata.resource_version.as_deref(), Some("7"));
 
-    let renewed = claim(Some(&taken), &config("b"), jiff_now::Now::current());
+    let renewed = claim(Some(&taken), &config("b"), now());
     let spec = renewed.spec.as_ref().expect("spec");
     assert_eq!(spec.lease_transitions, Some(5));
-    assert_eq!(spec.acquire_time, Some(now.0));
+    assert_eq!(spec.acquire_time, Some(at));
 
-    let after_release = claim(
-        Some(&lease(None, 100, 5)),
-        &config("a"),
-        jiff_now::Now::current(),
-    );
+    let after_release = claim(Some(&lease(None, 100, 5)), &config("a"), now());
     assert_eq!(
         after_release
             .spec
@@ -119,7 +113,7 @@ fn claiming_counts_transitions_and_keeps_the_acquire_time_on_renewal() {
         Some(6)
     );
 
-    let fresh = claim(None, &config("a"), jiff_now::Now::current());
+    let fresh = claim(None, &config("a"), now());
     assert_eq!(fresh.metadata.name.as_deref(), Some("stoker"));
     assert_eq!(
         fresh.spec.as_ref().and_then(|s| s.lease_transitions),
