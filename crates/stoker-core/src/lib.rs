@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod engine;
 pub mod error;
+pub mod fairshare;
 pub mod sizing;
 pub mod types;
 
