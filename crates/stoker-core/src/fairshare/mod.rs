@@ -145,6 +145,15 @@ impl Usage {
         }
     }
 
+    /// `n` times as much.
+    pub fn times(self, n: u64) -> Usage {
+        Usage {
+            executors: self.executors.saturating_mul(n),
+            cores: self.cores.saturating_mul(n),
+            memory_mib: self.memory_mib.saturating_mul(n),
+        }
+    }
+
     /// The difference, at least 0 in each unit.
     pub fn minus(self, other: Usage) -> Usage {
         Usage {

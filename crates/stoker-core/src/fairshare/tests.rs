@@ -546,6 +546,36 @@ fn dominant_shares_let_cpu_and_memory_heavy_applications_fill_both() {
 }
 
 #[test]
+fn dominant_shares_give_small_executors_more_of_them() {
+    let config = one_queue(Resources::cores_memory(100, 400 * 1024));
+    let mut small = demand("default", 0, 100, 0);
+    let mut wide = demand("default", 0, 100, 0);
+    if let Some(p) = small.profiles.get_mut(&0) {
+        p.shape = Shape {
+            cores: 1,
+            memory_mib: 4 * 1024,
+        };
+    }
+    if let Some(p) = wide.profiles.get_mut(&0) {
+        p.shape = Shape {
+            cores: 4,
+            memory_mib: 4 * 1024,
+        };
+    }
+    let apps = BTreeMap::from([(app("small"), small), (app("wide"), wide)]);
+    let allocation = allocate(Some(&config), &apps);
+    // 1% against 4% of the cores per executor: equal dominant shares at 4 to 1, which fill
+    // the 100 cores at 52 + 4 × 12 (the last small executors take what the wide one cannot).
+    assert_eq!(
+        (
+            admitted(&allocation, "small"),
+            admitted(&allocation, "wide")
+        ),
+        (52, 12)
+    );
+}
+
+#[test]
 fn profiles_share_an_application_in_proportion_to_their_requests() {
     let config = one_queue(Resources::executors(30));
     let shape = Shape {
