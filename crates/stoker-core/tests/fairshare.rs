@@ -246,7 +246,7 @@ proptest! {
         for (id, app) in &allocation.apps {
             for (profile, p) in &app.profiles {
                 prop_assert!(p.admitted <= p.requested, "{id} profile {profile}: {p:?}");
-                prop_assert_eq!(p.reclaim(), p.running.saturating_sub(p.admitted));
+                prop_assert_eq!(p.reclaim(), p.running.min(p.requested).saturating_sub(p.admitted));
                 total = total.plus(Usage::of(s.apps[id].profiles[profile].shape, p.admitted));
             }
         }

@@ -251,9 +251,13 @@ pub struct ProfileAllocation {
 }
 
 impl ProfileAllocation {
-    /// Executors running above the admitted count: to be given back.
+    /// Executors it runs above its share: running executors it still asks for but is not
+    /// admitted, to be asked back. Those above its own request are not counted: the driver
+    /// releases them itself (Spark kills idle executors after lowering its total).
     pub fn reclaim(&self) -> u32 {
-        self.running.saturating_sub(self.admitted)
+        self.running
+            .min(self.requested)
+            .saturating_sub(self.admitted)
     }
 }
 
@@ -286,7 +290,7 @@ impl AppAllocation {
         self.profiles.values().map(|p| u64::from(p.running)).sum()
     }
 
-    /// Executors running above the admitted count (over its share), over all profiles.
+    /// Executors running over its share, over all profiles (see [`ProfileAllocation::reclaim`]).
     pub fn reclaim(&self) -> u64 {
         self.profiles.values().map(|p| u64::from(p.reclaim())).sum()
     }
@@ -336,6 +340,11 @@ pub fn allocate(config: Option<&QueueConfig>, apps: &BTreeMap<AppId, AppDemand>)
         return unconstrained(apps);
     };
     let mut problem = Problem::new(config, apps);
+    if problem.everything_fits() {
+        // What progressive filling would reach one executor at a time.
+        problem.admit_everything();
+        return problem.outcome(apps);
+    }
     problem.fill_floors();
     problem.fill_queues(Phase::Guarantees);
     problem.fill_queues(Phase::Fair);
@@ -509,6 +518,42 @@ impl Problem {
             total: Usage::default(),
             queues,
             apps,
+        }
+    }
+
+    /// Whether every request fits the capacity and every queue's max at once.
+    fn everything_fits(&self) -> bool {
+        let requested = |app: &AppState| {
+            app.profiles.iter().fold(Usage::default(), |sum, p| {
+                sum.plus(Usage::of(p.shape, p.requested))
+            })
+        };
+        let mut per_queue = vec![Usage::default(); self.queues.len()];
+        let mut total = Usage::default();
+        for app in &self.apps {
+            let usage = requested(app);
+            per_queue[app.queue] = per_queue[app.queue].plus(usage);
+            total = total.plus(usage);
+        }
+        total.fits(&self.capacity)
+            && per_queue
+                .iter()
+                .zip(&self.queues)
+                .all(|(usage, queue)| usage.fits(&queue.max))
+    }
+
+    fn admit_everything(&mut self) {
+        for app in &mut self.apps {
+            for profile in &mut app.profiles {
+                let usage = Usage::of(profile.shape, profile.requested);
+                profile.admitted = profile.requested;
+                app.admitted = app.admitted.saturating_add(profile.requested);
+                app.usage = app.usage.plus(usage);
+                let queue = &mut self.queues[app.queue];
+                queue.usage = queue.usage.plus(usage);
+                queue.admitted = queue.admitted.saturating_add(profile.requested);
+                self.total = self.total.plus(usage);
+            }
         }
     }
 
