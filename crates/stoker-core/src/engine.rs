@@ -25,6 +25,12 @@
 //! * Failures (see [`ExitReason::counts_as_failure`]) within the validity window are counted;
 //!   when they reach the limit the application fails: a terminal application event, no more
 //!   executors created, not-yet-running ones removed.
+//! * Admission (see [`crate::fairshare`]): once [`Engine::set_admitted`] is called with a count
+//!   per profile, each profile's effective target is `min(requested, admitted)` (a profile
+//!   without a count is admitted nothing), so pods are never created beyond what is admitted;
+//!   executors not yet running above it are removed, running ones stay until the driver gives
+//!   them back. The driver is told once per change of the admission message. Until then (no
+//!   queues configured) the effective target is the requested one.
 //! * Sizes (see [`crate::sizing`]): every executor is created at its profile's current size and
 //!   keeps it; a memory failure may grow the size for executors created afterwards, with an
 //!   [`EventKind::Resized`] event; how such failures count is the sizing policy's rule.
@@ -238,6 +244,10 @@ pub struct Engine {
     phase: AppPhase,
     profiles: BTreeSet<ProfileId>,
     targets: BTreeMap<ProfileId, u32>,
+    /// Admitted executors per profile; `None`: no admission control.
+    admitted: Option<BTreeMap<ProfileId, u32>>,
+    /// The admission message the driver was last told, if any.
+    admission_message: Option<String>,
     executors: BTreeMap<ExecutorId, Executor>,
     next_id: u64,
     lease_deadline: Millis,
@@ -269,6 +279,8 @@ impl Engine {
             phase: AppPhase::Active,
             profiles: profiles.into_iter().collect(),
             targets: BTreeMap::new(),
+            admitted: None,
+            admission_message: None,
             executors: BTreeMap::new(),
             next_id: last_executor_id.saturating_add(1).max(1),
             failures: VecDeque::new(),
@@ -334,9 +346,37 @@ impl Engine {
         self.phase
     }
 
-    /// Desired totals per profile.
+    /// Desired totals per profile, as the driver asked.
     pub fn targets(&self) -> &BTreeMap<ProfileId, u32> {
         &self.targets
+    }
+
+    /// Admitted executors per profile; `None` without admission control.
+    pub fn admitted(&self) -> Option<&BTreeMap<ProfileId, u32>> {
+        self.admitted.as_ref()
+    }
+
+    /// The total the engine works toward for `profile`: the requested one, lowered to the
+    /// admitted count when there is admission control.
+    pub fn effective_target(&self, profile: ProfileId) -> u32 {
+        let requested = self.targets.get(&profile).copied().unwrap_or(0);
+        match &self.admitted {
+            None => requested,
+            Some(admitted) => requested.min(admitted.get(&profile).copied().unwrap_or(0)),
+        }
+    }
+
+    /// Executors per profile that count toward its total (alive, not being removed or
+    /// decommissioned): what the application runs, for the fair-share allocation.
+    pub fn counted(&self) -> BTreeMap<ProfileId, u32> {
+        let mut counted = BTreeMap::new();
+        for executor in self.executors.values() {
+            if executor.counts_toward_target() {
+                let n: &mut u32 = counted.entry(executor.profile).or_default();
+                *n = n.saturating_add(1);
+            }
+        }
+        counted
     }
 
     /// Executors not yet exited.
@@ -471,6 +511,35 @@ impl Engine {
         }
         self.reconcile();
         Ok(())
+    }
+
+    /// Sets the admitted executors per profile (from [`crate::fairshare::allocate`]) and the
+    /// message for the driver when it gets less than it asks for
+    /// ([`crate::fairshare::AppAllocation::message`]). `None` admission turns admission control
+    /// off. The driver hears the message once each time it changes, and once more when it is
+    /// admitted everything again.
+    pub fn set_admitted(
+        &mut self,
+        admitted: Option<BTreeMap<ProfileId, u32>>,
+        message: Option<String>,
+        now: Millis,
+    ) {
+        self.advance(now);
+        self.admitted = admitted;
+        if message != self.admission_message {
+            let told = match &message {
+                Some(message) => Some(message.clone()),
+                None if self.admission_message.is_some() => {
+                    Some("admitted every executor requested".to_owned())
+                }
+                None => None,
+            };
+            if let Some(told) = told {
+                self.push_event(EventKind::AppWarning { message: told });
+            }
+            self.admission_message = message;
+        }
+        self.reconcile();
     }
 
     /// Kills executors. Returns those that were alive and are now being removed; unknown or
@@ -851,7 +920,11 @@ impl Engine {
         if self.phase != AppPhase::Active {
             return;
         }
-        let profiles: Vec<(ProfileId, u32)> = self.targets.iter().map(|(&p, &t)| (p, t)).collect();
+        let profiles: Vec<(ProfileId, u32)> = self
+            .targets
+            .keys()
+            .map(|&p| (p, self.effective_target(p)))
+            .collect();
         for (profile, target) in profiles {
             let counted: Vec<&Executor> = self
                 .executors
