@@ -8,6 +8,7 @@ use std::time::Instant;
 use stoker_core::{
     AppId, DriverIdentity, EngineConfig, Event, EventKind, ExecutorPhase, ExitReason, ProfileId,
 };
+use stoker_k8s::namespaces::NamespaceSelector;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -16,7 +17,7 @@ use tracing::{debug, info};
 
 use crate::app::{AppCommand, AppHandle, AppSummary, Apps, ExecutorView, NewApp};
 use crate::auth::{Authenticator, NoAuth};
-use crate::config::Limits;
+use crate::config::{Limits, NamespaceVerdict};
 use crate::error::ApiError;
 use crate::proto::v1 as pb;
 use crate::proto::v1::executor_allocator_server::ExecutorAllocator;
@@ -35,6 +36,7 @@ pub struct Service {
     admin_token: String,
     shutdown: watch::Receiver<bool>,
     auth: Arc<dyn Authenticator>,
+    namespace_selector: Option<Arc<NamespaceSelector>>,
 }
 
 impl Service {
@@ -55,7 +57,14 @@ impl Service {
             admin_token,
             shutdown,
             auth: Arc::new(NoAuth),
+            namespace_selector: None,
         }
+    }
+
+    /// Serves namespaces that `selector` selects (`--allowed-namespace-selector`).
+    pub fn with_namespace_selector(mut self, selector: Option<Arc<NamespaceSelector>>) -> Self {
+        self.namespace_selector = selector;
+        self
     }
 
     /// Authenticates callers with `auth` (default: [`NoAuth`]).
@@ -144,6 +153,41 @@ impl Service {
         )))
     }
 
+    /// Whether applications may run in `namespace`: the static policy, then the label
+    /// selector, which the API server matches.
+    async fn namespace_served(&self, namespace: &str) -> Result<(), ApiError> {
+        let refused = |why: String| {
+            ApiError::PermissionDenied(format!("template.kubernetes.namespace: {why}"))
+        };
+        let selector = match self.limits.namespace_allowed(namespace) {
+            NamespaceVerdict::Allowed => return Ok(()),
+            NamespaceVerdict::Refused(why) => return Err(refused(why)),
+            NamespaceVerdict::IfSelected(selector) => selector,
+        };
+        let Some(check) = &self.namespace_selector else {
+            return Err(ApiError::Unavailable(format!(
+                "namespace {namespace}: --allowed-namespace-selector {selector} cannot be checked \
+                 on this backend"
+            )));
+        };
+        match check.selects(namespace).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(refused(format!(
+                "namespace {namespace} is not one this stoker serves (its labels do not match \
+                 --allowed-namespace-selector {selector}{})",
+                if self.limits.allowed_namespaces.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", and --allowed-namespaces does not name it: {}",
+                        self.limits.allowed_namespaces.join(",")
+                    )
+                }
+            ))),
+            Err(err) => Err(ApiError::Unavailable(err.to_string())),
+        }
+    }
+
     fn is_admin(&self, token: &str) -> bool {
         crate::app::constant_time_eq(token.as_bytes(), self.admin_token.as_bytes())
     }
@@ -167,9 +211,7 @@ impl Service {
             } else {
                 template.kubernetes.namespace.as_str()
             };
-            self.limits.namespace_allowed(namespace).map_err(|why| {
-                ApiError::PermissionDenied(format!("template.kubernetes.namespace: {why}"))
-            })?;
+            self.namespace_served(namespace).await?;
         }
         self.apps
             .backend

@@ -385,6 +385,13 @@ pub struct Limits {
     /// kubernetes` the API server already judges every pod as the driver.
     #[arg(long, env = "STOKER_ALLOWED_NAMESPACES", value_delimiter = ',')]
     pub allowed_namespaces: Vec<String>,
+    /// Namespaces applications may run in, by label (a Kubernetes label selector such as
+    /// `stoker.dev/serve=true`, matched by the API server; needs `list namespaces`): a
+    /// namespace owner opts in by labelling the namespace. With --allowed-namespaces as well, a
+    /// namespace either names or selects is served. `kube-system` and stoker's own namespace are
+    /// served only when --allowed-namespaces names them, whatever their labels.
+    #[arg(long, env = "STOKER_ALLOWED_NAMESPACE_SELECTOR")]
+    pub allowed_namespace_selector: Option<String>,
     /// stoker's own namespace (POD_NAMESPACE); not a flag: `stoker serve` sets it.
     #[arg(skip)]
     pub own_namespace: Option<String>,
@@ -411,32 +418,48 @@ impl Default for Limits {
             sizes_file: None,
             namespaces: NamespaceSource::default(),
             allowed_namespaces: Vec::new(),
+            allowed_namespace_selector: None,
             own_namespace: None,
         }
     }
 }
 
 impl Limits {
-    /// Whether applications may run in `namespace` (see [`Limits::allowed_namespaces`]); the
-    /// error says why not.
-    pub fn namespace_allowed(&self, namespace: &str) -> Result<(), String> {
-        if !self.allowed_namespaces.is_empty() {
-            if self.allowed_namespaces.iter().any(|n| n == namespace) {
-                return Ok(());
-            }
-            return Err(format!(
-                "namespace {namespace} is not one this stoker serves (--allowed-namespaces: {})",
-                self.allowed_namespaces.join(",")
-            ));
+    /// Whether applications may run in `namespace` (see [`Limits::allowed_namespaces`] and
+    /// [`Limits::allowed_namespace_selector`]).
+    pub fn namespace_allowed(&self, namespace: &str) -> NamespaceVerdict {
+        if self.allowed_namespaces.iter().any(|n| n == namespace) {
+            return NamespaceVerdict::Allowed;
         }
         if namespace == "kube-system" || self.own_namespace.as_deref() == Some(namespace) {
-            return Err(format!(
+            return NamespaceVerdict::Refused(format!(
                 "namespace {namespace} is refused: kube-system and stoker's own namespace serve \
                  only when --allowed-namespaces names them"
             ));
         }
-        Ok(())
+        match (
+            &self.allowed_namespace_selector,
+            self.allowed_namespaces.is_empty(),
+        ) {
+            (Some(selector), _) => NamespaceVerdict::IfSelected(selector.clone()),
+            (None, true) => NamespaceVerdict::Allowed,
+            (None, false) => NamespaceVerdict::Refused(format!(
+                "namespace {namespace} is not one this stoker serves (--allowed-namespaces: {})",
+                self.allowed_namespaces.join(",")
+            )),
+        }
     }
+}
+
+/// What [`Limits::namespace_allowed`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamespaceVerdict {
+    /// Served.
+    Allowed,
+    /// Not served; why.
+    Refused(String),
+    /// Served if the namespace's labels match this selector (the API server decides).
+    IfSelected(String),
 }
 
 /// Where an application's namespace comes from, for the per-namespace limit.
@@ -568,7 +591,11 @@ mod tests {
 
 #[cfg(test)]
 mod namespace_tests {
-    use super::Limits;
+    use super::{Limits, NamespaceVerdict};
+
+    fn refused(verdict: NamespaceVerdict, needle: &str) -> bool {
+        matches!(verdict, NamespaceVerdict::Refused(why) if why.contains(needle))
+    }
 
     #[test]
     fn kube_system_and_stokers_own_namespace_are_refused_unless_named() {
@@ -576,16 +603,47 @@ mod namespace_tests {
             own_namespace: Some("stoker".into()),
             ..Limits::default()
         };
-        assert!(limits.namespace_allowed("spark").is_ok());
-        assert!(limits.namespace_allowed("kube-system").is_err());
-        assert!(limits
-            .namespace_allowed("stoker")
-            .is_err_and(|e| e.contains("--allowed-namespaces")));
+        assert_eq!(limits.namespace_allowed("spark"), NamespaceVerdict::Allowed);
+        assert!(refused(
+            limits.namespace_allowed("kube-system"),
+            "kube-system"
+        ));
+        assert!(refused(
+            limits.namespace_allowed("stoker"),
+            "--allowed-namespaces"
+        ));
         limits.allowed_namespaces = vec!["kube-system".into(), "etl".into()];
-        assert!(limits.namespace_allowed("kube-system").is_ok());
-        assert!(limits.namespace_allowed("etl").is_ok());
-        assert!(limits
-            .namespace_allowed("spark")
-            .is_err_and(|e| e.contains("spark") && e.contains("kube-system,etl")));
+        assert_eq!(
+            limits.namespace_allowed("kube-system"),
+            NamespaceVerdict::Allowed
+        );
+        assert_eq!(limits.namespace_allowed("etl"), NamespaceVerdict::Allowed);
+        let spark = limits.namespace_allowed("spark");
+        assert!(refused(spark.clone(), "spark") && refused(spark, "kube-system,etl"));
+    }
+
+    #[test]
+    fn a_selector_is_asked_for_namespaces_the_list_does_not_name_but_never_for_system_ones() {
+        let mut limits = Limits {
+            own_namespace: Some("stoker".into()),
+            allowed_namespace_selector: Some("stoker.dev/serve=true".into()),
+            ..Limits::default()
+        };
+        let asks = NamespaceVerdict::IfSelected("stoker.dev/serve=true".into());
+        assert_eq!(limits.namespace_allowed("spark"), asks);
+        // A label on kube-system or stoker's own namespace is not enough.
+        assert!(refused(
+            limits.namespace_allowed("kube-system"),
+            "kube-system"
+        ));
+        assert!(refused(limits.namespace_allowed("stoker"), "stoker"));
+        // Named or selected: a named one needs no label.
+        limits.allowed_namespaces = vec!["etl".into(), "stoker".into()];
+        assert_eq!(limits.namespace_allowed("etl"), NamespaceVerdict::Allowed);
+        assert_eq!(
+            limits.namespace_allowed("stoker"),
+            NamespaceVerdict::Allowed
+        );
+        assert_eq!(limits.namespace_allowed("spark"), asks);
     }
 }

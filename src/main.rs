@@ -151,7 +151,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         BackendKind::Kubernetes => None,
     };
     let tls = server_tls(&args)?;
-    let settings = Settings {
+    let mut settings = Settings {
         listen: args.listen,
         metrics_listen: Some(args.metrics_listen),
         engine,
@@ -159,6 +159,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin_token,
         incarnation: stoker::random_token()[..16].to_owned(),
         tls: tls.clone(),
+        namespace_selector: None,
     };
     let mut backend_slot: Option<LocalBackend> = None;
     // With --leader-elect: the task that keeps the Lease, and how to tell it to release it.
@@ -275,6 +276,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let backend = KubernetesBackend::start(client.clone(), watch_client, config, sink)
                 .await
                 .context("cannot start the Kubernetes backend")?;
+            if let Some(selector) = &args.limits.allowed_namespace_selector {
+                let check =
+                    stoker_k8s::namespaces::NamespaceSelector::new(client.clone(), selector)
+                        .await
+                        .context("--allowed-namespace-selector")?;
+                info!(selector = %selector, "serving the namespaces this label selector selects");
+                settings.namespace_selector = Some(Arc::new(check));
+            }
             let authenticator: Arc<dyn stoker::auth::Authenticator> = if kubernetes_auth {
                 info!(audience = %args.auth_audience, "drivers authenticate with Kubernetes tokens; pods are written as the driver");
                 stoker::auth::KubernetesAuth::new(reviewer)
@@ -468,6 +477,14 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 }
 
 fn local_config(args: &ServeArgs) -> anyhow::Result<LocalConfig> {
+    if args.limits.allowed_namespace_selector.is_some()
+        || !args.limits.allowed_namespaces.is_empty()
+    {
+        anyhow::bail!(
+            "--allowed-namespaces and --allowed-namespace-selector need --backend kubernetes: \
+             the local backend has no namespaces"
+        );
+    }
     let spark_home = match &args.spark_home {
         Some(path) => path.clone(),
         None => default_spark_home().context(

@@ -40,6 +40,8 @@ pub struct Settings {
     /// TLS on the gRPC port (and the metrics endpoint, if its settings say so); none:
     /// plaintext.
     pub tls: Option<Arc<ServerTls>>,
+    /// `--allowed-namespace-selector`, checked with the API server (Kubernetes backend only).
+    pub namespace_selector: Option<Arc<stoker_k8s::namespaces::NamespaceSelector>>,
 }
 
 /// A running server.
@@ -118,7 +120,8 @@ pub async fn start_with_auth(
         settings.admin_token.clone(),
         shutdown_rx.clone(),
     )
-    .with_auth(auth);
+    .with_auth(auth)
+    .with_namespace_selector(settings.namespace_selector.clone());
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

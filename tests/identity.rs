@@ -108,6 +108,7 @@ async fn start() -> (Running, Arc<Recorder>, ExecutorAllocatorClient<Channel>) {
         admin_token: "admin-token-for-tests-0123456789".into(),
         incarnation: "test".into(),
         tls: None,
+        namespace_selector: None,
     };
     let running = server::start_with_auth(settings, Arc::new(FakeKubernetes), move |_sink| {
         Ok(Arc::new(Shared(for_start)) as Arc<dyn ExecutorBackend>)

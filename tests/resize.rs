@@ -112,6 +112,7 @@ async fn start_with(honours_size: bool, limits: Limits) -> Harness {
         admin_token: "admin-token-for-tests-0123456789".into(),
         incarnation: "test-incarnation".into(),
         tls: None,
+        namespace_selector: None,
     };
     let running = server::start(settings, move |sink| {
         *for_start.sink.lock().expect("sink") = Some(sink);

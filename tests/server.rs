@@ -147,6 +147,7 @@ async fn start_with(lease_ttl: Millis, limits: Limits) -> Harness {
         admin_token: ADMIN.into(),
         incarnation: "test-incarnation".into(),
         tls: None,
+        namespace_selector: None,
     };
     let running = server::start(settings, move |sink| {
         *for_start.sink.lock().expect("sink") = Some(sink);

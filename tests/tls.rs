@@ -145,6 +145,7 @@ async fn start(tls: TlsSettings) -> Running {
         admin_token: ADMIN.into(),
         incarnation: "tls-test".into(),
         tls: Some(tls),
+        namespace_selector: None,
     };
     server::start(settings, |_sink| {
         Ok(Arc::new(NullBackend) as Arc<dyn ExecutorBackend>)

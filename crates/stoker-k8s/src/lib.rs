@@ -23,6 +23,7 @@ pub mod client;
 pub mod index;
 pub mod lease;
 pub mod limiter;
+pub mod namespaces;
 pub mod pod;
 mod resources;
 pub mod size;

@@ -90,6 +90,7 @@ pub async fn start_stoker() -> anyhow::Result<Running> {
         admin_token: ADMIN_TOKEN.into(),
         incarnation: "stoker-bench".into(),
         tls: None,
+        namespace_selector: None,
     };
     server::start(settings, |sink| {
         Ok(Arc::new(NullBackend { sink }) as Arc<dyn ExecutorBackend>)
