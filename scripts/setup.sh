@@ -29,6 +29,15 @@ if [[ ! -f "$VENV/.complete" ]]; then
 else
   log "venv ok: $VENV"
 fi
+# The tests' raw gRPC client (tests/e2e/grpc_client.py: a caller that is not the plugin, such as
+# another team's driver or an attacker), in the same venv; its own marker so that an existing
+# venv gains it.
+GRPC_VERSION=1.76.0
+if [[ ! -f "$VENV/.grpc-$GRPC_VERSION" ]]; then
+  log "installing grpcio $GRPC_VERSION into $VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "grpcio==$GRPC_VERSION" "grpcio-tools==$GRPC_VERSION"
+  touch "$VENV/.grpc-$GRPC_VERSION"
+fi
 
 # 2. Every binary of the workspace (one shared target/ for the demo and the tests): the stoker
 #    server and the test bed's process kubelet (target/debug/process-kubelet).

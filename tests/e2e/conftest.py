@@ -59,6 +59,9 @@ class Stoker:
         self.lease_ttl = lease_ttl
         self.proc = None
         self.log_path = work_dir / "stoker.log"
+        # The CA that signed stoker's certificate when it serves TLS (see KubeStoker); None:
+        # plaintext.
+        self.tls_ca = None
 
     def start(self):
         assert STOKER.exists(), f"{STOKER} missing: run scripts/setup.sh"
@@ -87,9 +90,21 @@ class Stoker:
     def address(self):
         return f"127.0.0.1:{self.port}"
 
+    def server_args(self):
+        """How `stoker apps`/`executors` reach this server."""
+        if self.tls_ca:
+            return ["--server", f"https://{self.address}", "--tls-ca", str(self.tls_ca)]
+        return ["--server", f"http://{self.address}"]
+
+    def driver_confs(self):
+        """What a driver needs to reach this server (its CA when it serves TLS)."""
+        if self.tls_ca:
+            return ["--conf", "spark.stoker.tls.enabled=true", "--conf", f"spark.stoker.tls.caFile={self.tls_ca}"]
+        return []
+
     def cli(self, *args):
         out = subprocess.run(
-            [str(STOKER), *args, "--server", f"http://{self.address}", "--work-dir", str(self.work_dir)],
+            [str(STOKER), *args, *self.server_args(), "--work-dir", str(self.work_dir)],
             capture_output=True, text=True, timeout=30,
         )
         return out
@@ -127,7 +142,7 @@ class Driver:
         self.log_path = work_dir / f"driver-{time.monotonic_ns()}.log"
         self.out_path = work_dir / f"driver-{time.monotonic_ns()}.out"
         self.proc = subprocess.Popen(
-            [sys.executable, str(JOBS / job), stoker.address, *args],
+            [sys.executable, str(JOBS / job), stoker.address, *stoker.driver_confs(), *args],
             stdout=open(self.out_path, "w"), stderr=open(self.log_path, "w"), env=env,
             start_new_session=True,
         )
