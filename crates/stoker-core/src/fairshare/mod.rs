@@ -26,7 +26,8 @@
 //! 2. **Guarantees.** Each queue is then admitted up to its guarantee while its applications
 //!    ask for more, lowest weighted share first. The guarantees fit in the capacity (the
 //!    configuration checks it), so a queue gets its guarantee unless other queues' floors took
-//!    the room.
+//!    the room (or, for a guarantee that names fewer units than the capacity, other queues took
+//!    the unit it does not name: give guarantees in all the capacity's units).
 //! 3. **Weighted max-min.** What is left goes one executor at a time to the queue with the
 //!    lowest dominant share divided by its weight, and inside that queue to the application with
 //!    the lowest dominant share (equal weights inside a queue), among those that can still grow:
