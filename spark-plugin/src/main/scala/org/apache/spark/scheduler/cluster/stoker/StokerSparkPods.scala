@@ -76,34 +76,12 @@ private[spark] object StokerSparkPods {
   }
 
   /**
-   * spark.kubernetes.* keys set by the user that stoker does not honour, with the reason. Keys
+   * spark.kubernetes.* keys set by the user that stoker does not honour, with the reason: the
+   * "not honoured" rows of [[KeyCoverage]] (the same rows make the README's key table). Keys
    * that stoker replaces by design (allocation batches, snapshot and polling intervals) are not
-   * listed: see the README.
+   * listed.
    */
-  def unsupportedKeys(conf: SparkConf): Map[String, String] = {
-    def isTrue(k: String) = conf.getOption(k).exists(_.trim.equalsIgnoreCase("true"))
-    val reuse = "stoker does not reuse persistent volume claims: every executor gets new " +
-      "on-demand claims, deleted with their owner"
-    Seq(
-      Option.when(isTrue("spark.kubernetes.driver.reusePersistentVolumeClaim"))(
-        "spark.kubernetes.driver.reusePersistentVolumeClaim" -> reuse),
-      Option.when(isTrue("spark.kubernetes.driver.waitToReusePersistentVolumeClaim"))(
-        "spark.kubernetes.driver.waitToReusePersistentVolumeClaim" -> reuse),
-      conf.getOption("spark.kubernetes.executor.decommissionLabel").map(_ =>
-        "spark.kubernetes.executor.decommissionLabel" ->
-          "stoker does not label the pods of executors it decommissions or kills"),
-      conf.getOption("spark.kubernetes.executor.decommissionLabelValue").map(_ =>
-        "spark.kubernetes.executor.decommissionLabelValue" ->
-          "stoker does not label the pods of executors it decommissions or kills"),
-      conf.getOption("spark.kubernetes.executor.podDeletionCost").map(_ =>
-        "spark.kubernetes.executor.podDeletionCost" ->
-          "stoker creates bare pods (no Deployment): no deletion cost is applied"),
-      conf.getOption("spark.kubernetes.allocation.pods.allocator")
-        .filter(_.trim != "direct").map(v =>
-          "spark.kubernetes.allocation.pods.allocator" ->
-            s"stoker creates the pods itself; the '$v' allocator is not used")
-    ).flatten.toMap
-  }
+  def unsupportedKeys(conf: SparkConf): Map[String, String] = KeyCoverage.unsupportedKeys(conf)
 
   /**
    * One resource profile's executor pod, built by Spark's KubernetesExecutorBuilder for the
