@@ -276,6 +276,7 @@ impl SparkApp {
         let mut pod = built.pod.clone();
         let labels = self.stoker_labels(app_id);
         set_name(&mut pod.metadata, &names, &self.namespace);
+        fill_metadata(&mut pod.metadata, &names);
         set_exec_id_label(&mut pod.metadata, &names.id);
         extend_labels(&mut pod.metadata, &labels);
         let spec = pod_spec(&mut pod);
@@ -394,6 +395,18 @@ pub fn hostname(pod_name: &str) -> String {
 
 fn set_hostname(spec: &mut PodSpec, pod_name: &str) {
     spec.hostname = Some(hostname(pod_name));
+}
+
+/// `{{EXECUTOR_ID}}` in the values of `spark.kubernetes.executor.label.*` and `annotation.*`,
+/// which Spark substituted with the placeholder id.
+fn fill_metadata(meta: &mut ObjectMeta, names: &Names<'_>) {
+    let labels = meta.labels.iter_mut().flatten();
+    let annotations = meta.annotations.iter_mut().flatten();
+    for (_, value) in labels.chain(annotations) {
+        if value.contains(names.placeholder) {
+            *value = value.replace(names.placeholder, &names.id);
+        }
+    }
 }
 
 fn rename_claims(spec: &mut PodSpec, names: &Names<'_>) {

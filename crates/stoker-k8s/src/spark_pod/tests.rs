@@ -136,7 +136,7 @@ fn every_per_executor_part_is_filled_in() {
     let objects = executor(7);
     let pod = json(&objects.pod);
     let name = pod::pod_name(&app_id(), ExecutorId::new(7));
-    let cases: [(&str, Value, Value); 9] = [
+    let cases: [(&str, Value, Value); 11] = [
         ("name", pod["metadata"]["name"].clone(), name.clone().into()),
         (
             "namespace",
@@ -147,6 +147,16 @@ fn every_per_executor_part_is_filled_in() {
             "spark-exec-id",
             pod["metadata"]["labels"]["spark-exec-id"].clone(),
             "7".into(),
+        ),
+        (
+            "{{EXECUTOR_ID}} in a label (spark.kubernetes.executor.label.*)",
+            pod["metadata"]["labels"]["shard"].clone(),
+            "shard-7".into(),
+        ),
+        (
+            "{{EXECUTOR_ID}} in an annotation",
+            pod["metadata"]["annotations"]["logs.example.com/path"].clone(),
+            "/logs/etl/7".into(),
         ),
         (
             "hostname",
@@ -256,6 +266,9 @@ fn nothing_else_differs_from_sparks_pod() {
         "/metadata/name".into(),
         "/metadata/namespace".into(),
         "/metadata/labels/spark-exec-id".into(),
+        // {{EXECUTOR_ID}} in spark.kubernetes.executor.label.shard / annotation.*.
+        "/metadata/labels/shard".into(),
+        "/metadata/annotations/logs.example.com/path".into(),
         "/metadata/labels/app.kubernetes.io~1managed-by".replace("~1", "/"),
         format!("/metadata/labels/{}", pod::LABEL_INSTANCE),
         format!("/metadata/labels/{}", pod::LABEL_APP),
@@ -297,8 +310,8 @@ fn two_executors_differ_only_in_their_id() {
     diff(&a, &b, "", &mut paths);
     assert_eq!(
         paths.len(),
-        8,
-        "name, label, hostname, 1 env, 2 java options, 2 claims: {paths:?}"
+        10,
+        "name, 2 labels, 1 annotation, hostname, 1 env, 2 java options, 2 claims: {paths:?}"
     );
 }
 

@@ -156,19 +156,8 @@ private[spark] object KeyCoverage {
     }
   }
 
-  private val ExecutorIdPlaceholder = "{{EXECUTOR_ID}}"
-  private val PlaceholderWarning = "A value with `{{EXECUTOR_ID}}` (which Spark substitutes " +
-    "per executor) is warned about by key: stoker does not fill it in yet"
-  private val PlaceholderReason = "stoker does not substitute {{EXECUTOR_ID}} in executor " +
-    "labels and annotations yet: every executor would carry the same placeholder id"
-
-  /** Executor labels and annotations whose values Spark would give each executor its own id. */
-  def placeholderKeys(conf: SparkConf): Map[String, String] =
-    Seq(E + "label.", E + "annotation.").flatMap { prefix =>
-      conf.getAllWithPrefix(prefix).collect {
-        case (k, v) if v.contains(ExecutorIdPlaceholder) => (prefix + k) -> PlaceholderReason
-      }
-    }.toMap
+  private val PlaceholderFilled = "`{{EXECUTOR_ID}}` in a value becomes each executor's id " +
+    "(Spark substitutes the placeholder id, stoker the executor's)"
 
   /** Every row, in table order. */
   lazy val rows: Seq[Row] = Seq(
@@ -208,9 +197,9 @@ private[spark] object KeyCoverage {
       PodDiffers(Seq(E + "pod.excludedFeatureSteps" ->
         "org.apache.spark.deploy.k8s.features.LocalDirsFeatureStep"))),
     Row(E + "label.[name]", Honoured, "the pod's labels (stoker adds its own; Spark's reserved " +
-      "labels cannot be set). " + PlaceholderWarning,
+      "labels cannot be set). " + PlaceholderFilled,
       PodDiffers(Seq(E + "label.team" -> "data"))),
-    Row(E + "annotation.[name]", Honoured, "the pod's annotations. " + PlaceholderWarning,
+    Row(E + "annotation.[name]", Honoured, "the pod's annotations. " + PlaceholderFilled,
       PodDiffers(Seq(E + "annotation.note" -> "x"))),
     Row(K + "node.selector.[name]", Honoured, "the pod's nodeSelector",
       PodDiffers(Seq(K + "node.selector.disk" -> "ssd"))),
@@ -411,8 +400,7 @@ private[spark] object KeyCoverage {
    * `spark.stoker.strictConf=true`.
    */
   def unsupportedKeys(conf: SparkConf): Map[String, String] =
-    rowsOf(Refused).filter(_.refusedWhen(conf)).map(r => r.key -> r.why).toMap ++
-      placeholderKeys(conf)
+    rowsOf(Refused).filter(_.refusedWhen(conf)).map(r => r.key -> r.why).toMap
 
   private def cell(s: String): String = s.replace("|", "\\|").replace("\n", " ")
 

@@ -231,9 +231,11 @@ class KeyCoverageTest extends Checks {
     val sc = podA.path("spec").path("containers").size - 1
     val env = podA.path("spec").path("containers").get(sc).path("env")
     def envName(i: String) = env.path(i.toInt).path("name").asText()
+    // What stoker fills in per executor (crates/stoker-k8s/src/spark_pod.rs `executor`): the
+    // placeholder id in every label and annotation value among them.
     val filled = Seq(
-      "^/metadata/name$", "^/metadata/labels/spark-exec-id$", "^/spec/hostname$",
-      "^/spec/volumes/\\d+/persistentVolumeClaim/claimName$")
+      "^/metadata/name$", "^/metadata/labels/[^/]+$", "^/metadata/annotations/[^/]+$",
+      "^/spec/hostname$", "^/spec/volumes/\\d+/persistentVolumeClaim/claimName$")
     val envValue = s"^/spec/containers/$sc/env/(\\d+)/value$$".r
     val podPaths = diff(podA, json(b.podJson)).filterNot { p =>
       filled.exists(p.matches) || (p match {
