@@ -21,6 +21,7 @@ use crate::config::{Limits, NamespaceVerdict};
 use crate::error::ApiError;
 use crate::proto::v1 as pb;
 use crate::proto::v1::executor_allocator_server::ExecutorAllocator;
+use crate::queues::QueueInputs;
 use crate::quota::QuotaKey;
 use crate::validate;
 
@@ -261,6 +262,23 @@ impl Service {
                 config.max_failures = self.failure_limit(&registration.app_id, max_failures);
             }
             config.failure_window = registration.failure_window;
+            let quota_key = QuotaKey::of(&template, &self.limits.namespaces);
+            let queue_inputs = match &self.apps.queues {
+                None => None,
+                Some(queues) => {
+                    let inputs = QueueInputs {
+                        namespace: quota_key.namespace.clone(),
+                        identity: quota_key.identity.clone(),
+                        requested: registration.queue.clone(),
+                        min_executors: registration.min_executors,
+                    };
+                    // Refused here, before anything is registered.
+                    let queue = queues.admit(&inputs)?;
+                    info!(app = %registration.app_id, queue = %queue,
+                        min_executors = registration.min_executors, "fair share: queue chosen");
+                    Some(inputs)
+                }
+            };
             let created = self.apps.create(NewApp {
                 app_id: registration.app_id.clone(),
                 token: token.clone(),
@@ -270,7 +288,8 @@ impl Service {
                 targets: registration.targets.clone(),
                 last_executor_id: registration.last_executor_id,
                 known_executor_ids: registration.known_executor_ids.clone(),
-                quota_key: QuotaKey::of(&template, &self.limits.namespaces),
+                quota_key,
+                queue_inputs,
             });
             match created {
                 Ok((_, last_seq)) => {
@@ -560,23 +579,7 @@ impl ExecutorAllocator for Service {
         let bearer = crate::auth::bearer(request.metadata());
         let request = request.into_inner();
         let result = async {
-            if request.admin_token.is_empty() {
-                // No admin token: an identity RBAC lets list applications (stoker-viewer).
-                let Some(caller) = self.auth.identify(bearer?.as_deref()).await? else {
-                    return Err(ApiError::Unauthenticated);
-                };
-                if !self.auth.may_inspect(&caller, "list", None).await? {
-                    return Err(ApiError::PermissionDenied(format!(
-                        "{} may not list applications.stoker.dev (a ClusterRole such as \
-                         stoker-viewer grants it), and no admin_token was given",
-                        caller.username
-                    )));
-                }
-            } else if !self.is_admin(&request.admin_token) {
-                return Err(ApiError::PermissionDenied(
-                    "admin_token: is not this server's admin token".into(),
-                ));
-            }
+            self.may_list(&request.admin_token, bearer).await?;
             let handles: Vec<_> = self
                 .apps
                 .registry
@@ -593,6 +596,90 @@ impl ExecutorAllocator for Service {
         }
         .await;
         self.finish("ListApplications", started, result)
+    }
+
+    async fn list_queues(
+        &self,
+        request: Request<pb::ListQueuesRequest>,
+    ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        let started = Instant::now();
+        let bearer = crate::auth::bearer(request.metadata());
+        let request = request.into_inner();
+        let result = async {
+            self.may_list(&request.admin_token, bearer).await?;
+            let Some(queues) = &self.apps.queues else {
+                return Ok(pb::ListQueuesResponse {
+                    enabled: false,
+                    ..Default::default()
+                });
+            };
+            Ok(queue_list(queues))
+        }
+        .await;
+        self.finish("ListQueues", started, result)
+    }
+}
+
+impl Service {
+    /// The admin token, or an identity RBAC lets list applications (stoker-viewer).
+    async fn may_list(
+        &self,
+        admin_token: &str,
+        bearer: Result<Option<String>, ApiError>,
+    ) -> Result<(), ApiError> {
+        if admin_token.is_empty() {
+            let Some(caller) = self.auth.identify(bearer?.as_deref()).await? else {
+                return Err(ApiError::Unauthenticated);
+            };
+            if !self.auth.may_inspect(&caller, "list", None).await? {
+                return Err(ApiError::PermissionDenied(format!(
+                    "{} may not list applications.stoker.dev (a ClusterRole such as \
+                     stoker-viewer grants it), and no admin_token was given",
+                    caller.username
+                )));
+            }
+            return Ok(());
+        }
+        if !self.is_admin(admin_token) {
+            return Err(ApiError::PermissionDenied(
+                "admin_token: is not this server's admin token".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn queue_list(queues: &crate::queues::Queues) -> pb::ListQueuesResponse {
+    let config = queues.config();
+    let report = queues.report();
+    let queues_info = config
+        .queues()
+        .values()
+        .map(|queue| {
+            let totals = report
+                .allocation
+                .queues
+                .get(&queue.name)
+                .copied()
+                .unwrap_or_default();
+            pb::QueueInfo {
+                name: queue.name.to_string(),
+                weight: queue.weight,
+                guaranteed: queue.guaranteed.to_string(),
+                max: queue.max.to_string(),
+                requested: totals.requested.executors,
+                admitted: totals.admitted.executors,
+                running: totals.running.executors,
+                pending: report.pending.get(&queue.name).copied().unwrap_or(0),
+                applications: totals.applications,
+            }
+        })
+        .collect();
+    pb::ListQueuesResponse {
+        enabled: true,
+        queues: queues_info,
+        capacity: config.capacity().to_string(),
+        config_error: queues.last_error().unwrap_or_default(),
     }
 }
 
@@ -666,6 +753,10 @@ fn application_info(
             })
             .collect(),
         resizes: summary.resizes,
+        queue: summary.queue.as_ref().map(ToString::to_string),
+        admitted: summary
+            .admitted
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
     }
 }
 

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use stoker_core::fairshare::{ProfileDemand, QueueName, Shape};
 use stoker_core::{
     Action, AppId, AppPhase, BackendObservation, DriverIdentity, Engine, EngineConfig, EngineError,
     Event, EventKind, ExecutorBackend, ExecutorEvent, ExecutorId, ExecutorPhase, ExecutorSize,
@@ -24,6 +25,7 @@ use crate::clock::Clock;
 use crate::config::Limits;
 use crate::error::{ApiError, Limit, LimitError};
 use crate::metrics::{CauseLabel, Metrics, ReasonLabel};
+use crate::queues::{QueueInputs, Queues};
 use crate::quota::{total_after, Admission, QuotaKey, Quotas};
 use crate::sizes::SizeStore;
 
@@ -58,6 +60,12 @@ pub struct AppSummary {
     pub sizes: BTreeMap<ProfileId, ExecutorSize>,
     /// Size changes so far.
     pub resizes: u32,
+    /// What the fair share sees of it, per profile: its request, its executors, their shape.
+    pub demand: BTreeMap<ProfileId, ProfileDemand>,
+    /// Its queue, once the fair share has placed it (`--queues`).
+    pub queue: Option<QueueName>,
+    /// Executors admitted over all profiles (`--queues`); `None` without admission.
+    pub admitted: Option<u64>,
 }
 
 /// One executor as GetApplication shows it.
@@ -156,6 +164,15 @@ pub enum AppCommand {
     },
     /// Something the backend saw.
     Observe(ExecutorId, Observation),
+    /// The fair share's allocation for the application.
+    Admit {
+        /// Admitted executors per profile.
+        admitted: BTreeMap<ProfileId, u32>,
+        /// What to tell the driver, when it gets less than it asks for.
+        message: Option<String>,
+        /// Its queue.
+        queue: QueueName,
+    },
 }
 
 /// The registry's entry for an application.
@@ -175,6 +192,8 @@ pub struct AppHandle {
     identity: Option<DriverIdentity>,
     /// Its Kubernetes namespace (empty on the local backend).
     namespace: String,
+    /// What its queue is decided from (`--queues`).
+    queue_inputs: Option<QueueInputs>,
 }
 
 impl AppHandle {
@@ -196,6 +215,16 @@ impl AppHandle {
     /// Its Kubernetes namespace, when it has one.
     pub fn namespace(&self) -> Option<&str> {
         Some(self.namespace.as_str()).filter(|n| !n.is_empty())
+    }
+
+    /// What its queue is decided from, under fair share.
+    pub fn queue_inputs(&self) -> Option<&QueueInputs> {
+        self.queue_inputs.as_ref()
+    }
+
+    /// Sends a command that needs no reply; dropped if the actor is gone.
+    pub fn send(&self, command: AppCommand) {
+        let _ = self.commands.send(command);
     }
 
     /// Sends a command and waits for the reply.
@@ -299,6 +328,8 @@ pub struct Apps {
     max_executor_memory_mib: u64,
     /// Sizes remembered across runs, when the backend keeps them.
     sizes: Option<Arc<SizeStore>>,
+    /// The fair share, with `--queues`.
+    pub queues: Option<Arc<Queues>>,
 }
 
 /// What a new application starts with.
@@ -321,6 +352,8 @@ pub struct NewApp {
     pub known_executor_ids: Vec<ExecutorId>,
     /// Whom it counts against.
     pub quota_key: QuotaKey,
+    /// What its queue is decided from, under fair share (`--queues`).
+    pub queue_inputs: Option<QueueInputs>,
 }
 
 impl Apps {
@@ -343,6 +376,26 @@ impl Apps {
                 .sizes_file
                 .clone()
                 .map(|path| Arc::new(SizeStore::new(path, limits.max_remembered_sizes))),
+            queues: None,
+        }
+    }
+
+    /// Admits executors by fair share across the queues of `queues`.
+    pub fn with_queues(mut self, queues: Option<Arc<Queues>>) -> Self {
+        self.queues = queues;
+        self
+    }
+
+    /// Under fair share, an application is admitted nothing until the allocation has seen it.
+    fn hold_until_allocated(&self, engine: &mut Engine, now: Millis) {
+        if self.queues.is_some() {
+            engine.set_admitted(Some(BTreeMap::new()), None, now);
+        }
+    }
+
+    fn poke_allocator(&self) {
+        if let Some(queues) = &self.queues {
+            queues.poke();
         }
     }
 
@@ -433,6 +486,7 @@ impl Apps {
         )
         .with_sizing(sizing.clone(), new.template.profiles.values());
         self.recall_sizes(&new.app_id, &new.template, &mut engine);
+        self.hold_until_allocated(&mut engine, now);
         engine.set_targets(&new.targets, now)?;
         let initial = total_after(engine.targets(), &[]);
         // Dropped, and so given back, if the id turns out to be taken below.
@@ -460,6 +514,7 @@ impl Apps {
             watches: AtomicUsize::new(0),
             identity: new.template.identity.clone(),
             namespace: new.template.kubernetes.namespace.clone(),
+            queue_inputs: new.queue_inputs.clone(),
         });
         match self.registry.entry(new.app_id.clone()) {
             dashmap::Entry::Occupied(_) => {
@@ -481,6 +536,7 @@ impl Apps {
             let mut adopted = Engine::new(new.config, profiles, new.last_executor_id, now)
                 .with_sizing(sizing, new.template.profiles.values());
             self.recall_sizes(&new.app_id, &new.template, &mut adopted);
+            self.hold_until_allocated(&mut adopted, now);
             for r in &recovered {
                 if !adopted.adopt(
                     r.executor_id,
@@ -518,6 +574,7 @@ impl Apps {
             seq: seq_tx,
             summary: summary_tx,
             counted_seq: 0,
+            seen_by_allocator: None,
         };
         info!(app = %actor.app_id, "application registered");
         self.metrics.applications_registered.inc();
@@ -544,6 +601,8 @@ struct Actor {
     seq: watch::Sender<u64>,
     summary: watch::Sender<AppSummary>,
     counted_seq: u64,
+    /// What the fair share last saw of the application (phase, demand), to poke it on change.
+    seen_by_allocator: Option<(AppPhase, BTreeMap<ProfileId, ProfileDemand>)>,
 }
 
 impl Actor {
@@ -584,6 +643,8 @@ impl Actor {
         // Give the quotas back before the command channel closes, so that a caller who sees
         // the application gone (its watch stream ends) can register another at once.
         drop(self.admission);
+        // Its share is free for the others.
+        self.apps.poke_allocator();
         info!(app = %self.app_id, exited = self.engine.exited_total(), "application removed");
     }
 
@@ -680,6 +741,11 @@ impl Actor {
             AppCommand::Observe(id, observation) => {
                 self.observe(id, observation, now);
             }
+            AppCommand::Admit {
+                admitted,
+                message,
+                queue,
+            } => self.admit(admitted, message, queue, now),
         }
     }
 
@@ -732,6 +798,64 @@ impl Actor {
             .map_err(ApiError::from);
         self.settle();
         result
+    }
+
+    /// Takes the fair share's allocation: the engine creates executors only up to it and tells
+    /// the driver when the message changes.
+    fn admit(
+        &mut self,
+        admitted: BTreeMap<ProfileId, u32>,
+        message: Option<String>,
+        queue: QueueName,
+        now: Millis,
+    ) {
+        if self.engine.phase() == AppPhase::Ending {
+            return;
+        }
+        let total: u64 = admitted.values().map(|&n| u64::from(n)).sum();
+        let changed = self.engine.admitted() != Some(&admitted);
+        if changed {
+            match &message {
+                Some(message) => {
+                    info!(app = %self.app_id, queue = %queue, admitted = total, "{message}")
+                }
+                None => {
+                    debug!(app = %self.app_id, queue = %queue, admitted = total, "admitted every executor requested")
+                }
+            }
+        }
+        self.engine.set_admitted(Some(admitted), message, now);
+        self.summary.send_modify(|s| {
+            s.queue = Some(queue);
+            s.admitted = Some(total);
+        });
+    }
+
+    /// What the fair share sees of the application: per profile its request, the executors it
+    /// has that count toward it, and the shape new executors get (grown ones included).
+    fn demand(&self) -> BTreeMap<ProfileId, ProfileDemand> {
+        let counted = self.engine.counted();
+        let sizes: BTreeMap<ProfileId, ExecutorSize> = self.engine.sizing().sizes().collect();
+        self.template
+            .profiles
+            .iter()
+            .map(|(&id, profile)| {
+                let mut shape = Shape::of(profile);
+                if let Some(size) = sizes.get(&id) {
+                    shape.memory_mib = size
+                        .heap_mib
+                        .saturating_add(size.overhead_mib)
+                        .saturating_add(profile.off_heap_mib)
+                        .saturating_add(profile.pyspark_mib);
+                }
+                let demand = ProfileDemand {
+                    shape,
+                    requested: self.engine.targets().get(&id).copied().unwrap_or(0),
+                    running: counted.get(&id).copied().unwrap_or(0),
+                };
+                (id, demand)
+            })
+            .collect()
     }
 
     /// Records the sizes the application ends with under its sizing key.
@@ -875,8 +999,21 @@ impl Actor {
                 _ => pending += 1,
             }
         }
+        let mut poke = false;
+        let demand = if self.apps.queues.is_some() {
+            let demand = self.demand();
+            let seen = (self.engine.phase(), demand.clone());
+            if self.seen_by_allocator.as_ref() != Some(&seen) {
+                self.seen_by_allocator = Some(seen);
+                poke = true;
+            }
+            demand
+        } else {
+            BTreeMap::new()
+        };
         let engine = &self.engine;
         self.summary.send_modify(|s| {
+            s.demand = demand;
             s.phase = engine.phase().as_str();
             s.targets = engine.targets().clone();
             s.pending = pending;
@@ -889,5 +1026,9 @@ impl Actor {
             s.sizes = engine.sizing().sizes().collect();
             s.resizes = s.resizes.saturating_add(resizes);
         });
+        // After the summary it reads.
+        if poke {
+            self.apps.poke_allocator();
+        }
     }
 }

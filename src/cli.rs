@@ -1,4 +1,5 @@
-//! The `stoker apps` and `stoker executors` commands: tables from a running server.
+//! The `stoker apps`, `stoker queues` and `stoker executors` commands: tables from a running
+//! server.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -135,6 +136,8 @@ pub fn apps_table(apps: &[pb::ApplicationInfo]) -> String {
         "EXITED".to_owned(),
         "FAILURES".to_owned(),
         "LEASE".to_owned(),
+        "QUEUE".to_owned(),
+        "ADMITTED".to_owned(),
     ]];
     for app in apps {
         let target: i64 = app.targets.iter().map(|t| t.total).sum();
@@ -149,9 +152,66 @@ pub fn apps_table(apps: &[pb::ApplicationInfo]) -> String {
             app.exited.to_string(),
             app.failures.to_string(),
             format!("{:.1}s", app.lease_remaining_ms as f64 / 1000.0),
+            app.queue.clone().unwrap_or_else(|| "-".to_owned()),
+            app.admitted
+                .map_or_else(|| "-".to_owned(), |n| n.to_string()),
         ]);
     }
     table(&rows)
+}
+
+/// `stoker queues`.
+pub async fn queues(args: ClientArgs) -> anyhow::Result<String> {
+    let admin_token = token_or_bearer(&args)?;
+    let mut client = client(&args).await?;
+    let response = client
+        .list_queues(with_bearer(&args, pb::ListQueuesRequest { admin_token })?)
+        .await
+        .map_err(|s| status_error(s, "cannot list queues"))?
+        .into_inner();
+    Ok(queues_table(&response))
+}
+
+/// Renders the queue table (executors), with the capacity and any refused reload below it.
+pub fn queues_table(response: &pb::ListQueuesResponse) -> String {
+    if !response.enabled {
+        return "no fair share: the server runs without --queues, every request is admitted\n"
+            .to_owned();
+    }
+    let mut rows = vec![[
+        "QUEUE".to_owned(),
+        "WEIGHT".to_owned(),
+        "GUARANTEED".to_owned(),
+        "MAX".to_owned(),
+        "ADMITTED".to_owned(),
+        "RUNNING".to_owned(),
+        "PENDING".to_owned(),
+        "REQUESTED".to_owned(),
+        "APPLICATIONS".to_owned(),
+    ]];
+    for q in &response.queues {
+        rows.push([
+            q.name.clone(),
+            q.weight.to_string(),
+            q.guaranteed.clone(),
+            q.max.clone(),
+            q.admitted.to_string(),
+            q.running.to_string(),
+            q.pending.to_string(),
+            q.requested.to_string(),
+            q.applications.to_string(),
+        ]);
+    }
+    let mut out = table(&rows);
+    let _ = writeln!(out, "capacity: {}", response.capacity);
+    if !response.config_error.is_empty() {
+        let _ = writeln!(
+            out,
+            "the queue file's last change was refused (the previous one is in force): {}",
+            response.config_error
+        );
+    }
+    out
 }
 
 /// `stoker executors <app>`.

@@ -22,6 +22,8 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Lists the applications of a running server.
     Apps(ClientArgs),
+    /// Lists the queues of the fair share (`serve --queues`) and what each is admitted.
+    Queues(ClientArgs),
     /// Lists the executors of one application.
     Executors {
         /// The application id.
@@ -177,6 +179,15 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "STOKER_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,
+    /// Queue file (TOML) for fair share across applications: queues with weights, guarantees
+    /// and maxima, the rules that map applications to them, and the capacity stoker admits in
+    /// all. Read again every --queues-reload-interval; a file that does not parse keeps the last
+    /// good one. Without it every request is admitted (no fair share).
+    #[arg(long, env = "STOKER_QUEUES")]
+    pub queues: Option<PathBuf>,
+    /// How often the queue file is read again, e.g. 5s.
+    #[arg(long, env = "STOKER_QUEUES_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_millis)]
+    pub queues_reload_interval: Millis,
     /// Kubernetes backend settings.
     #[command(flatten)]
     pub kube: KubeArgs,

@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod proto;
+pub mod queues;
 pub mod quota;
 pub mod secret;
 pub mod server;

@@ -46,6 +46,10 @@ fn main() -> ExitCode {
                 print!("{}", stoker::cli::apps(args).await?);
                 Ok(())
             }
+            Command::Queues(args) => {
+                print!("{}", stoker::cli::queues(args).await?);
+                Ok(())
+            }
             Command::Executors { app_id, client } => {
                 print!("{}", stoker::cli::executors(app_id, client).await?);
                 Ok(())
@@ -160,6 +164,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         incarnation: stoker::random_token()[..16].to_owned(),
         tls: tls.clone(),
         namespace_selector: None,
+        queues: queue_settings(&args)?,
     };
     let mut backend_slot: Option<LocalBackend> = None;
     // With --leader-elect: the task that keeps the Lease, and how to tell it to release it.
@@ -344,6 +349,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     info!("stopped");
     shutdown
+}
+
+/// `--queues`: the queue file, read at start (by the server) and every reload interval.
+fn queue_settings(args: &ServeArgs) -> anyhow::Result<Option<stoker::queues::QueueSettings>> {
+    let Some(path) = &args.queues else {
+        return Ok(None);
+    };
+    if args.queues_reload_interval == 0 {
+        bail!("--queues-reload-interval must be positive");
+    }
+    Ok(Some(stoker::queues::QueueSettings {
+        path: path.clone(),
+        reload_interval: std::time::Duration::from_millis(args.queues_reload_interval),
+        debounce: std::time::Duration::from_millis(150),
+    }))
 }
 
 /// `--auth`, defaulted by backend, and refused where it cannot protect anything.

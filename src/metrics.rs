@@ -59,6 +59,13 @@ pub struct LimitLabel {
     pub limit: &'static str,
 }
 
+/// The queue of the fair share (`stoker serve --queues`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    /// Its name.
+    pub queue: String,
+}
+
 /// Every metric stoker exports.
 pub struct Metrics {
     registry: Registry,
@@ -82,6 +89,16 @@ pub struct Metrics {
     pub failure_limits_lowered: Counter,
     /// Profiles whose executors grew after a memory failure, by cause.
     pub executor_resizes: Family<CauseLabel, Counter>,
+    /// Queue files refused (at a reload; the last good configuration stays in force).
+    pub queue_config_errors: Counter,
+    /// 1 when the last read of the queue file was used, 0 when it was refused.
+    pub queue_config_last_reload_success: Gauge,
+    /// Executors admitted per queue.
+    pub queue_admitted: Family<QueueLabel, Gauge>,
+    /// Executors requested per queue.
+    pub queue_requested: Family<QueueLabel, Gauge>,
+    /// Executors running (alive and counted toward a target) per queue.
+    pub queue_running: Family<QueueLabel, Gauge>,
 }
 
 impl Metrics {
@@ -157,6 +174,36 @@ impl Metrics {
              cause (oom_killed: more overhead; heap: more heap)",
             executor_resizes.clone(),
         );
+        let queue_config_errors = Counter::default();
+        registry.register(
+            "queue_config_errors",
+            "Queue files (--queues) refused at a reload; the last good configuration stays in force",
+            queue_config_errors.clone(),
+        );
+        let queue_config_last_reload_success = Gauge::default();
+        registry.register(
+            "queue_config_last_reload_success",
+            "1 when the queue file's last change was taken, 0 when it was refused",
+            queue_config_last_reload_success.clone(),
+        );
+        let queue_admitted = Family::<QueueLabel, Gauge>::default();
+        registry.register(
+            "queue_admitted",
+            "Executors admitted to the applications of a queue (fair share)",
+            queue_admitted.clone(),
+        );
+        let queue_requested = Family::<QueueLabel, Gauge>::default();
+        registry.register(
+            "queue_requested",
+            "Executors the applications of a queue ask for",
+            queue_requested.clone(),
+        );
+        let queue_running = Family::<QueueLabel, Gauge>::default();
+        registry.register(
+            "queue_running",
+            "Executors the applications of a queue have (alive, not being removed)",
+            queue_running.clone(),
+        );
         Self {
             registry,
             applications,
@@ -169,6 +216,11 @@ impl Metrics {
             limit_refusals,
             failure_limits_lowered,
             executor_resizes,
+            queue_config_errors,
+            queue_config_last_reload_success,
+            queue_admitted,
+            queue_requested,
+            queue_running,
         }
     }
 

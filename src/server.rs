@@ -20,6 +20,7 @@ use crate::config::Limits;
 use crate::metrics::{Metrics, StateLabel};
 use crate::proto::v1::executor_allocator_server::ExecutorAllocatorServer;
 use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::queues::Queues;
 use crate::tls::{ServerTls, TlsListener};
 
 /// What the server needs besides a backend.
@@ -42,6 +43,8 @@ pub struct Settings {
     pub tls: Option<Arc<ServerTls>>,
     /// `--allowed-namespace-selector`, checked with the API server (Kubernetes backend only).
     pub namespace_selector: Option<Arc<stoker_k8s::namespaces::NamespaceSelector>>,
+    /// Fair share across applications (`--queues`); none: every request is admitted.
+    pub queues: Option<crate::queues::QueueSettings>,
 }
 
 /// A running server.
@@ -103,15 +106,36 @@ pub async fn start_with_auth(
         None => Metrics::new(),
     };
     let metrics = Arc::new(metrics);
-    let apps = Arc::new(Apps::new(
-        backend,
-        Clock::new(),
-        Arc::clone(&metrics),
-        &settings.limits,
-    ));
+    // A queue file that cannot be used stops stoker here, naming its line.
+    let queues = match &settings.queues {
+        Some(queue_settings) => Some(Arc::new(
+            Queues::load(queue_settings.clone(), Arc::clone(&metrics)).context("--queues")?,
+        )),
+        None => None,
+    };
+    let apps = Arc::new(
+        Apps::new(
+            backend,
+            Clock::new(),
+            Arc::clone(&metrics),
+            &settings.limits,
+        )
+        .with_queues(queues.clone()),
+    );
     let _ = apps_cell.set(Arc::downgrade(&apps));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    if let Some(queues) = &queues {
+        tokio::spawn(crate::queues::reload_loop(
+            Arc::downgrade(queues),
+            shutdown_rx.clone(),
+        ));
+        tokio::spawn(crate::queues::allocate_loop(
+            Arc::downgrade(&apps),
+            Arc::clone(queues),
+            shutdown_rx.clone(),
+        ));
+    }
     let service = Service::new(
         Arc::clone(&apps),
         settings.limits.clone(),

@@ -37,6 +37,10 @@ pub struct Registration {
     pub max_failures: Option<u32>,
     /// Failure validity window (None: forever).
     pub failure_window: Option<u64>,
+    /// The queue the application asks for (`spark.stoker.queue`); None: the rules decide.
+    pub queue: Option<String>,
+    /// `spark.dynamicAllocation.minExecutors` (0 without dynamic allocation).
+    pub min_executors: u32,
 }
 
 /// Validates the application id field.
@@ -190,6 +194,18 @@ pub fn registration(
     let known_executor_ids =
         executor_ids("known_executor_ids", &request.known_executor_ids, limits)?;
     let policy = request.failure_policy.unwrap_or_default();
+    // Whether the queue exists is the fair share's decision (with the file in force).
+    string("queue", &request.queue, limits)?;
+    let queue = Some(request.queue.trim().to_owned()).filter(|q| !q.is_empty());
+    if request.min_executors > limits.max_executors_per_profile {
+        return Err(ApiError::invalid(
+            "min_executors",
+            format!(
+                "{} is above the limit of {} executors per resource profile",
+                request.min_executors, limits.max_executors_per_profile
+            ),
+        ));
+    }
     Ok(Registration {
         app_id,
         app_name: request.app_name,
@@ -200,6 +216,8 @@ pub fn registration(
         known_executor_ids,
         max_failures: (policy.max_failures > 0).then_some(policy.max_failures),
         failure_window: (policy.validity_interval_ms > 0).then_some(policy.validity_interval_ms),
+        queue,
+        min_executors: request.min_executors,
     })
 }
 

@@ -109,6 +109,7 @@ async fn start() -> (Running, Arc<Recorder>, ExecutorAllocatorClient<Channel>) {
         incarnation: "test".into(),
         tls: None,
         namespace_selector: None,
+        queues: None,
     };
     let running = server::start_with_auth(settings, Arc::new(FakeKubernetes), move |_sink| {
         Ok(Arc::new(Shared(for_start)) as Arc<dyn ExecutorBackend>)

@@ -148,6 +148,7 @@ async fn start_with(lease_ttl: Millis, limits: Limits) -> Harness {
         incarnation: "test-incarnation".into(),
         tls: None,
         namespace_selector: None,
+        queues: None,
     };
     let running = server::start(settings, move |sink| {
         *for_start.sink.lock().expect("sink") = Some(sink);

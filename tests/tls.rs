@@ -146,6 +146,7 @@ async fn start(tls: TlsSettings) -> Running {
         incarnation: "tls-test".into(),
         tls: Some(tls),
         namespace_selector: None,
+        queues: None,
     };
     server::start(settings, |_sink| {
         Ok(Arc::new(NullBackend) as Arc<dyn ExecutorBackend>)

@@ -91,6 +91,7 @@ pub async fn start_stoker() -> anyhow::Result<Running> {
         incarnation: "stoker-bench".into(),
         tls: None,
         namespace_selector: None,
+        queues: None,
     };
     server::start(settings, |sink| {
         Ok(Arc::new(NullBackend { sink }) as Arc<dyn ExecutorBackend>)
@@ -168,6 +169,13 @@ impl ExecutorAllocator for Ceiling {
         _request: Request<pb::ListApplicationsRequest>,
     ) -> Result<Response<pb::ListApplicationsResponse>, Status> {
         Ok(Response::new(pb::ListApplicationsResponse::default()))
+    }
+
+    async fn list_queues(
+        &self,
+        _request: Request<pb::ListQueuesRequest>,
+    ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        Ok(Response::new(pb::ListQueuesResponse::default()))
     }
 }
 
