@@ -103,9 +103,10 @@ private[spark] class StokerSchedulerBackend(
         StokerSchedulerBackend.this.removeExecutor(executorId, reason)
       override def applicationFailed(message: String): Unit = dead(message)
     }
+    val (queue, minExecutors) = StokerTemplate.admission(conf)
     session = new StokerSession(channel, master.hostPort, appId, sc.appName,
       StokerSession.newToken(), () => currentTemplate(), StokerTemplate.failurePolicy(conf),
-      hooks, settings)
+      hooks, settings, queue, minExecutors)
     logInfo(s"Registering application $appId with stoker at ${master.hostPort} " +
       s"($initialExecutors initial executor(s))")
     try {

@@ -52,7 +52,9 @@ private[spark] class StokerSession(
     template: () => ExecutorTemplate,
     failurePolicy: FailurePolicy,
     driver: StokerDriver,
-    settings: StokerSettings) extends Logging {
+    settings: StokerSettings,
+    queue: String = "",
+    minExecutors: Int = 0) extends Logging {
 
   import StokerSession._
 
@@ -374,6 +376,8 @@ private[spark] class StokerSession(
       .setLastExecutorId(lastId)
       .addAllKnownExecutorIds(known.asJava)
       .setFailurePolicy(failurePolicy)
+      .setQueue(queue)
+      .setMinExecutors(minExecutors)
       .build()
   }
 

@@ -292,6 +292,22 @@ private[spark] object StokerTemplate {
       .build()
   }
 
+  /** `spark.stoker.queue`: the fair-share queue the application asks for (stoker serve --queues). */
+  val QueueKey = "spark.stoker.queue"
+
+  /**
+   * What stoker's fair share needs at registration: the queue asked for (empty: the server's
+   * rules decide) and spark.dynamicAllocation.minExecutors when dynamic allocation is on (0
+   * otherwise), admitted before any sharing.
+   */
+  def admission(conf: SparkConf): (String, Int) = {
+    val queue = conf.get(QueueKey, "").trim
+    val min =
+      if (Utils.isDynamicAllocationEnabled(conf)) math.max(0, conf.get(DYN_ALLOCATION_MIN_EXECUTORS))
+      else 0
+    (queue, min)
+  }
+
   /** spark.executor.maxNumFailures (Spark's default rule) and failuresValidityInterval. */
   def failurePolicy(conf: SparkConf): FailurePolicy = {
     val max = ExecutorFailureTracker.maxNumExecutorFailures(conf)
