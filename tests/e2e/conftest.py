@@ -52,8 +52,10 @@ def wait_until(predicate, timeout, what):
 
 
 class Stoker:
-    def __init__(self, work_dir, lease_ttl="6s"):
+    def __init__(self, work_dir, lease_ttl="6s", extra_args=()):
         self.work_dir = work_dir
+        # More `stoker serve` flags (e.g. --queues FILE).
+        self.extra_args = list(extra_args)
         self.port = free_port()
         self.metrics_port = free_port()
         self.lease_ttl = lease_ttl
@@ -74,6 +76,7 @@ class Stoker:
                 "--work-dir", str(self.work_dir),
                 "--lease-ttl", self.lease_ttl,
                 "--delete-grace", "3s",
+                *self.extra_args,
             ],
             stdout=self.log, stderr=subprocess.STDOUT,
         )

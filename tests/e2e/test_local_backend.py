@@ -135,3 +135,60 @@ def test_the_next_run_of_a_sizing_key_starts_at_the_size_that_worked(stoker, dri
     assert f"profile 0 starts executors with {grown[-1]} MiB heap" in log, log[-8000:]
     assert "exit code 52" not in log and "exited with code 52" not in log, log[-8000:]
     assert "now starts executors" not in log, log[-8000:]
+
+
+QUEUES_FOUR_EXECUTORS = """
+default_queue = "default"
+
+[capacity]
+executors = 4
+
+[[queues]]
+name = "default"
+allow = ["*"]
+"""
+
+
+def test_fair_share_admits_a_later_application_and_tells_the_first(work_dir, driver_factory):
+    queue_file = work_dir / "queues.toml"
+    queue_file.write_text(QUEUES_FOUR_EXECUTORS)
+    server = Stoker(work_dir, extra_args=["--queues", str(queue_file)]).start()
+    try:
+        # A: dynamic allocation, asks for up to 8 with a backlog long enough to keep asking.
+        a = driver_factory(
+            server, "--dynamic", "--executors", "8", "--slow-ms", "1500", "--partitions", "48",
+        )
+        started_a = a.wait_event("started", timeout=180)
+        admitted_all = re.compile(r"stoker: admitted 4 of [5-8] executors \(queue default, fair share 4\)")
+        wait_until(lambda: admitted_all.search(a.log()), 180, "A admitted 4 of the executors it asks for")
+
+        # B arrives later with two executors: it gets them (its floor at least), and A is told
+        # that its share is now 2.
+        b = driver_factory(server, "--executors", "2", "--slow-ms", "200", "--partitions", "8")
+        started_b = b.wait_event("started", timeout=180)
+        halved = re.compile(r"stoker: admitted 2 of [5-8] executors \(queue default, fair share 2\)")
+        wait_until(lambda: halved.search(a.log()), 120, "A told of its fair share of 2")
+
+        apps = server.apps()
+        assert started_a["app_id"] in apps and started_b["app_id"] in apps, apps
+        queues = server.cli("queues")
+        assert queues.returncode == 0, queues.stderr
+        rows = {line.split()[0]: line.split() for line in queues.stdout.splitlines()[1:] if line.strip()}
+        # QUEUE WEIGHT GUARANTEED MAX ADMITTED RUNNING PENDING REQUESTED APPLICATIONS
+        assert rows["default"][4] == "4" and rows["default"][-1] == "2", queues.stdout
+        assert "capacity: 4 executors" in queues.stdout
+
+        result_b = b.wait(timeout=400)
+        check_result(result_b)
+        assert result_b["results"][0]["executors_alive"] >= 1
+        result_a = a.wait(timeout=600)
+        check_result(result_a)
+
+        # Each admission was told once: no line repeats the one before it.
+        told = re.findall(r"stoker: (admitted [^\n]*)", a.log())
+        assert all(x != y for x, y in zip(told, told[1:])), told
+        log = server.log_path.read_text()
+        assert "fair share: queue file loaded" in log, log[-3000:]
+    finally:
+        server.stop()
+        wait_until(lambda: not executor_pids(work_dir), 30, "executor processes to end")
