@@ -13,7 +13,8 @@ import time
 import pytest
 
 from conftest import JAR, JOBS, PROCESS_NODE, STOKER, Driver, Stoker, wait_until
-from testbed import FAULT, ROOT, ApiError
+from test_tls import SERVER_EXT, issue, make_ca
+from testbed import FAULT, LOST, ROOT, ApiError
 
 IMAGE = "apache/spark:4.2.0"
 _instances = itertools.count(1)
@@ -22,12 +23,25 @@ _instances = itertools.count(1)
 class KubeStoker(Stoker):
     """stoker with --backend kubernetes against the test bed."""
 
-    def __init__(self, work_dir, testbed, instance, lease_ttl="6s", kubeconfig=None, extra=()):
+    def __init__(self, work_dir, testbed, instance, lease_ttl="6s", kubeconfig=None, extra=(), tls=False):
         super().__init__(work_dir, lease_ttl)
         self.testbed = testbed
         self.instance = instance
         self.kubeconfig = kubeconfig
         self.extra = list(extra)
+        self.tls = tls
+
+    def _tls_args(self):
+        """With `tls`: a certificate for 127.0.0.1 signed by a CA of this test, made once."""
+        if not self.tls:
+            return []
+        certs = self.work_dir / "stoker-certs"
+        if not certs.exists():
+            certs.mkdir()
+            self.tls_ca = make_ca(certs, "stoker-ca")
+            issue(certs, "stoker-ca", "stoker", SERVER_EXT)
+        self.tls_ca = certs / "stoker-ca.pem"
+        return ["--tls-cert", str(certs / "stoker.pem"), "--tls-key", str(certs / "stoker.key")]
 
     def start(self):
         assert STOKER.exists(), f"{STOKER} missing: run scripts/setup.sh"
@@ -45,6 +59,7 @@ class KubeStoker(Stoker):
                 "--delete-grace", "3s",
                 "--kube-image", IMAGE,
                 "--kube-instance", self.instance,
+                *self._tls_args(),
                 *self.extra,
             ],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
@@ -142,11 +157,12 @@ def k8s_args(namespace="default", *more, token=True):
 
 @pytest.fixture
 def kube(testbed, process_kubelet, work_dir, monkeypatch):
-    """A Kubernetes-backed stoker with its own instance label; after the test no pod of it may
-    be left."""
+    """A Kubernetes-backed stoker with its own instance label, as deployed: drivers authenticate
+    with their ServiceAccount tokens (k8s_args) over TLS (the driver_factory passes the CA).
+    After the test no pod of it may be left."""
     monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
     instance = f"e2e-{os.getpid()}-{next(_instances)}"
-    server = KubeStoker(work_dir, testbed, instance)
+    server = KubeStoker(work_dir, testbed, instance, tls=True)
     server.start()
     yield server
     server.stop()
@@ -327,7 +343,7 @@ def test_driver_pod_deletion_garbage_collects_executors(kube, testbed, process_k
     # As deploy/examples/driver-pod.yaml: the driver's own ServiceAccount, and a projected token
     # for the audience "stoker" that the kubelet mounts (and the plugin re-reads when rotated).
     driver_service_account("default")
-    command = [sys.executable, str(JOBS / "shuffle.py"), kube.address, "--executors", "2",
+    command = [sys.executable, str(JOBS / "shuffle.py"), kube.address, *kube.driver_confs(), "--executors", "2",
                "--jobs", "2", "--pause-s", "300", *k8s_args("default", token=False),
                "--conf", "spark.stoker.auth.tokenFile=/var/run/secrets/stoker/token",
                "--conf", f"spark.kubernetes.driver.pod.name={name}"]
@@ -384,7 +400,7 @@ def test_deploy_manifests_rbac_is_enough_and_no_more(testbed, process_kubelet, w
         can = lambda *a: testbed.kubectl("auth", "can-i", *a, f"--as={sa}", check=False).stdout.strip()
         for verb in ("list", "watch", "get"):
             assert can(verb, "pods", "-n", "default") == "yes", verb
-        for args in (("create", "tokenreviews"), ("create", "subjectaccessreviews")):
+        for args in (("create", "tokenreviews"), ("create", "subjectaccessreviews"), ("list", "namespaces")):
             assert can(*args) == "yes", args
         # Leader election: the Lease and its own pod's label, in stoker's namespace only.
         for args in (("get", "leases", "-n", "stoker"), ("create", "leases", "-n", "stoker"),
@@ -396,6 +412,7 @@ def test_deploy_manifests_rbac_is_enough_and_no_more(testbed, process_kubelet, w
                      ("create", "configmaps", "-n", "default"),
                      ("impersonate", "serviceaccounts", "-n", "default"),
                      ("get", "secrets", "-n", "default"), ("delete", "nodes"), ("create", "deployments"),
+                     ("patch", "namespaces"), ("get", "configmaps", "-n", "default"),
                      ("patch", "pods", "-n", "default"), ("create", "pods", "--subresource=exec"),
                      ("update", "leases", "-n", "default"), ("delete", "leases", "-n", "stoker")):
             assert can(*args) == "no", args
@@ -416,7 +433,10 @@ def test_deploy_manifests_rbac_is_enough_and_no_more(testbed, process_kubelet, w
         # With leader election as deployed: the Lease in stoker's namespace, under the SA.
         server = KubeStoker(work_dir, testbed, instance, kubeconfig=kubeconfig,
                             extra=["--leader-elect", "--leader-elect-namespace", "stoker",
-                                   "--leader-elect-identity", "rbac-test"]).start()
+                                   "--leader-elect-identity", "rbac-test",
+                                   # The namespace policy by label, with the ServiceAccount's
+                                   # `list namespaces` (every namespace carries this label).
+                                   "--allowed-namespace-selector", "kubernetes.io/metadata.name=default"]).start()
         assert "leader: lease acquired" in server.log_path.read_text()
         try:
             driver = driver_factory(server, "--executors", "2", *k8s_args())
@@ -474,6 +494,44 @@ def test_unschedulable_executor_tells_the_driver_and_stays_requested(kube, testb
         check_result(result)
         assert "exited" not in " ".join(re.findall(r"stoker: executor \d+ exited[^\n]*", driver.log()))
     finally:
+        testbed.api.merge_patch(node, {"metadata": {"labels": {label: None}}})
+
+
+def test_a_node_lost_mid_job_is_reported_and_its_executors_replaced(kube, testbed, kubelet_factory,
+                                                                    driver_factory):
+    """Both executors run on a node that stops reporting mid-job (its containers die, its
+    kubelet goes silent): the node lifecycle controller marks their pods not ready, stoker
+    tells the driver NODE_LOST for each and creates replacements on the node that is left, the
+    job's answer is right, and once the lost machine's Node is deleted (as a cloud provider's
+    node controller does) no pod of the application is left."""
+    label = "stoker.dev/e2e-pool"
+    lost = kubelet_factory("lost-node")
+    testbed.api.merge_patch(f"/api/v1/nodes/{lost.node}", {"metadata": {"labels": {label: "lost"}}})
+    node = f"/api/v1/nodes/{PROCESS_NODE}"
+    watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
+    driver = driver_factory(kube, "--executors", "2", "--slow-ms", "1500", "--partitions", "40",
+                            *k8s_args("default", "--conf", f"spark.kubernetes.node.selector.{label}=lost"))
+    try:
+        driver.wait_event("job-start", timeout=180)
+        app_id = driver.event("started")["app_id"]
+        pods = wait_until(lambda: (lambda r: r if len(r) == 2 else None)(running_pods(testbed, kube.instance, app_id)),
+                          120, "two running executor pods")
+        assert {p["spec"]["nodeName"] for p in pods} == {lost.node}
+        time.sleep(3)  # tasks are running
+        testbed.api.merge_patch(f"/api/v1/nodes/{lost.node}", {"metadata": {"annotations": {LOST: "true"}}})
+        # Replacements may run on the node that is left.
+        testbed.api.merge_patch(node, {"metadata": {"labels": {label: "lost"}}})
+        wait_until(lambda: len(re.findall(r"stoker: executor [12] exited.*\(NODE_LOST\)", driver.log())) == 2, 150,
+                   "the driver to hear that both executors were lost with their node")
+        check_result(driver.wait(timeout=400))
+        added = {o["metadata"]["labels"]["spark-exec-id"]: o for t, o in watch.objects() if t == "ADDED"}
+        assert {"1", "2", "3", "4"} <= set(added), sorted(added)
+        # The lost pods cannot finish terminating on a silent node; the Node's deletion lets
+        # Kubernetes' pod garbage collector remove them.
+        testbed.api.delete(f"/api/v1/nodes/{lost.node}")
+        wait_until(lambda: not pods_of(testbed, kube.instance, app_id), 120, "no pod of the application left")
+    finally:
+        watch.close()
         testbed.api.merge_patch(node, {"metadata": {"labels": {label: None}}})
 
 
@@ -608,8 +666,9 @@ def run_under_both(testbed, kube, work_dir, confs, want=None):
     try:
         runs = {}
         for name, master in (("spark", f"k8s://https://127.0.0.1:{testbed.port}"), ("stoker", kube.address)):
+            tls = kube.driver_confs() if name == "stoker" else []
             code, events, log = run_job("read_mounts.py", master, work_dir, testbed.client_env(),
-                                        "--executors", "1", *conf_args(confs))
+                                        *tls, "--executors", "1", *conf_args(confs))
             assert code == 0, f"{name}: driver failed ({code}):\n{log[-8000:]}"
             result = next(e for e in events if e["event"] == "result")
             for read in result["reads"] if want else []:
@@ -731,7 +790,7 @@ def test_bad_or_unhonoured_keys_are_refused_at_registration_by_name(kube, testbe
         confs[key] = value
     confs["spark.stoker.strictConf"] = "true"
     code, _, log = run_job("read_mounts.py", kube.address, work_dir, testbed.client_env(),
-                           *conf_args(confs), timeout=120)
+                           *kube.driver_confs(), *conf_args(confs), timeout=120)
     assert code != 0, log[-4000:]
     refused = re.search(r"refused to register application \S+: INVALID_ARGUMENT: ([^\n]*)", log)
     assert refused, log[-6000:]
@@ -796,7 +855,7 @@ def test_an_in_cluster_driver_owns_the_on_demand_claims(kube, testbed, process_k
     name = "driver-pvc"
     driver_service_account("default")
     v = "spark.kubernetes.executor.volumes.persistentVolumeClaim.data."
-    command = [sys.executable, str(JOBS / "shuffle.py"), kube.address, "--executors", "1",
+    command = [sys.executable, str(JOBS / "shuffle.py"), kube.address, *kube.driver_confs(), "--executors", "1",
                *k8s_args("default", token=False),
                "--conf", "spark.stoker.auth.tokenFile=/var/run/secrets/stoker/token",
                "--conf", f"spark.kubernetes.driver.pod.name={name}",

@@ -165,15 +165,34 @@ pub fn classify(pod: &Pod) -> PodView {
             };
         }
     }
-    // A node that stopped reporting: the node lifecycle controller marks the pod not ready
-    // with reason NodeNotReady (its taint manager may later evict it).
+    // A node that stopped reporting: the node lifecycle controller flips the pod's Ready
+    // condition to False and nothing else (MarkPodsNotReady keeps the condition's reason and
+    // leaves ContainersReady alone); its taint manager may evict the pod much later (default
+    // toleration 300 s, DisruptionTarget DeletionByTaintManager). A kubelet never writes Ready
+    // False with ContainersReady True unless a readiness gate is unmet, so that pair, on a pod
+    // without readiness gates, is the node controller's mark.
     let conditions = status.and_then(|s| s.conditions.as_ref());
-    let node_gone = conditions.into_iter().flatten().any(|c| {
-        (c.type_ == "Ready" && c.status == "False" && c.reason.as_deref() == Some("NodeNotReady"))
-            || (c.type_ == "DisruptionTarget"
-                && c.status == "True"
-                && c.reason.as_deref() == Some("DeletionByTaintManager"))
+    let condition = |kind: &str| {
+        conditions
+            .into_iter()
+            .flatten()
+            .find(|c| c.type_ == kind)
+            .map(|c| c.status.as_str())
+    };
+    let no_gates = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.readiness_gates.as_ref())
+        .is_none_or(|g| g.is_empty());
+    let marked_not_ready = no_gates
+        && condition("Ready") == Some("False")
+        && condition("ContainersReady") == Some("True");
+    let evicted_by_taint = conditions.into_iter().flatten().any(|c| {
+        c.type_ == "DisruptionTarget"
+            && c.status == "True"
+            && c.reason.as_deref() == Some("DeletionByTaintManager")
     });
+    let node_gone = marked_not_ready || evicted_by_taint;
     if node_gone && phase == "Running" {
         let node = pod
             .spec
@@ -318,11 +337,36 @@ mod tests {
                 ip: "10.1.2.3".into()
             }
         );
-        let mut lost = running;
-        lost["conditions"] =
-            json!([{"type": "Ready", "status": "False", "reason": "NodeNotReady"}]);
+        // The node lifecycle controller's mark (as MarkPodsNotReady leaves it): Ready False,
+        // ContainersReady still True.
+        let mut lost = running.clone();
+        lost["conditions"] = json!([{"type": "Ready", "status": "False"},
+            {"type": "ContainersReady", "status": "True"}]);
         assert!(matches!(
-            classify(&pod(lost)),
+            classify(&pod(lost.clone())),
+            PodView::Exited {
+                reason: ExitReason::NodeLost,
+                ..
+            }
+        ));
+        // The kubelet's own not-ready (a container not ready) is not a lost node.
+        let mut unready = running.clone();
+        unready["conditions"] = json!([{"type": "Ready", "status": "False"},
+            {"type": "ContainersReady", "status": "False"}]);
+        assert!(matches!(classify(&pod(unready)), PodView::Running { .. }));
+        // Nor is an unmet readiness gate.
+        let mut gated = pod(lost);
+        gated
+            .spec
+            .get_or_insert_with(Default::default)
+            .readiness_gates = Some(vec![Default::default()]);
+        assert!(matches!(classify(&gated), PodView::Running { .. }));
+        // The taint manager's eviction.
+        let mut evicted = running;
+        evicted["conditions"] = json!([{"type": "DisruptionTarget", "status": "True",
+            "reason": "DeletionByTaintManager"}]);
+        assert!(matches!(
+            classify(&pod(evicted)),
             PodView::Exited {
                 reason: ExitReason::NodeLost,
                 ..
