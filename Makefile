@@ -7,7 +7,7 @@ JAR := spark-plugin/target/stoker-spark-plugin.jar
 
 
 .PHONY: bench bench-quick chaos chaos-quick
-.PHONY: setup demo test test-rust test-plugin test-e2e test-testbed lint
+.PHONY: setup demo test test-rust test-plugin test-e2e test-testbed lint image
 
 setup:
 	scripts/setup.sh
@@ -37,6 +37,15 @@ test-testbed: setup
 	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python -m pytest -v -p no:cacheprovider tests/e2e/test_testbed.py
 
 test: setup lint test-rust test-plugin test-e2e
+
+# The image of deploy/Dockerfile built whole with buildah (scripts/image.sh --from-source: its
+# build stage runs `cargo build --release` in the container, about 11 minutes on 2 cores), then
+# started by tests/e2e/test_image.py. `make test` runs that test too, on an image whose build
+# stage is replaced by target/debug/stoker (seconds).
+image: setup
+	scripts/image.sh build --from-source --tag localhost/stoker:0.1.0
+	STOKER_IMAGE=localhost/stoker:0.1.0 STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) \
+	  $(VENV)/bin/python -m pytest -v -p no:cacheprovider tests/e2e/test_image.py
 
 # Benchmarks (not part of `make test`): stoker against Spark's built-in Kubernetes backend.
 bench:

@@ -66,4 +66,17 @@ else
   [[ -x "$TESTBED_BIN/kube-apiserver" ]] || { log "test bed binaries missing in $TESTBED_BIN"; exit 1; }
 fi
 
+# 5. Container tools for the image test (tests/e2e/test_image.py, `make image`): Debian
+#    packages. runc, not crun: crun 1.8 refuses this machine's hybrid cgroup v1/v2 layout. Not for
+#    `make demo` (STOKER_SETUP_TESTBED=0), which runs no image.
+if [[ "${STOKER_SETUP_TESTBED:-1}" != "0" ]] && { ! command -v buildah >/dev/null || ! command -v podman >/dev/null \
+   || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null; }; then
+  log "installing buildah podman runc debootstrap (apt)"
+  SUDO=""
+  [[ "$(id -u)" == "0" ]] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    buildah podman runc debootstrap >/dev/null
+fi
+
 log "ready: $ROOT/target/debug/stoker, $ROOT/target/debug/process-kubelet, $JAR, $VENV, $TESTBED_BIN"
