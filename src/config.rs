@@ -253,7 +253,8 @@ pub struct KubeArgs {
     /// Burst above --kube-qps.
     #[arg(long = "kube-burst", env = "STOKER_KUBE_BURST", default_value_t = 400)]
     pub burst: u32,
-    /// Pod creations in flight at once.
+    /// Pod creations in flight at once; a freed one goes to the next application in turn, so
+    /// one application's ramp does not hold back another's first executor.
     #[arg(
         long = "kube-create-concurrency",
         env = "STOKER_KUBE_CREATE_CONCURRENCY",

@@ -22,6 +22,7 @@ pub mod auth;
 pub mod client;
 pub mod index;
 pub mod lease;
+mod fair;
 pub mod limiter;
 pub mod namespaces;
 pub mod pod;
@@ -59,7 +60,7 @@ pub struct KubernetesConfig {
     pub qps: f64,
     /// Burst above the rate.
     pub burst: u32,
-    /// Pod creations in flight at once.
+    /// Pod creations in flight at once, handed to applications in turn (see `fair.rs`).
     pub create_concurrency: usize,
     /// Watch and list only this namespace (for a namespaced Role); `None`: all namespaces.
     pub watch_namespace: Option<String>,
@@ -127,7 +128,7 @@ struct Inner {
     config: KubernetesConfig,
     sink: ObservationSink,
     index: Mutex<PodIndex>,
-    create_slots: tokio::sync::Semaphore,
+    create_slots: fair::FairSlots,
     limiter: Limiter,
     driver_uids: DashMap<(String, String), String>,
     spark: resources::SparkApps,
@@ -166,7 +167,7 @@ impl KubernetesBackend {
         let selector = selector(&config.defaults.instance);
         let inner = Arc::new(Inner {
             limiter: Limiter::new(config.qps, config.burst),
-            create_slots: tokio::sync::Semaphore::new(config.create_concurrency.max(1)),
+            create_slots: fair::FairSlots::new(config.create_concurrency),
             client,
             watch_client,
             config,

@@ -208,7 +208,9 @@ impl KubernetesBackend {
                 return;
             }
             let result = {
-                let _slot = self.inner.create_slots.acquire().await;
+                // Per application in turn: another application's ramp does not hold this one's
+                // first executor back (see fair.rs).
+                let _slot = self.inner.create_slots.acquire(key.0.as_str()).await;
                 self.inner.limiter.acquire().await;
                 if !self.inner.config.gate.is_open() {
                     // Leadership is gone; the process is stepping down. The next leader adopts
