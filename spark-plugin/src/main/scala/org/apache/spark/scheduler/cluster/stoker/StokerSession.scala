@@ -4,19 +4,19 @@
 package org.apache.spark.scheduler.cluster.stoker
 
 import java.security.SecureRandom
-import java.util.concurrent.{ConcurrentHashMap, ExecutorService, RejectedExecutionException, ScheduledExecutorService, ThreadLocalRandom, TimeUnit}
-import java.util.concurrent.atomic.{AtomicBoolean, AtomicReference}
+import java.util.concurrent.{ConcurrentHashMap, RejectedExecutionException, ScheduledExecutorService, TimeUnit}
+import java.util.concurrent.atomic.AtomicBoolean
 
-import scala.concurrent.{Future, Promise}
+import scala.concurrent.Future
 import scala.jdk.CollectionConverters._
 import scala.util.control.NonFatal
 
 import dev.stoker.proto.v1._
-import io.grpc.{Context, ManagedChannel, Status, StatusRuntimeException}
+import io.grpc.{ManagedChannel, Status, StatusRuntimeException}
 
 import org.apache.spark.SparkException
 import org.apache.spark.internal.Logging
-import org.apache.spark.scheduler.{ExecutorExited, ExecutorLossReason}
+import org.apache.spark.scheduler.ExecutorLossReason
 import org.apache.spark.util.ThreadUtils
 
 /** What the session needs from the Spark side (the scheduler backend, or a test). */
@@ -30,18 +30,22 @@ private[spark] trait StokerDriver {
 }
 
 /**
- * One application's conversation with stoker: registration, the ordered queue of requests made
- * by Spark, the event stream, the lease heartbeat, and re-attachment after any failure.
+ * One application's conversation with stoker, put together from one class per job:
  *
- * Threads:
- *  - `stoker-requests`: ONE thread that sends, in the order Spark made them, the totals, kills,
- *    decommissions and template updates, each retried while stoker is unreachable (bounded by
- *    spark.stoker.rpc.retryTimeout). Callers get a Future at once and never block.
- *  - `stoker-watch`: runs WatchExecutors and is the supervisor of the connection: when the stream
- *    or a heartbeat fails it backs off (jittered, exponential), re-registers with the same app id
- *    and token and resumes the stream (from the last handled sequence number, or from 0 when
+ *  - [[StokerAttachment]]: the attachment state machine (token, incarnation, lease TTL, epoch,
+ *    last handled event, the driver's view of stoker's executors), under one lock.
+ *  - [[StokerRequests]]: `stoker-requests`, ONE thread that sends, in the order Spark made them,
+ *    the totals, kills, decommissions and template updates, each retried while stoker is
+ *    unreachable (bounded by spark.stoker.rpc.retryTimeout). Callers get a Future at once and
+ *    never block.
+ *  - [[StokerEventStream]]: `stoker-watch`, runs WatchExecutors and supervises the connection:
+ *    when the stream or a heartbeat fails it backs off, re-registers with the same app id and
+ *    token and resumes the stream (from the last handled sequence number, or from 0 when
  *    stoker's incarnation changed).
- *  - `stoker-heartbeat`: renews the lease every third of its TTL.
+ *  - [[StokerBackoff]]: the one jittered exponential backoff all of them use.
+ *
+ * This class registers the application, builds the requests, and renews the lease
+ * (`stoker-heartbeat`, every third of its TTL).
  */
 private[spark] class StokerSession(
     channel: ManagedChannel,
@@ -65,43 +69,33 @@ private[spark] class StokerSession(
   private def stub(timeoutMs: Long = settings.rpcTimeoutMs) =
     blocking.withDeadlineAfter(timeoutMs, TimeUnit.MILLISECONDS)
 
-  // ---- state guarded by `lock` --------------------------------------------------------------
-  private val lock = new Object
-  private var token: String = initialToken
-  private var incarnation: String = null
-  private var leaseTtlMs: Long = 0L
-  /** True while the session is attached; false while re-attaching. */
-  private var registered = false
-  private var everRegistered = false
-  /** Changes whenever the event stream must be (re)opened: a re-registration by the supervisor,
-   *  or a new incarnation seen by anyone. Events of a stream of an older epoch are dropped. */
-  private var epoch = 0L
-  /** The highest event sequence number handled. */
-  private var lastSeq = 0L
-  private val tracker = new StokerExecutorTracker
+  private val stopped = new AtomicBoolean(false)
+  private val isStopped: () => Boolean = () => stopped.get
 
-  // ---- state safe without the lock ---------------------------------------------------------
+  private val attachment = new StokerAttachment(initialToken)
   private val desiredTotals = new ConcurrentHashMap[Int, Int]()
+  /** Kills and decommissions sent and not yet seen to finish: sent again after re-attaching. */
   private val pendingKills = ConcurrentHashMap.newKeySet[String]()
   private val pendingDecommissions = ConcurrentHashMap.newKeySet[String]()
-  private val stopped = new AtomicBoolean(false)
-  private val appFailed = new AtomicBoolean(false)
-  private val currentWatch = new AtomicReference[Context.CancellableContext]()
 
-  private val requests: ExecutorService =
-    ThreadUtils.newDaemonSingleThreadExecutor("stoker-requests")
+  private val events = new StokerEventStream(blocking, target, appId, settings, attachment,
+    driver, isStopped, () => reRegister(), id => {
+      pendingKills.remove(id)
+      pendingDecommissions.remove(id)
+    })
+  private val requests = new StokerRequests(channel, target, settings, attachment, isStopped,
+    events.reconnect)
   private val heartbeats: ScheduledExecutorService =
     ThreadUtils.newDaemonSingleThreadScheduledExecutor("stoker-heartbeat")
-  @volatile private var watchThread: Thread = null
 
   // ---- accessors (logging and tests) -------------------------------------------------------
-  def currentToken: String = lock.synchronized(token)
-  def currentIncarnation: Option[String] = lock.synchronized(Option(incarnation))
-  def lastHandledSeq: Long = lock.synchronized(lastSeq)
-  def isAttached: Boolean = lock.synchronized(registered)
+  def currentToken: String = attachment.currentToken
+  def currentIncarnation: Option[String] = attachment.currentIncarnation
+  def lastHandledSeq: Long = attachment.lastHandledSeq
+  def isAttached: Boolean = attachment.isAttached
   def desiredTotalsSnapshot: Map[Int, Int] = desiredTotals.asScala.toMap
-  def maxExecutorId: Long = lock.synchronized(tracker.maxExecutorId)
-  def liveExecutorIds: Seq[String] = lock.synchronized(tracker.liveExecutorIds)
+  def maxExecutorId: Long = attachment.maxExecutorId
+  def liveExecutorIds: Seq[String] = attachment.liveExecutorIds
 
   // ---- lifecycle ---------------------------------------------------------------------------
 
@@ -113,17 +107,14 @@ private[spark] class StokerSession(
   def start(initialTargets: Map[Int, Int]): Unit = {
     initialTargets.foreach { case (p, n) => desiredTotals.put(p, n) }
     registerAtStart()
-    val t = new Thread(() => watchLoop(), "stoker-watch")
-    t.setDaemon(true)
-    watchThread = t
-    t.start()
+    events.start()
     scheduleHeartbeat(heartbeatIntervalMs)
   }
 
   private def registerAtStart(): Unit = {
     val timeoutMs = settings.registrationTimeoutMs
     val deadline = System.nanoTime() + TimeUnit.MILLISECONDS.toNanos(timeoutMs)
-    var backoff = settings.initialBackoffMs
+    val backoff = new StokerBackoff(settings.initialBackoffMs, settings.maxBackoffMs, isStopped)
     var attempt = 0
     var lastError: StatusRuntimeException = null
     while (true) {
@@ -145,15 +136,14 @@ private[spark] class StokerSession(
             s"$appId: ${describe(e)}", e)
       }
       val leftMs = TimeUnit.NANOSECONDS.toMillis(deadline - System.nanoTime())
-      if (leftMs <= backoff) {
+      if (leftMs <= backoff.stepMs) {
         throw new SparkException(s"Could not register application $appId with stoker at " +
           s"$target within $timeoutMs ms ($attempt attempts; last error: " +
           s"${describe(lastError)}). Check that stoker is running and reachable from the " +
           s"driver at the master URL's host:port (${StokerSettings.RegistrationTimeout} sets " +
           "how long to wait).", lastError)
       }
-      sleepQuietly(jitter(backoff))
-      backoff = math.min(backoff * 2, settings.maxBackoffMs)
+      backoff.pause()
       channel.resetConnectBackoff()
     }
   }
@@ -161,20 +151,11 @@ private[spark] class StokerSession(
   /** Stops the threads; pending requests complete with false. Idempotent. */
   def stop(): Unit = {
     if (!stopped.compareAndSet(false, true)) return
-    lock.synchronized(lock.notifyAll())
-    cancelWatch()
+    attachment.wakeAll()
+    events.cancel()
     heartbeats.shutdownNow()
-    requests.shutdownNow().asScala.foreach {
-      case op: StokerSession#Op => op.promise.trySuccess(false)
-      case _ =>
-    }
-    try {
-      requests.awaitTermination(2, TimeUnit.SECONDS)
-      val t = watchThread
-      if (t != null) t.join(2000)
-    } catch {
-      case _: InterruptedException => Thread.currentThread().interrupt()
-    }
+    requests.stop()
+    events.stop()
   }
 
   /**
@@ -182,7 +163,7 @@ private[spark] class StokerSession(
    * during Spark's own shutdown are not replaced.
    */
   def releaseTargets(): Unit = {
-    if (!lock.synchronized(everRegistered)) return
+    if (!attachment.wasEverRegistered) return
     val profiles = desiredTotals.keySet().asScala.toSeq.sorted
     if (profiles.isEmpty) return
     try {
@@ -197,7 +178,7 @@ private[spark] class StokerSession(
 
   /** After [[stop]]: removes the application and all its executors (bounded deadline). */
   def unregister(): Unit = {
-    if (!lock.synchronized(everRegistered)) return
+    if (!attachment.wasEverRegistered) return
     try {
       val resp = stub(settings.unregisterTimeoutMs).unregisterApplication(
         UnregisterApplicationRequest.newBuilder().setAppId(appId).setToken(currentToken).build())
@@ -223,13 +204,13 @@ private[spark] class StokerSession(
   def requestTotals(totals: Map[Int, Int], templateChanged: Boolean): Future[Boolean] = {
     totals.foreach { case (p, n) => desiredTotals.put(p, n) }
     if (templateChanged) {
-      enqueue("RegisterApplication (template update: new resource profile)") {
+      requests.enqueue("RegisterApplication (template update: new resource profile)") {
         val resp = stub().registerApplication(registrationRequest())
         applyRegistration(resp, Registration.TemplateUpdate)
       }
     } else {
       val targets = totals.toSeq.sortBy(_._1).map { case (p, n) => profileTarget(p, n) }
-      enqueue(s"RequestTotalExecutors(${formatTotals(totals)})") {
+      requests.enqueue(s"RequestTotalExecutors(${formatTotals(totals)})") {
         stub().requestTotalExecutors(RequestTotalExecutorsRequest.newBuilder()
           .setAppId(appId).setToken(currentToken).addAllTargets(targets.asJava).build())
       }
@@ -238,22 +219,18 @@ private[spark] class StokerSession(
 
   /** Kills executors; adjust_target = false because Spark lowers its totals itself. */
   def kill(executorIds: Seq[String]): Future[Boolean] = {
-    lock.synchronized {
-      executorIds.filterNot(tracker.hasExited).foreach(pendingKills.add)
-    }
+    executorIds.filterNot(attachment.hasExited).foreach(pendingKills.add)
     sendKill(executorIds, "")
   }
 
   /** Decommissions executors; adjust_target = false because Spark adjusts its totals itself. */
   def decommission(executorIds: Seq[String]): Future[Boolean] = {
-    lock.synchronized {
-      executorIds.filterNot(tracker.hasExited).foreach(pendingDecommissions.add)
-    }
+    executorIds.filterNot(attachment.hasExited).foreach(pendingDecommissions.add)
     sendDecommission(executorIds, "")
   }
 
   private def sendKill(ids: Seq[String], note: String): Future[Boolean] =
-    enqueue(s"KillExecutors(${ids.mkString(", ")})$note") {
+    requests.enqueue(s"KillExecutors(${ids.mkString(", ")})$note") {
       val resp = stub().killExecutors(KillExecutorsRequest.newBuilder()
         .setAppId(appId).setToken(currentToken).addAllExecutorIds(ids.asJava)
         .setAdjustTarget(false).build())
@@ -261,110 +238,23 @@ private[spark] class StokerSession(
     }
 
   private def sendDecommission(ids: Seq[String], note: String): Future[Boolean] =
-    enqueue(s"DecommissionExecutors(${ids.mkString(", ")})$note") {
+    requests.enqueue(s"DecommissionExecutors(${ids.mkString(", ")})$note") {
       val resp = stub().decommissionExecutors(DecommissionExecutorsRequest.newBuilder()
         .setAppId(appId).setToken(currentToken).addAllExecutorIds(ids.asJava)
         .setAdjustTarget(false).build())
       logDebug(s"stoker: decommissioning ${resp.getDecommissioningList.asScala.mkString(", ")}")
     }
 
-  private final class Op(val what: String, val deadlineNs: Long, val body: () => Unit)
-    extends Runnable {
-    val promise: Promise[Boolean] = Promise[Boolean]()
-    override def run(): Unit = {
-      val ok = try runWithRetry(this) catch {
-        case NonFatal(e) =>
-          logWarning(s"stoker: $what failed", e)
-          false
-      }
-      promise.trySuccess(ok)
-    }
-  }
-
-  private def enqueue(what: String)(body: => Unit): Future[Boolean] = {
-    val op = new Op(what,
-      System.nanoTime() + TimeUnit.MILLISECONDS.toNanos(settings.retryTimeoutMs), () => body)
-    if (stopped.get) {
-      op.promise.trySuccess(false)
-    } else {
-      try requests.execute(op) catch {
-        case _: RejectedExecutionException => op.promise.trySuccess(false)
-      }
-    }
-    op.promise.future
-  }
-
-  private def runWithRetry(op: Op): Boolean = {
-    var backoff = settings.initialBackoffMs
-    var attempt = 0
-    while (!stopped.get) {
-      val e = awaitAttached(op.deadlineNs)
-      if (e < 0) {
-        if (!stopped.get) {
-          logWarning(s"stoker: gave up on ${op.what}: not attached to stoker at $target " +
-            s"within ${settings.retryTimeoutMs} ms")
-        }
-        return false
-      }
-      attempt += 1
-      try {
-        op.body()
-        return true
-      } catch {
-        case ex: StatusRuntimeException =>
-          if (stopped.get) return false
-          val code = ex.getStatus.getCode
-          if (isReattach(code)) {
-            requestReconnect(e, s"${op.what}: ${describe(ex)}")
-          } else if (!isTransient(code)) {
-            logWarning(s"stoker refused ${op.what}: ${describe(ex)}")
-            return false
-          }
-          val leftNs = op.deadlineNs - System.nanoTime()
-          if (leftNs <= TimeUnit.MILLISECONDS.toNanos(backoff)) {
-            logWarning(s"stoker: gave up on ${op.what} after $attempt attempt(s): " +
-              describe(ex))
-            return false
-          }
-          logDebug(s"stoker: ${op.what} failed (${describe(ex)}); retrying")
-      }
-      sleepQuietly(jitter(backoff))
-      backoff = math.min(backoff * 2, settings.maxBackoffMs)
-      channel.resetConnectBackoff()
-    }
-    false
-  }
-
-  /** Waits until the session is attached; its epoch, or -1 at the deadline or on stop. */
-  private def awaitAttached(deadlineNs: Long): Long = lock.synchronized {
-    try {
-      while (!registered && !stopped.get) {
-        val waitMs = TimeUnit.NANOSECONDS.toMillis(deadlineNs - System.nanoTime())
-        if (waitMs <= 0) return -1L
-        lock.wait(waitMs)
-      }
-    } catch {
-      case _: InterruptedException =>
-        Thread.currentThread().interrupt()
-        return -1L
-    }
-    if (stopped.get) -1L else epoch
-  }
-
   // ---- registration ------------------------------------------------------------------------
 
   private def registrationRequest(): RegisterApplicationRequest = {
-    // Ask the driver outside our lock: it takes the backend's lock.
+    // Ask the driver outside every lock of ours: it takes the backend's lock.
     val driverIds = try driver.driverExecutorIds() catch {
       case NonFatal(e) =>
         logWarning("stoker: could not list the driver's executors", e)
         Nil
     }
-    val (tok, lastId, known) = lock.synchronized {
-      driverIds.foreach(tracker.noteExecutorId)
-      val known = (driverIds ++ tracker.liveExecutorIds).distinct.filterNot(tracker.hasExited)
-      (token, tracker.maxExecutorId, known)
-    }
+    val (tok, lastId, known) = attachment.registrationView(driverIds)
     val targets =
       desiredTotals.asScala.toSeq.sortBy(_._1).map { case (p, n) => profileTarget(p, n) }
     RegisterApplicationRequest.newBuilder()
@@ -382,49 +272,31 @@ private[spark] class StokerSession(
   }
 
   private def applyRegistration(resp: RegisterApplicationResponse, kind: Registration): Unit = {
-    var previous: String = null
-    var changed = false
-    var resumeAfter = 0L
-    var ttl = 0L
-    lock.synchronized {
-      if (resp.getToken.nonEmpty && resp.getToken != token) {
-        if (everRegistered) {
-          logWarning("stoker: the application token changed on re-registration; using the new one")
-        }
-        token = resp.getToken
-      }
-      previous = incarnation
-      changed = previous != null && previous != resp.getIncarnation
-      if (changed) lastSeq = 0L
-      incarnation = resp.getIncarnation
-      if (resp.getLeaseTtlMs > 0) leaseTtlMs = resp.getLeaseTtlMs
-      if (kind == Registration.Reattach || changed) epoch += 1
-      registered = true
-      everRegistered = true
-      resumeAfter = lastSeq
-      ttl = leaseTtlMs
-      lock.notifyAll()
+    val r = attachment.registered(resp, reattach = kind == Registration.Reattach)
+    if (r.tokenReplaced) {
+      logWarning("stoker: the application token changed on re-registration; using the new one")
     }
+    val previous = r.previousIncarnation.orNull
     val inc = resp.getIncarnation
     kind match {
       case Registration.First =>
         logInfo(s"Registered application $appId with stoker at $target (incarnation $inc, " +
-          s"lease TTL $ttl ms)")
+          s"lease TTL ${r.leaseTtlMs} ms)")
       case Registration.Reattach =>
-        val how = if (changed) {
+        val how = if (r.incarnationChanged) {
           s"stoker restarted (incarnation $previous -> $inc): watching its events from the start"
         } else {
-          s"incarnation $inc, resuming events after seq $resumeAfter"
+          s"incarnation $inc, resuming events after seq ${r.resumeAfter}"
         }
         logInfo(s"re-attached to stoker at $target (application $appId, " +
           s"${if (resp.getReattached) "known" else "registered anew"}; $how)")
       case Registration.TemplateUpdate =>
         logInfo(s"stoker: sent the executor template with a new resource profile " +
           s"(${template().getProfilesCount} profiles)")
-        if (changed) {
+        if (r.incarnationChanged) {
           logInfo(s"re-attached to stoker at $target (application $appId; stoker restarted: " +
             s"incarnation $previous -> $inc, watching its events from the start)")
-          cancelWatch() // the supervisor reopens the stream for the new epoch
+          events.cancel() // the supervisor reopens the stream for the new epoch
         }
     }
   }
@@ -449,139 +321,16 @@ private[spark] class StokerSession(
 
   /** Kills and decommissions not yet seen to finish are sent again after a re-attachment. */
   private def resendPending(): Unit = {
-    val (kills, decoms) = lock.synchronized {
-      (pendingKills.asScala.filterNot(tracker.hasExited).toSeq.sorted,
-        pendingDecommissions.asScala.filterNot(tracker.hasExited).toSeq.sorted)
-    }
+    val kills = pendingKills.asScala.filterNot(attachment.hasExited).toSeq.sorted
+    val decoms = pendingDecommissions.asScala.filterNot(attachment.hasExited).toSeq.sorted
     if (kills.nonEmpty) sendKill(kills, " (again, after re-attaching)")
     if (decoms.nonEmpty) sendDecommission(decoms, " (again, after re-attaching)")
-  }
-
-  /** Marks the session detached (if `e` is still current) and ends the event stream. */
-  private def requestReconnect(e: Long, why: String): Unit = {
-    val changed = lock.synchronized {
-      if (registered && epoch == e) {
-        registered = false
-        true
-      } else {
-        false
-      }
-    }
-    if (changed && !stopped.get) {
-      logWarning(s"stoker: lost the connection to $target ($why); re-attaching")
-    }
-    cancelWatch()
-  }
-
-  private def cancelWatch(): Unit = {
-    val ctx = currentWatch.get()
-    if (ctx != null) ctx.cancel(null)
-  }
-
-  // ---- the event stream (supervisor) -------------------------------------------------------
-
-  private def watchLoop(): Unit = {
-    var backoff = settings.initialBackoffMs
-    while (!stopped.get) {
-      try {
-        val (e, after, attached) = lock.synchronized((epoch, lastSeq, registered))
-        if (!attached) {
-          if (!reRegister()) {
-            sleepQuietly(jitter(backoff))
-            backoff = math.min(backoff * 2, settings.maxBackoffMs)
-          }
-        } else {
-          val startedNs = System.nanoTime()
-          val outcome = runWatch(e, after)
-          if (!stopped.get) {
-            if (System.nanoTime() - startedNs > TimeUnit.SECONDS.toNanos(5)) {
-              backoff = settings.initialBackoffMs
-            }
-            val reopenOnly = lock.synchronized(registered && epoch != e)
-            if (!reopenOnly) {
-              requestReconnect(e, s"event stream: $outcome")
-              sleepQuietly(jitter(backoff))
-              backoff = math.min(backoff * 2, settings.maxBackoffMs)
-            }
-          }
-        }
-      } catch {
-        case NonFatal(t) =>
-          logWarning("stoker: unexpected error in the event stream supervisor", t)
-          sleepQuietly(jitter(backoff))
-          backoff = math.min(backoff * 2, settings.maxBackoffMs)
-      }
-    }
-  }
-
-  /** Runs one WatchExecutors stream until it ends; says why it ended. */
-  private def runWatch(e: Long, afterSeq: Long): String = {
-    val ctx = Context.current().withCancellation()
-    currentWatch.set(ctx)
-    try {
-      val current = lock.synchronized(registered && epoch == e)
-      if (!current || stopped.get) return "superseded"
-      val req = WatchExecutorsRequest.newBuilder()
-        .setAppId(appId).setToken(currentToken).setAfterSeq(afterSeq).build()
-      ctx.run { () =>
-        val it = blocking.watchExecutors(req)
-        while (it.hasNext) handleEvent(e, it.next())
-      }
-      "stoker closed the event stream"
-    } catch {
-      case ex: StatusRuntimeException => describe(ex)
-      case NonFatal(ex) => ex.toString
-    } finally {
-      currentWatch.compareAndSet(ctx, null)
-      ctx.cancel(null)
-    }
-  }
-
-  private def handleEvent(e: Long, ev: WatchEvent): Unit = {
-    val actions: Seq[StokerAction] = lock.synchronized {
-      if (epoch != e) return // a stream of an older epoch
-      val seq = ev.getSeq
-      if (seq != 0 && seq <= lastSeq) return // already handled (a resumed stream)
-      if (seq > lastSeq + 1) {
-        logWarning(s"stoker: events ${lastSeq + 1} to ${seq - 1} of application $appId were " +
-          "not received (forgotten by stoker)")
-      }
-      if (seq > lastSeq) lastSeq = seq
-      val acts = tracker.handle(ev)
-      acts.foreach {
-        case StokerAction.RemoveExecutor(id, _) =>
-          pendingKills.remove(id)
-          pendingDecommissions.remove(id)
-        case _ =>
-      }
-      acts
-    }
-    actions.foreach(perform)
-  }
-
-  private def perform(action: StokerAction): Unit = {
-    try {
-      action match {
-        case StokerAction.RemoveExecutor(id, reason) =>
-          reason match {
-            case ExecutorExited(_, true, _) => logWarning(reason.message)
-            case _ => logInfo(reason.message)
-          }
-          driver.removeExecutor(id, reason)
-        case StokerAction.Info(m) => logInfo(m)
-        case StokerAction.Warn(m) => logWarning(m)
-        case StokerAction.FailApplication(m) =>
-          if (appFailed.compareAndSet(false, true)) driver.applicationFailed(m)
-      }
-    } catch {
-      case NonFatal(t) => logWarning(s"stoker: error while handling $action", t)
-    }
   }
 
   // ---- heartbeat ---------------------------------------------------------------------------
 
   private def heartbeatIntervalMs: Long = {
-    val ttl = lock.synchronized(leaseTtlMs)
+    val ttl = attachment.leaseTtl
     val third = if (ttl > 0) math.max(ttl / 3, 50L) else DefaultHeartbeatMs
     settings.heartbeatIntervalMs.map(math.min(_, third)).getOrElse(third)
   }
@@ -599,8 +348,7 @@ private[spark] class StokerSession(
 
   private def heartbeat(): Unit = {
     try {
-      val (attached, e, acked, tok, inc) =
-        lock.synchronized((registered, epoch, lastSeq, token, incarnation))
+      val (attached, e, acked, tok, inc) = attachment.heartbeatView
       if (attached && !stopped.get) {
         val interval = heartbeatIntervalMs
         try {
@@ -608,31 +356,20 @@ private[spark] class StokerSession(
             .heartbeat(HeartbeatRequest.newBuilder()
               .setAppId(appId).setToken(tok).setAckedSeq(acked).build())
           if (resp.getIncarnation.nonEmpty && resp.getIncarnation != inc) {
-            requestReconnect(e, s"stoker restarted (incarnation $inc -> ${resp.getIncarnation})")
-          } else if (resp.getLeaseTtlMs > 0) {
-            lock.synchronized(if (epoch == e) leaseTtlMs = resp.getLeaseTtlMs)
+            events.reconnect(e,
+              s"stoker restarted (incarnation $inc -> ${resp.getIncarnation})")
+          } else {
+            attachment.renewTtl(e, resp.getLeaseTtlMs)
           }
         } catch {
           case ex: StatusRuntimeException =>
-            if (!stopped.get) requestReconnect(e, s"heartbeat failed: ${describe(ex)}")
+            if (!stopped.get) events.reconnect(e, s"heartbeat failed: ${describe(ex)}")
         }
       }
     } catch {
       case NonFatal(t) => logWarning("stoker: heartbeat error", t)
     } finally {
       scheduleHeartbeat(heartbeatIntervalMs)
-    }
-  }
-
-  // ---- helpers -----------------------------------------------------------------------------
-
-  private def jitter(ms: Long): Long =
-    math.max(1L, (ms * (0.5 + 0.5 * ThreadLocalRandom.current().nextDouble())).toLong)
-
-  private def sleepQuietly(ms: Long): Unit = {
-    if (stopped.get) return
-    try Thread.sleep(ms) catch {
-      case _: InterruptedException => Thread.currentThread().interrupt()
     }
   }
 }
