@@ -535,6 +535,46 @@ def test_a_node_lost_mid_job_is_reported_and_its_executors_replaced(kube, testbe
         testbed.api.merge_patch(node, {"metadata": {"labels": {label: None}}})
 
 
+def test_a_small_application_is_not_held_behind_another_applications_ramp(kube, testbed, kubelet_factory,
+                                                                          driver_factory):
+    """Creations are handed to applications in turn: a driver asking for 1 executor while
+    another's 200 are being created (slowly here: 10 creations/s, 2 in flight) gets its pod
+    next, not after the 200. Under a first-come-first-served queue it would come last."""
+    node = kubelet_factory("ramp-node", mode="no-process", max_pods=260,
+                           extra=("--cpu", "100000", "--memory", "100000Gi")).node
+    kube.stop()
+    kube.extra = ["--kube-qps", "10", "--kube-burst", "1", "--kube-create-concurrency", "2"]
+    kube.start()
+    # Process-less pods never register with their drivers: the drivers start without waiting.
+    on_node = ("--conf", f"spark.kubernetes.node.selector.kubernetes.io/hostname={node}",
+               "--conf", "spark.scheduler.maxRegisteredResourcesWaitingTime=1s")
+    watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
+    big = driver_factory(kube, "--executors", "200", *k8s_args("default", *on_node))
+    big_app = big.wait_event("started", timeout=120)["app_id"]
+    wait_until(lambda: any(t == "ADDED" for t, _ in watch.objects()), 60, "the big ramp's first pod")
+    small = driver_factory(kube, "--executors", "1", *k8s_args("default", *on_node))
+    small_app = small.wait_event("started", timeout=120)["app_id"]
+
+    def added():
+        return [o["metadata"]["labels"]["spark-app-selector"] for t, o in watch.objects() if t == "ADDED"]
+    # The small driver registered before it printed "started": by then at most this many of the
+    # big one's pods existed.
+    big_when_small_started = added().count(big_app)
+    wait_until(lambda: small_app in added(), 60, "the small application's pod")
+    order = added()
+    before = order[:order.index(small_app)].count(big_app)
+    print(f"the small application's pod came after {before} of the big one's 200 "
+          f"({big_when_small_started} existed when it had registered)")
+    # Its pod is one of the next creations (2 in flight), not behind the big one's backlog.
+    assert before <= big_when_small_started + 3 and before < 200, (before, big_when_small_started)
+    # It did not wait for the ramp: the big application's pods go on being created after it.
+    wait_until(lambda: added().count(big_app) == 200, 60, "the big ramp to finish")
+    watch.close()
+    big.kill9()
+    small.kill9()
+    wait_until(lambda: not pods_of(testbed, kube.instance), 90, "both applications' pods deleted after the lease")
+
+
 def test_delete_on_termination_false_keeps_exited_pods(kube, testbed, driver_factory):
     """spark.kubernetes.executor.deleteOnTermination=false: a failed executor's pod stays for
     inspection (its exit code in its status); the executor is replaced as usual; pods stoker

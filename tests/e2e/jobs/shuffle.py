@@ -31,11 +31,6 @@ def main():
     b = SparkSession.builder.master(master).appName("stoker-e2e-shuffle")
     if master.startswith("spark+stoker://"):
         b = b.config("spark.driver.extraClassPath", os.environ["STOKER_PLUGIN_JAR"])
-    for kv in a.conf:
-        key, sep, value = kv.partition("=")
-        if not sep:
-            p.error(f"--conf needs KEY=VALUE, got {kv!r}")
-        b = b.config(key, value)
     b = (
         b.config("spark.driver.host", "127.0.0.1")
         .config("spark.driver.bindAddress", "127.0.0.1")
@@ -62,6 +57,12 @@ def main():
         )
     else:
         b = b.config("spark.executor.instances", str(a.executors))
+    # Last, so that a test's --conf overrides the defaults above.
+    for kv in a.conf:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            p.error(f"--conf needs KEY=VALUE, got {kv!r}")
+        b = b.config(key, value)
     spark = b.getOrCreate()
     sc = spark.sparkContext
     print(json.dumps({"event": "started", "app_id": sc.applicationId}), flush=True)
