@@ -813,6 +813,15 @@ pub fn watch_event(event: &Event, time_unix_ms: i64) -> pb::WatchEvent {
             kind: pb::application_event::Kind::Warning as i32,
             message: resize.message(),
         }),
+        EventKind::Reclaim(reclaim) => pb::watch_event::Kind::Reclaim(pb::ReclaimEvent {
+            resource_profile_id: reclaim.profile,
+            count: reclaim.count,
+            deadline_unix_ms: time_unix_ms.saturating_add(
+                i64::try_from(reclaim.deadline.saturating_sub(event.at)).unwrap_or(i64::MAX),
+            ),
+            timeout_ms: reclaim.deadline.saturating_sub(event.at),
+            reason: reclaim.reason.clone(),
+        }),
     };
     pb::WatchEvent {
         seq: event.seq,
@@ -847,5 +856,6 @@ fn reason(reason: ExitReason) -> pb::ExitReason {
         ExitReason::StartTimeout => pb::ExitReason::StartTimeout,
         ExitReason::DeadlineExceeded => pb::ExitReason::DeadlineExceeded,
         ExitReason::Lost => pb::ExitReason::Lost,
+        ExitReason::Reclaimed => pb::ExitReason::Reclaimed,
     }
 }

@@ -170,6 +170,8 @@ pub enum AppCommand {
         admitted: BTreeMap<ProfileId, u32>,
         /// What to tell the driver, when it gets less than it asks for.
         message: Option<String>,
+        /// Why it is over its share, should it run more than admitted.
+        reclaim_reason: String,
         /// Its queue.
         queue: QueueName,
     },
@@ -744,8 +746,9 @@ impl Actor {
             AppCommand::Admit {
                 admitted,
                 message,
+                reclaim_reason,
                 queue,
-            } => self.admit(admitted, message, queue, now),
+            } => self.admit(admitted, message, reclaim_reason, queue, now),
         }
     }
 
@@ -806,6 +809,7 @@ impl Actor {
         &mut self,
         admitted: BTreeMap<ProfileId, u32>,
         message: Option<String>,
+        reclaim_reason: String,
         queue: QueueName,
         now: Millis,
     ) {
@@ -824,6 +828,7 @@ impl Actor {
                 }
             }
         }
+        self.engine.set_reclaim_reason(reclaim_reason);
         self.engine.set_admitted(Some(admitted), message, now);
         self.summary.send_modify(|s| {
             s.queue = Some(queue);
@@ -957,6 +962,15 @@ impl Actor {
                             reason: exit.reason.as_str().to_owned(),
                         })
                         .inc();
+                }
+                EventKind::Reclaim(reclaim) => {
+                    info!(
+                        app = %self.app_id,
+                        profile = reclaim.profile,
+                        count = reclaim.count,
+                        "fair share: asked the driver to {}",
+                        reclaim.message(event.at)
+                    );
                 }
                 EventKind::Resized(resize) => {
                     resizes += 1;

@@ -173,6 +173,10 @@ pub struct ServeArgs {
     /// How long a decommissioning executor may take before it is removed.
     #[arg(long, env = "STOKER_DECOMMISSION_TIMEOUT", default_value = "2m", value_parser = parse_millis)]
     pub decommission_timeout: Millis,
+    /// Under fair share (--queues): how long a driver asked to give back executors over its
+    /// share has to decommission them before stoker removes the newest ones itself.
+    #[arg(long, env = "STOKER_RECLAIM_TIMEOUT", default_value = "60s", value_parser = parse_millis)]
+    pub reclaim_timeout: Millis,
     /// Failure limit when the driver sends none (Spark's default is max(3, 2 × executors)).
     #[arg(long, env = "STOKER_DEFAULT_MAX_FAILURES", default_value_t = 3)]
     pub default_max_failures: u32,

@@ -132,6 +132,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         start_timeout: args.start_timeout,
         delete_grace: args.delete_grace,
         decommission_timeout: args.decommission_timeout,
+        reclaim_timeout: args.reclaim_timeout,
         max_failures: args.default_max_failures,
         failure_window: None,
         max_executors_per_profile: args.limits.max_executors_per_profile,

@@ -367,6 +367,7 @@ pub fn reallocate(apps: &Apps, queues: &Queues) {
         handle.send(AppCommand::Admit {
             admitted,
             message: app.message(),
+            reclaim_reason: app.reclaim_reason(),
             queue: queue.clone(),
         });
     }

@@ -128,14 +128,18 @@ name = "etl"
 allow = ["system:serviceaccount:etl:*"]
 "#;
 
-fn settings(queues: Option<QueueSettings>) -> Settings {
+fn engine_config() -> EngineConfig {
+    EngineConfig {
+        lease_ttl: 60_000,
+        ..EngineConfig::default()
+    }
+}
+
+fn settings(queues: Option<QueueSettings>, engine: EngineConfig) -> Settings {
     Settings {
         listen: "127.0.0.1:0".parse().expect("addr"),
         metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
-        engine: EngineConfig {
-            lease_ttl: 60_000,
-            ..EngineConfig::default()
-        },
+        engine,
         limits: Limits::default(),
         admin_token: ADMIN.into(),
         incarnation: "test".into(),
@@ -155,6 +159,15 @@ fn queue_settings(path: &Path, reload_interval: Duration) -> QueueSettings {
 
 /// A server with `file` as its queue file (`None`: no `--queues`).
 async fn start(file: Option<&str>, reload_interval: Duration) -> Harness {
+    start_with(file, reload_interval, engine_config()).await
+}
+
+/// As [`start`], with an engine policy.
+async fn start_with(
+    file: Option<&str>,
+    reload_interval: Duration,
+    engine: EngineConfig,
+) -> Harness {
     let dir = tempfile::tempdir().expect("temp dir");
     let queues = file.map(|text| {
         let path = dir.path().join("queues.toml");
@@ -167,7 +180,7 @@ async fn start(file: Option<&str>, reload_interval: Duration) -> Harness {
         alive: Mutex::new(BTreeMap::new()),
     });
     let for_start = Arc::clone(&backend);
-    let running = server::start(settings(queues), move |sink| {
+    let running = server::start(settings(queues, engine), move |sink| {
         *for_start.sink.lock().expect("sink") = Some(sink);
         Ok(Arc::new(Shared(for_start)) as Arc<dyn ExecutorBackend>)
     })
@@ -252,6 +265,24 @@ async fn next_warning(stream: &mut tonic::Streaming<pb::WatchEvent>) -> String {
             .expect("stream open");
         if let Some(pb::watch_event::Kind::Application(app)) = event.kind {
             return app.message;
+        }
+    }
+}
+
+/// The next event on the stream that `pick` takes (10 s at most).
+async fn next_event<T>(
+    stream: &mut tonic::Streaming<pb::WatchEvent>,
+    mut pick: impl FnMut(pb::watch_event::Kind) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let event = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .expect("the event in time")
+            .expect("stream ok")
+            .expect("stream open");
+        if let Some(found) = event.kind.and_then(&mut pick) {
+            return found;
         }
     }
 }
@@ -388,6 +419,89 @@ async fn two_applications_share_the_capacity_and_hear_of_it_once_per_change() {
 }
 
 #[tokio::test]
+async fn an_application_over_its_share_is_asked_to_give_back_and_the_rest_is_removed_at_the_deadline(
+) {
+    let engine = EngineConfig {
+        reclaim_timeout: 1_500,
+        ..engine_config()
+    };
+    let mut h = start_with(Some(FOUR_EXECUTORS), Duration::from_secs(3600), engine).await;
+    let token_a = register(&mut h, registration("app-a", 10)).await;
+    let mut events_a = watch(&mut h, "app-a", &token_a).await;
+    h.backend.wait_launched("app-a", 4).await;
+
+    // B arrives: A is admitted 2 of the 4 it runs, and asked once to give 2 back.
+    let mut request = registration("app-b", 3);
+    request.min_executors = 2;
+    let token_b = register(&mut h, request).await;
+    let reclaim = next_event(&mut events_a, |kind| match kind {
+        pb::watch_event::Kind::Reclaim(r) => Some(r),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        (
+            reclaim.resource_profile_id,
+            reclaim.count,
+            reclaim.timeout_ms,
+            reclaim.reason.as_str()
+        ),
+        (0, 2, 1_500, "over its fair share in queue default")
+    );
+    assert!(reclaim.deadline_unix_ms > 0);
+    h.backend.wait_launched("app-b", 2).await;
+
+    // The driver decommissions one executor (the idle one it chose), not the second.
+    let decommissioning = h
+        .client
+        .decommission_executors(pb::DecommissionExecutorsRequest {
+            app_id: "app-a".into(),
+            token: token_a.clone(),
+            executor_ids: vec!["1".into()],
+            adjust_target: false,
+        })
+        .await
+        .expect("decommission")
+        .into_inner()
+        .decommissioning;
+    assert_eq!(decommissioning, ["1"]);
+
+    // Past the deadline stoker removes the newest executor still over the share, says so, and
+    // reports its exit as RECLAIMED; no second reclaim request came in between.
+    let warning = next_event(&mut events_a, |kind| match kind {
+        pb::watch_event::Kind::Reclaim(r) => panic!("asked again: {r:?}"),
+        pb::watch_event::Kind::Application(app) => Some(app.message),
+        pb::watch_event::Kind::Executor(_) => None,
+    })
+    .await;
+    assert_eq!(
+        warning,
+        "removing executor 4 of resource profile 0: not given back by the reclaim deadline \
+         (over its fair share in queue default)"
+    );
+    let exit = next_event(&mut events_a, |kind| match kind {
+        pb::watch_event::Kind::Executor(ev) if ev.state == pb::ExecutorState::Exited as i32 => {
+            Some(ev)
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        (exit.executor_id.as_str(), exit.reason, exit.caused_by_app),
+        ("4", pb::ExitReason::Reclaimed as i32, false)
+    );
+    let a = info(&mut h, "app-a").await;
+    assert_eq!(a.admitted, Some(2));
+    assert_eq!(
+        h.backend.launched("app-a"),
+        4,
+        "nothing replaced what was given back or reclaimed"
+    );
+    drop(token_b);
+    h.running.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
 async fn an_unknown_or_forbidden_queue_is_refused_naming_it_and_nothing_is_registered() {
     let mut h = start(Some(FOUR_EXECUTORS), Duration::from_secs(3600)).await;
 
@@ -441,7 +555,10 @@ async fn a_bad_queue_file_at_start_stops_the_server_naming_the_line() {
     )
     .expect("write");
     let result = server::start(
-        settings(Some(queue_settings(&path, Duration::from_secs(1)))),
+        settings(
+            Some(queue_settings(&path, Duration::from_secs(1))),
+            engine_config(),
+        ),
         |_sink| Ok(Arc::new(Shared(Arc::new(empty_backend()))) as Arc<dyn ExecutorBackend>),
     )
     .await;
@@ -530,7 +647,10 @@ async fn a_configmap_style_symlink_swap_is_picked_up_by_the_reload_loop() {
     std::os::unix::fs::symlink("..data/queues.toml", &path).expect("link");
 
     let running = server::start(
-        settings(Some(queue_settings(&path, Duration::from_millis(20)))),
+        settings(
+            Some(queue_settings(&path, Duration::from_millis(20))),
+            engine_config(),
+        ),
         |_sink| Ok(Arc::new(Shared(Arc::new(empty_backend()))) as Arc<dyn ExecutorBackend>),
     )
     .await

@@ -31,6 +31,15 @@
 //!   executors not yet running above it are removed, running ones stay until the driver gives
 //!   them back. The driver is told once per change of the admission message. Until then (no
 //!   queues configured) the effective target is the requested one.
+//! * Reclaim: when a profile runs more executors than it is admitted (and still asks for them:
+//!   `min(counted, requested) - admitted`, the allocator's [`crate::fairshare::ProfileAllocation::reclaim`]),
+//!   the driver gets one [`EventKind::Reclaim`] with that count and a deadline
+//!   (`reclaim_timeout` from now), so that it decommissions the executors it chooses (idle ones
+//!   first). The count shrinks as the driver gives executors back, without a new event; it is
+//!   told again only when the over-share count grows (a lower admission), with the whole count
+//!   and a new deadline. At the deadline the newest executors still over the share are removed
+//!   ([`ExitReason::Reclaimed`]) and the driver is told with a warning. Nothing is reclaimed
+//!   while admitted ≥ what runs.
 //! * Sizes (see [`crate::sizing`]): every executor is created at its profile's current size and
 //!   keeps it; a memory failure may grow the size for executors created afterwards, with an
 //!   [`EventKind::Resized`] event; how such failures count is the sizing policy's rule.
@@ -59,6 +68,9 @@ pub struct EngineConfig {
     pub delete_grace: Millis,
     /// How long a decommissioning executor may take before it is removed.
     pub decommission_timeout: Millis,
+    /// How long the driver has to give back executors over its fair share before they are
+    /// removed.
+    pub reclaim_timeout: Millis,
     /// Failures at which the application fails.
     pub max_failures: u32,
     /// Only failures this recent count; `None` for all.
@@ -76,6 +88,7 @@ impl Default for EngineConfig {
             start_timeout: 600_000,
             delete_grace: 30_000,
             decommission_timeout: 120_000,
+            reclaim_timeout: 60_000,
             max_failures: 3,
             failure_window: None,
             max_executors_per_profile: 10_000,
@@ -188,6 +201,44 @@ pub enum EventKind {
     },
     /// A profile's executors are created at a new size from now on.
     Resized(Resize),
+    /// The driver is asked to give executors back (fair share).
+    Reclaim(ReclaimRequest),
+}
+
+/// A request to the driver to give back executors of a profile it runs over its fair share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReclaimRequest {
+    /// The profile.
+    pub profile: ProfileId,
+    /// Executors to give back.
+    pub count: u32,
+    /// Engine time at which stoker removes those still over the share itself.
+    pub deadline: Millis,
+    /// Why, for people (e.g. `over its fair share in queue etl`).
+    pub reason: String,
+}
+
+impl ReclaimRequest {
+    /// What the driver is told, e.g. `give back 2 executors of resource profile 0 within 60 s
+    /// (over its fair share in queue etl)`.
+    pub fn message(&self, now: Millis) -> String {
+        let count = self.count;
+        let noun = if count == 1 { "executor" } else { "executors" };
+        let secs = self.deadline.saturating_sub(now).div_ceil(1000);
+        format!(
+            "give back {count} {noun} of resource profile {} within {secs} s ({})",
+            self.profile, self.reason
+        )
+    }
+}
+
+/// An open reclaim of one profile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Reclaim {
+    /// The over-share count now (it shrinks as the driver gives executors back).
+    count: u32,
+    /// When the executors still over the share are removed.
+    deadline: Millis,
 }
 
 /// An executor's change of phase.
@@ -248,6 +299,12 @@ pub struct Engine {
     admitted: Option<BTreeMap<ProfileId, u32>>,
     /// The admission message the driver was last told, if any.
     admission_message: Option<String>,
+    /// Why the application may be over its share, for reclaim requests; `None` until an
+    /// allocation gave one (nothing is reclaimed before: the hold before the first allocation
+    /// admits nothing, and must not ask a re-attaching driver to give everything back).
+    reclaim_reason: Option<String>,
+    /// Open reclaims per profile.
+    reclaims: BTreeMap<ProfileId, Reclaim>,
     executors: BTreeMap<ExecutorId, Executor>,
     next_id: u64,
     lease_deadline: Millis,
@@ -281,6 +338,8 @@ impl Engine {
             targets: BTreeMap::new(),
             admitted: None,
             admission_message: None,
+            reclaim_reason: None,
+            reclaims: BTreeMap::new(),
             executors: BTreeMap::new(),
             next_id: last_executor_id.saturating_add(1).max(1),
             failures: VecDeque::new(),
@@ -364,6 +423,39 @@ impl Engine {
             None => requested,
             Some(admitted) => requested.min(admitted.get(&profile).copied().unwrap_or(0)),
         }
+    }
+
+    /// Executors per profile to give back now, with the deadline after which they are removed:
+    /// the open reclaims.
+    pub fn reclaims(&self) -> impl Iterator<Item = (ProfileId, u32, Millis)> + '_ {
+        self.reclaims
+            .iter()
+            .map(|(&profile, r)| (profile, r.count, r.deadline))
+    }
+
+    /// Executors of `profile` running over its admitted count that it still asks for:
+    /// `min(counted, requested) - admitted`; 0 without admission control.
+    pub fn over_share(&self, profile: ProfileId) -> u32 {
+        let Some(admitted) = &self.admitted else {
+            return 0;
+        };
+        if self.phase != AppPhase::Active {
+            return 0;
+        }
+        let counted = self.counted_of(profile);
+        let requested = self.targets.get(&profile).copied().unwrap_or(0);
+        counted
+            .min(requested)
+            .saturating_sub(admitted.get(&profile).copied().unwrap_or(0))
+    }
+
+    fn counted_of(&self, profile: ProfileId) -> u32 {
+        let n = self
+            .executors
+            .values()
+            .filter(|e| e.profile == profile && e.counts_toward_target())
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
 
     /// Executors per profile that count toward its total (alive, not being removed or
@@ -456,10 +548,10 @@ impl Engine {
                 ),
                 (None, None) => None,
             };
-            next = match (next, candidate) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            next = earliest(next, candidate);
+        }
+        for reclaim in self.reclaims.values() {
+            next = earliest(next, Some(reclaim.deadline));
         }
         next
     }
@@ -540,6 +632,13 @@ impl Engine {
             self.admission_message = message;
         }
         self.reconcile();
+    }
+
+    /// Sets why the application may be over its share (e.g. `over its fair share in queue
+    /// etl`), said in the reclaim requests that follow. Reclaims start with the first reason:
+    /// call it with each allocation, before [`Engine::set_admitted`].
+    pub fn set_reclaim_reason(&mut self, reason: String) {
+        self.reclaim_reason = Some(reason);
     }
 
     /// Kills executors. Returns those that were alive and are now being removed; unknown or
@@ -826,7 +925,52 @@ impl Engine {
         for (id, reason) in overdue {
             self.delete(id, reason);
         }
+        let due: Vec<ProfileId> = self
+            .reclaims
+            .iter()
+            .filter(|(_, r)| now >= r.deadline)
+            .map(|(&p, _)| p)
+            .collect();
+        for profile in due {
+            self.reclaims.remove(&profile);
+            self.reclaim_now(profile);
+        }
         self.reconcile();
+    }
+
+    /// Past a reclaim's deadline: removes the newest executors of `profile` still over the
+    /// share and tells the driver.
+    fn reclaim_now(&mut self, profile: ProfileId) {
+        let over = usize::try_from(self.over_share(profile)).unwrap_or(usize::MAX);
+        if over == 0 {
+            return;
+        }
+        let victims: Vec<ExecutorId> = self
+            .executors
+            .values()
+            .rev()
+            .filter(|e| e.profile == profile && e.counts_toward_target())
+            .take(over)
+            .map(|e| e.id)
+            .collect();
+        for &id in &victims {
+            self.delete(id, ExitReason::Reclaimed);
+        }
+        let ids: Vec<String> = victims.iter().map(ToString::to_string).collect();
+        let noun = if victims.len() == 1 {
+            "executor"
+        } else {
+            "executors"
+        };
+        let message = format!(
+            "removing {noun} {} of resource profile {profile}: not given back by the reclaim \
+             deadline ({})",
+            ids.join(", "),
+            self.reclaim_reason
+                .as_deref()
+                .unwrap_or("over its fair share")
+        );
+        self.push_event(EventKind::AppWarning { message });
     }
 
     // === internals ===
@@ -917,6 +1061,50 @@ impl Engine {
     }
 
     fn reconcile(&mut self) {
+        self.reconcile_targets();
+        self.review_reclaims();
+    }
+
+    /// Opens, shrinks and closes reclaims from the over-share counts (see the module
+    /// documentation): one event per new or grown reclaim.
+    fn review_reclaims(&mut self) {
+        let Some(reason) = self.reclaim_reason.clone() else {
+            return;
+        };
+        let profiles: Vec<ProfileId> = self
+            .targets
+            .keys()
+            .chain(self.reclaims.keys())
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for profile in profiles {
+            let count = self.over_share(profile);
+            if count == 0 {
+                self.reclaims.remove(&profile);
+                continue;
+            }
+            if let Some(open) = self.reclaims.get_mut(&profile) {
+                if count <= open.count {
+                    // Given back in part (or asked for less): the same request, smaller.
+                    open.count = count;
+                    continue;
+                }
+            }
+            let deadline = self.now.saturating_add(self.config.reclaim_timeout);
+            self.reclaims.insert(profile, Reclaim { count, deadline });
+            let request = ReclaimRequest {
+                profile,
+                count,
+                deadline,
+                reason: reason.clone(),
+            };
+            self.push_event(EventKind::Reclaim(request));
+        }
+    }
+
+    fn reconcile_targets(&mut self) {
         if self.phase != AppPhase::Active {
             return;
         }
@@ -988,6 +1176,13 @@ impl Engine {
             self.log.pop_front();
             self.dropped_events += 1;
         }
+    }
+}
+
+fn earliest(a: Option<Millis>, b: Option<Millis>) -> Option<Millis> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

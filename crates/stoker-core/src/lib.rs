@@ -15,6 +15,7 @@ pub use backend::{
 };
 pub use engine::{
     Action, AppPhase, Engine, EngineConfig, Event, EventKind, Executor, ExecutorEvent, Observation,
+    ReclaimRequest,
 };
 pub use error::{EngineError, InvalidInput};
 pub use sizing::{

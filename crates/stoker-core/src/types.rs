@@ -300,6 +300,8 @@ pub enum ExitReason {
     DeadlineExceeded,
     /// stoker lost track of it.
     Lost,
+    /// Removed because the application ran over its fair share past the reclaim deadline.
+    Reclaimed,
 }
 
 impl ExitReason {
@@ -351,6 +353,7 @@ impl ExitReason {
             Self::StartTimeout => "START_TIMEOUT",
             Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
             Self::Lost => "LOST",
+            Self::Reclaimed => "RECLAIMED",
         }
     }
 }

@@ -296,6 +296,16 @@ impl AppAllocation {
         self.profiles.values().map(|p| u64::from(p.reclaim())).sum()
     }
 
+    /// Why the application runs over what it is admitted, for a reclaim request: `over its fair
+    /// share in queue etl`, or `queue etl is at its max`.
+    pub fn reclaim_reason(&self) -> String {
+        let queue = self.queue.as_ref().map_or("-", QueueName::as_str);
+        match self.limit {
+            Limit::QueueMax => format!("queue {queue} is at its max"),
+            Limit::None | Limit::FairShare => format!("over its fair share in queue {queue}"),
+        }
+    }
+
     /// What to tell the driver when it gets less than it asks for; `None` when it gets all.
     pub fn message(&self) -> Option<String> {
         let (admitted, requested) = (self.admitted(), self.requested());
