@@ -374,10 +374,7 @@ impl Apps {
             metrics,
             quotas: Arc::new(Quotas::new(limits)),
             max_executor_memory_mib: limits.max_executor_memory_mib,
-            sizes: limits
-                .sizes_file
-                .clone()
-                .map(|path| Arc::new(SizeStore::new(path, limits.max_remembered_sizes))),
+            sizes: SizeStore::from_limits(limits).map(Arc::new),
             queues: None,
         }
     }

@@ -278,6 +278,12 @@ pub struct KubeArgs {
         default_value = "default"
     )]
     pub leader_elect_namespace: String,
+    /// The ConfigMap (`namespace/name`) where executor sizes are remembered across runs
+    /// (`spark.stoker.sizing.key`); stoker's own state, read at start and written by the
+    /// leader. Default: `stoker-sizes` in stoker's own namespace (POD_NAMESPACE); outside a pod
+    /// and without this flag, sizes are not remembered across runs.
+    #[arg(long = "sizes-configmap", env = "STOKER_SIZES_CONFIGMAP")]
+    pub sizes_configmap: Option<String>,
     /// Name of the Lease; default: `stoker-<instance>`.
     #[arg(long = "leader-elect-lease", env = "STOKER_LEADER_ELECT_LEASE")]
     pub leader_elect_lease: Option<String>,
@@ -391,6 +397,10 @@ pub struct Limits {
     /// backend (`<work-dir>/sizes.tsv`). None: not remembered.
     #[arg(skip)]
     pub sizes_file: Option<PathBuf>,
+    /// Where the Kubernetes backend remembers sizes (`--sizes-configmap`); not a flag:
+    /// `stoker serve` sets it. Before `sizes_file` when both are set.
+    #[arg(skip)]
+    pub sizes_medium: Option<crate::sizes::SharedMedium>,
     /// How an application's namespace is found for --max-applications-per-namespace; not a
     /// flag: `stoker serve` sets it from the backend.
     #[arg(skip)]
@@ -432,6 +442,7 @@ impl Default for Limits {
             max_executor_memory_mib: 64 * 1024,
             max_remembered_sizes: 1_000,
             sizes_file: None,
+            sizes_medium: None,
             namespaces: NamespaceSource::default(),
             allowed_namespaces: Vec::new(),
             allowed_namespace_selector: None,

@@ -18,7 +18,7 @@ use stoker_k8s::lease::{Elector, LeaseConfig, WriteGate};
 use stoker_k8s::pod::PodDefaults;
 use stoker_k8s::{KubernetesBackend, KubernetesConfig, WriteAs};
 use stoker_local::{LocalBackend, LocalConfig};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// The Spark version the project's set-up installs (pyspark from PyPI).
@@ -149,8 +149,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             default: args.kube.namespace.clone(),
         },
     };
-    // Sizes across runs: a file in the local backend's work directory. The Kubernetes backend
-    // keeps none yet (a ConfigMap is the plan).
+    // Sizes across runs: a file in the local backend's work directory; on Kubernetes a
+    // ConfigMap, opened once this replica leads (below).
     limits.sizes_file = match args.backend {
         BackendKind::Local => Some(args.work_dir.join("sizes.tsv")),
         BackendKind::Kubernetes => None,
@@ -168,6 +168,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         queues: queue_settings(&args)?,
     };
     let mut backend_slot: Option<LocalBackend> = None;
+    // The Kubernetes backend's remembered sizes, flushed at shutdown.
+    let mut sizes_slot: Option<Arc<stoker_k8s::sizes_configmap::SizesConfigMap>> = None;
     // With --leader-elect: the task that keeps the Lease, and how to tell it to release it.
     let mut lease: Option<(LeaseTask, tokio::sync::oneshot::Sender<()>)> = None;
     let auth = auth_mode(&args)?;
@@ -244,6 +246,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             } else {
                 WriteGate::always_open()
             };
+            if let Some((namespace, name)) = sizes_configmap(&args)? {
+                let sizes = Arc::new(
+                    stoker_k8s::sizes_configmap::SizesConfigMap::open(
+                        client.clone(),
+                        &namespace,
+                        &name,
+                        Arc::clone(&gate),
+                    )
+                    .await,
+                );
+                settings.limits.sizes_medium = Some(stoker::sizes::SharedMedium(
+                    Arc::clone(&sizes) as Arc<dyn stoker::sizes::Medium>,
+                ));
+                sizes_slot = Some(sizes);
+            } else {
+                info!("no --sizes-configmap and no POD_NAMESPACE: executor sizes are not remembered across runs");
+            }
             let config = KubernetesConfig {
                 defaults: PodDefaults {
                     namespace: args.kube.namespace.clone(),
@@ -335,6 +354,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     info!("shutting down: ending streams, then stopping executors");
     let shutdown = running.shutdown().await;
+    if let Some(sizes) = &sizes_slot {
+        // While this replica still holds the Lease: the last runs' sizes are written.
+        if !sizes.flush(std::time::Duration::from_secs(5)).await {
+            warn!(configmap = %sizes.describe(), "remembered executor sizes not all written before exit");
+        }
+    }
     if let Some((task, release)) = lease {
         // After the streams ended: the standby takes over at its next read.
         let _ = release.send(());
@@ -365,6 +390,23 @@ fn queue_settings(args: &ServeArgs) -> anyhow::Result<Option<stoker::queues::Que
         reload_interval: std::time::Duration::from_millis(args.queues_reload_interval),
         debounce: std::time::Duration::from_millis(150),
     }))
+}
+
+/// `--sizes-configmap` as (namespace, name); by default `stoker-sizes` in POD_NAMESPACE, none
+/// outside a pod.
+fn sizes_configmap(args: &ServeArgs) -> anyhow::Result<Option<(String, String)>> {
+    let Some(flag) = &args.kube.sizes_configmap else {
+        return Ok(std::env::var("POD_NAMESPACE")
+            .ok()
+            .filter(|ns| !ns.is_empty())
+            .map(|ns| (ns, "stoker-sizes".to_owned())));
+    };
+    match flag.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(Some((ns.to_owned(), name.to_owned())))
+        }
+        _ => bail!("--sizes-configmap {flag:?}: expected <namespace>/<name>"),
+    }
 }
 
 /// `--auth`, defaulted by backend, and refused where it cannot protect anything.

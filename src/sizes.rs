@@ -2,24 +2,38 @@
 //! ended with is where the next run of that key starts, so that runs after the first do not run
 //! out of memory again.
 //!
-//! The local backend keeps them in one file in its work directory (`sizes.tsv`), one line per
-//! key and resource profile: `v1 <key> <profile> <configured heap> <configured overhead> <heap>
-//! <overhead> <unix ms>`, tab-separated. The file is bounded (`max_entries` lines, the least
-//! recently written dropped first) and rewritten whole through a temporary file and a rename.
+//! The sizes are one small text document, one line per key and resource profile: `v1 <key>
+//! <profile> <configured heap> <configured overhead> <heap> <overhead> <unix ms>`,
+//! tab-separated. Where it is kept is a [`Medium`]:
+//!
+//! * the local backend: one file in its work directory (`sizes.tsv`, [`SizesFile`]), rewritten
+//!   whole through a temporary file and a rename;
+//! * the Kubernetes backend: one ConfigMap in stoker's own namespace
+//!   (`stoker_k8s::sizes_configmap`), read at start and written by the leader with optimistic
+//!   concurrency.
+//!
+//! Both share the policy here: [`decode`], [`merge`], [`bound`] and [`encode`] are pure. The
+//! document is bounded (`max_entries` lines and the medium's byte limit, the least recently
+//! written dropped first); of a key written by two runs, the later run's entries are kept.
 //!
 //! Nothing in it is trusted: a malformed line, an entry whose profile is now configured
 //! differently, an entry older than [`MAX_AGE_MS`], smaller than the configured size or above
 //! the ceiling is ignored with a warning, never fatal.
 //!
-//! The file is small (at most `max_entries` short lines) and read or written only when an
-//! application registers or unregisters, from the caller's thread.
+//! Recalled when an application registers and remembered when it unregisters, from the
+//! caller's thread: the file is small and read or written at once; the ConfigMap store answers
+//! from its copy and writes in the background.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use stoker_core::{ExecutorSize, ProfileId, ResourceProfile};
+use stoker_k8s::sizes_configmap::{SizesConfigMap, Update};
+
+use crate::config::Limits;
 
 /// Entries older than this (30 days) are stale.
 pub const MAX_AGE_MS: i64 = 30 * 24 * 3_600_000;
@@ -34,7 +48,6 @@ struct Entry {
     size: ExecutorSize,
     unix_ms: i64,
 }
-
 impl Entry {
     fn parse(line: &str) -> Option<Self> {
         let fields: Vec<&str> = line.split('\t').collect();
@@ -80,6 +93,155 @@ pub fn valid_key(key: &str) -> bool {
     !key.is_empty() && key.len() <= 253 && !key.chars().any(char::is_control)
 }
 
+/// The entries of a document, and how many of its lines are malformed.
+fn decode(document: Option<&str>) -> (Vec<Entry>, usize) {
+    let mut malformed = 0;
+    let entries = document
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| !line.is_empty())
+        .filter_map(|line| {
+            let entry = Entry::parse(line);
+            malformed += usize::from(entry.is_none());
+            entry
+        })
+        .collect();
+    (entries, malformed)
+}
+
+/// `stored` with `key`'s entries replaced by `ours`, the entries of one run written at
+/// `unix_ms`, unless `stored` holds a later run of the key (another writer's), which stays.
+fn merge(mut stored: Vec<Entry>, key: &str, ours: &[Entry], unix_ms: i64) -> Vec<Entry> {
+    if stored.iter().any(|e| e.key == key && e.unix_ms > unix_ms) {
+        return stored;
+    }
+    stored.retain(|e| e.key != key);
+    stored.extend(ours.iter().cloned());
+    stored
+}
+
+/// The most recently written entries, at most `max_entries` of them and `max_bytes` encoded.
+fn bound(mut entries: Vec<Entry>, max_entries: usize, max_bytes: usize) -> Vec<Entry> {
+    // Most recent first; ties in a fixed order, so that every writer keeps the same ones.
+    entries.sort_by(|a, b| {
+        b.unix_ms
+            .cmp(&a.unix_ms)
+            .then_with(|| a.key.cmp(&b.key))
+            .then_with(|| a.profile.cmp(&b.profile))
+    });
+    let mut bytes = 0usize;
+    let kept = entries
+        .iter()
+        .take(max_entries)
+        .take_while(|e| {
+            bytes = bytes.saturating_add(e.line().len());
+            bytes <= max_bytes
+        })
+        .count();
+    entries.truncate(kept);
+    entries
+}
+
+/// The document of `entries`.
+fn encode(entries: &[Entry]) -> String {
+    entries.iter().map(Entry::line).collect()
+}
+
+/// Where the document of remembered sizes is kept.
+pub trait Medium: Send + Sync + fmt::Debug {
+    /// Where, for messages.
+    fn describe(&self) -> String;
+    /// The largest document it holds, in bytes.
+    fn max_bytes(&self) -> usize;
+    /// The document (`None`: none yet).
+    fn read(&self) -> std::io::Result<Option<String>>;
+    /// Replaces the document by `update` of it.
+    fn update(&self, update: Update) -> std::io::Result<()>;
+}
+
+/// A [`Medium`] shared by the server's settings; two are equal when they are the same one.
+#[derive(Clone, Debug)]
+pub struct SharedMedium(pub Arc<dyn Medium>);
+
+impl PartialEq for SharedMedium {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SharedMedium {}
+
+/// The local backend's file of remembered sizes.
+#[derive(Debug)]
+pub struct SizesFile {
+    path: PathBuf,
+    /// Serialises read-modify-write of the file between applications.
+    lock: Mutex<()>,
+}
+
+impl SizesFile {
+    /// The file at `path`.
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            lock: Mutex::new(()),
+        }
+    }
+
+    fn read_now(&self) -> std::io::Result<Option<String>> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => Ok(Some(text)),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+}
+
+impl Medium for SizesFile {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn max_bytes(&self) -> usize {
+        usize::MAX
+    }
+
+    fn read(&self) -> std::io::Result<Option<String>> {
+        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        self.read_now()
+    }
+
+    fn update(&self, update: Update) -> std::io::Result<()> {
+        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        // An unreadable file is replaced, as a malformed one is.
+        let document = update(self.read_now().ok().flatten().as_deref());
+        let tmp = self.path.with_extension("tsv.tmp");
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(document.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &self.path)
+    }
+}
+
+impl Medium for SizesConfigMap {
+    fn describe(&self) -> String {
+        SizesConfigMap::describe(self)
+    }
+
+    fn max_bytes(&self) -> usize {
+        stoker_k8s::sizes_configmap::MAX_DOCUMENT_BYTES
+    }
+
+    fn read(&self) -> std::io::Result<Option<String>> {
+        Ok(self.document())
+    }
+
+    fn update(&self, update: Update) -> std::io::Result<()> {
+        SizesConfigMap::update(self, update);
+        Ok(())
+    }
+}
+
 /// What [`SizeStore::recall`] found.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Recalled {
@@ -89,39 +251,35 @@ pub struct Recalled {
     pub warnings: Vec<String>,
 }
 
-/// The file of remembered sizes. See the module documentation.
+/// The sizes remembered across runs, on a [`Medium`]. See the module documentation.
 #[derive(Debug)]
 pub struct SizeStore {
-    path: PathBuf,
+    medium: Arc<dyn Medium>,
     max_entries: usize,
-    /// Serialises read-modify-write of the file between applications.
-    lock: Mutex<()>,
 }
 
 impl SizeStore {
-    /// A store in `path` keeping at most `max_entries` lines.
+    /// A store in the file `path` keeping at most `max_entries` lines.
     pub fn new(path: PathBuf, max_entries: usize) -> Self {
+        Self::on(Arc::new(SizesFile::new(path)), max_entries)
+    }
+
+    /// A store on `medium` keeping at most `max_entries` lines.
+    pub fn on(medium: Arc<dyn Medium>, max_entries: usize) -> Self {
         Self {
-            path,
+            medium,
             max_entries,
-            lock: Mutex::new(()),
         }
     }
 
-    fn read(&self) -> (Vec<Entry>, usize) {
-        let Ok(text) = std::fs::read_to_string(&self.path) else {
-            return (Vec::new(), 0);
-        };
-        let mut malformed = 0;
-        let entries = text
-            .lines()
-            .filter_map(|line| {
-                let entry = Entry::parse(line);
-                malformed += usize::from(entry.is_none());
-                entry
-            })
-            .collect();
-        (entries, malformed)
+    /// The store the server's limits name: the backend's medium, else the file; none when
+    /// sizes are not remembered.
+    pub fn from_limits(limits: &Limits) -> Option<Self> {
+        if let Some(SharedMedium(medium)) = &limits.sizes_medium {
+            return Some(Self::on(Arc::clone(medium), limits.max_remembered_sizes));
+        }
+        let path = limits.sizes_file.clone()?;
+        Some(Self::new(path, limits.max_remembered_sizes))
     }
 
     /// The sizes remembered for `key` that still fit `profiles` and `ceiling_mib`.
@@ -132,13 +290,22 @@ impl SizeStore {
         ceiling_mib: u64,
         now_unix_ms: i64,
     ) -> Recalled {
-        let _guard = self.lock.lock();
-        let (entries, malformed) = self.read();
         let mut recalled = Recalled::default();
+        let document = match self.medium.read() {
+            Ok(document) => document,
+            Err(err) => {
+                recalled.warnings.push(format!(
+                    "the sizes remembered in {} cannot be read: {err}",
+                    self.medium.describe()
+                ));
+                None
+            }
+        };
+        let (entries, malformed) = decode(document.as_deref());
         if malformed > 0 {
             recalled.warnings.push(format!(
                 "{} has {malformed} malformed line(s); they are ignored",
-                self.path.display()
+                self.medium.describe()
             ));
         }
         for entry in entries.into_iter().filter(|e| e.key == key) {
@@ -196,31 +363,26 @@ impl SizeStore {
         profiles: &BTreeMap<ProfileId, ResourceProfile>,
         now_unix_ms: i64,
     ) -> std::io::Result<()> {
-        let _guard = self.lock.lock();
-        let (mut entries, _) = self.read();
-        entries.retain(|e| e.key != key);
-        for (&profile, &size) in sizes {
-            let Some(configured) = profiles.get(&profile).map(ExecutorSize::of) else {
-                continue;
-            };
-            entries.push(Entry {
-                key: key.to_owned(),
-                profile,
-                configured,
-                size,
-                unix_ms: now_unix_ms,
-            });
-        }
-        // Bounded: the most recently written entries stay.
-        entries.sort_by_key(|e| std::cmp::Reverse(e.unix_ms));
-        entries.truncate(self.max_entries);
-        let tmp = self.path.with_extension("tsv.tmp");
-        let mut file = std::fs::File::create(&tmp)?;
-        for entry in &entries {
-            file.write_all(entry.line().as_bytes())?;
-        }
-        file.sync_all()?;
-        std::fs::rename(&tmp, &self.path)
+        let ours: Vec<Entry> = sizes
+            .iter()
+            .filter_map(|(&profile, &size)| {
+                Some(Entry {
+                    key: key.to_owned(),
+                    profile,
+                    configured: profiles.get(&profile).map(ExecutorSize::of)?,
+                    size,
+                    unix_ms: now_unix_ms,
+                })
+            })
+            .collect();
+        let (key, max_entries, max_bytes) =
+            (key.to_owned(), self.max_entries, self.medium.max_bytes());
+        // Applied to whatever the medium holds when it writes (again, after a conflict).
+        self.medium.update(Arc::new(move |stored| {
+            let (entries, _) = decode(stored);
+            let merged = merge(entries, &key, &ours, now_unix_ms);
+            encode(&bound(merged, max_entries, max_bytes))
+        }))
     }
 }
 
@@ -322,6 +484,140 @@ mod tests {
         assert_eq!(s.recall("c", &profiles(), 4_096, 3).sizes, grown());
         let lines = std::fs::read_to_string(dir.path().join("sizes.tsv")).expect("read");
         assert_eq!(lines.lines().count(), 2);
+    }
+
+    fn entry(key: &str, profile: ProfileId, unix_ms: i64) -> Entry {
+        Entry {
+            key: key.to_owned(),
+            profile,
+            configured: ExecutorSize {
+                heap_mib: 512,
+                overhead_mib: 384,
+            },
+            size: ExecutorSize {
+                heap_mib: 512,
+                overhead_mib: 576,
+            },
+            unix_ms,
+        }
+    }
+
+    #[test]
+    fn a_document_decodes_to_what_was_encoded_and_counts_malformed_lines() {
+        let entries = vec![entry("nightly etl", 0, 5), entry("etl", 1, 4)];
+        let document = encode(&entries);
+        assert_eq!(decode(Some(&document)), (entries.clone(), 0));
+        assert_eq!(decode(None), (Vec::new(), 0));
+        let damaged = format!("{document}v2\tetl\t0\t1\t2\t3\t4\t5\nv1\tetl\tx\t1\t2\t3\t4\t5\n");
+        assert_eq!(decode(Some(&damaged)), (entries, 2));
+    }
+
+    #[test]
+    fn a_run_replaces_its_keys_entries_unless_a_later_run_wrote_them() {
+        let stored = vec![
+            entry("etl", 0, 10),
+            entry("etl", 1, 10),
+            entry("other", 0, 3),
+        ];
+        let ours = [entry("etl", 0, 20)];
+        let merged = merge(stored.clone(), "etl", &ours, 20);
+        assert_eq!(merged, vec![entry("other", 0, 3), entry("etl", 0, 20)]);
+        // Another writer recorded a later run of the key: its entries stay, ours are dropped.
+        let later = vec![entry("etl", 0, 30), entry("other", 0, 3)];
+        assert_eq!(merge(later.clone(), "etl", &ours, 20), later);
+        // Applying the same update twice (the local copy, then the stored document) is the
+        // same as once.
+        assert_eq!(merge(merged.clone(), "etl", &ours, 20), merged);
+    }
+
+    #[test]
+    fn bounds_keep_the_most_recent_entries_within_count_and_bytes() {
+        let entries: Vec<Entry> = (0..10).map(|i| entry(&format!("k{i}"), 0, i)).collect();
+        let kept = bound(entries.clone(), 3, usize::MAX);
+        assert_eq!(
+            kept.iter().map(|e| e.unix_ms).collect::<Vec<_>>(),
+            [9, 8, 7]
+        );
+        let line = entries[0].line().len();
+        let kept = bound(entries.clone(), 100, 4 * line + 1);
+        assert_eq!(kept.len(), 4);
+        assert!(encode(&kept).len() <= 4 * line + 1);
+        assert!(bound(entries, 100, line - 1).is_empty());
+        // A ConfigMap's worth of the longest keys stays under the limit.
+        let long: Vec<Entry> = (0..5_000)
+            .map(|i| entry(&format!("{i:0>253}"), 0, i))
+            .collect();
+        let max = stoker_k8s::sizes_configmap::MAX_DOCUMENT_BYTES;
+        let kept = bound(long, 100_000, max);
+        assert!(
+            encode(&kept).len() <= max && kept.len() > 3_000,
+            "{}",
+            kept.len()
+        );
+    }
+
+    #[test]
+    fn ties_are_kept_in_the_same_order_whatever_the_input_order() {
+        let a = vec![entry("b", 0, 1), entry("a", 1, 1), entry("a", 0, 1)];
+        let mut b = a.clone();
+        b.reverse();
+        assert_eq!(bound(a, 2, usize::MAX), bound(b, 2, usize::MAX));
+    }
+
+    /// A medium that keeps the document in memory, as the ConfigMap store's copy does.
+    #[derive(Debug, Default)]
+    struct InMemory(Mutex<Option<String>>);
+
+    impl Medium for InMemory {
+        fn describe(&self) -> String {
+            "memory".to_owned()
+        }
+        fn max_bytes(&self) -> usize {
+            // Two entries of one-letter keys (27 bytes each).
+            60
+        }
+        fn read(&self) -> std::io::Result<Option<String>> {
+            Ok(self
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone())
+        }
+        fn update(&self, update: Update) -> std::io::Result<()> {
+            let mut document = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            *document = Some(update(document.as_deref()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn any_medium_shares_the_policy_and_its_byte_bound() {
+        let medium = Arc::new(InMemory::default());
+        let s = SizeStore::on(Arc::clone(&medium) as Arc<dyn Medium>, 1_000);
+        for (i, key) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+            s.remember(key, &grown(), &profiles(), i as i64)
+                .expect("written");
+        }
+        let document = medium.read().expect("read").unwrap_or_default();
+        assert_eq!(document.lines().count(), 2, "{document}");
+        assert_eq!(s.recall("e", &profiles(), 4_096, 5).sizes, grown());
+        assert!(s.recall("a", &profiles(), 4_096, 5).sizes.is_empty());
+        // Garbage written by someone else is a warning, and is replaced at the next write.
+        *medium.0.lock().unwrap_or_else(PoisonError::into_inner) = Some("{not: tsv}".to_owned());
+        let recalled = s.recall("e", &profiles(), 4_096, 5);
+        assert!(recalled.sizes.is_empty());
+        assert!(
+            recalled.warnings[0].starts_with("memory has 1 malformed"),
+            "{recalled:?}"
+        );
+        s.remember("e", &grown(), &profiles(), 6).expect("written");
+        assert_eq!(
+            s.recall("e", &profiles(), 4_096, 7),
+            Recalled {
+                sizes: grown(),
+                warnings: Vec::new()
+            }
+        );
     }
 
     #[test]

@@ -20,14 +20,15 @@
 
 pub mod auth;
 pub mod client;
+mod fair;
 pub mod index;
 pub mod lease;
-mod fair;
 pub mod limiter;
 pub mod namespaces;
 pub mod pod;
 mod resources;
 pub mod size;
+pub mod sizes_configmap;
 pub mod spark_pod;
 pub mod status;
 mod watch;
