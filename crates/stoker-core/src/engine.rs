@@ -876,6 +876,7 @@ impl Engine {
                     Verdict::Grew { resize, .. } => self.push_event(EventKind::Resized(resize)),
                     Verdict::AtCeiling {
                         ceiling_mib,
+                        refused_above: false,
                         first: true,
                         ..
                     } => {
@@ -883,6 +884,44 @@ impl Engine {
                             "profile {} cannot grow past the ceiling of {ceiling_mib} MiB per \
                              executor (spark.stoker.resize.maxMemory, --max-executor-memory): \
                              executor {id} failed at that size and counts as a failure",
+                            executor.profile
+                        );
+                        self.push_event(EventKind::AppWarning { message });
+                    }
+                    Verdict::SteppedBack {
+                        executor: refused,
+                        from,
+                        to,
+                        deferred_now_counted,
+                    } => {
+                        let counted = if deferred_now_counted > 0 {
+                            "; the out-of-memory failure that grew it counts now"
+                        } else {
+                            ""
+                        };
+                        let message = format!(
+                            "profile {} goes back to {} MiB heap + {} MiB overhead and grows no \
+                             further: executor {refused} with {} MiB heap + {} MiB overhead could \
+                             not be started (see its exit: a LimitRange or an admission policy may \
+                             cap executor memory in this namespace){counted}",
+                            executor.profile,
+                            to.heap_mib,
+                            to.overhead_mib,
+                            from.heap_mib,
+                            from.overhead_mib
+                        );
+                        self.push_event(EventKind::AppWarning { message });
+                    }
+                    Verdict::AtCeiling {
+                        ceiling_mib,
+                        refused_above: true,
+                        first: true,
+                        ..
+                    } => {
+                        let message = format!(
+                            "profile {} cannot grow past {ceiling_mib} MiB per executor, the \
+                             largest size this namespace started: executor {id} failed at that \
+                             size and counts as a failure",
                             executor.profile
                         );
                         self.push_event(EventKind::AppWarning { message });

@@ -27,6 +27,13 @@
 //!   once. An older executor's failure that is already answered by a growth does not count.
 //! * Executors already running keep their size: only executors created after the change are
 //!   bigger.
+//! * A grown size the backend refuses to start ([`ExitReason::StartFailed`] of an executor above
+//!   the configured size; on Kubernetes a LimitRange's maximum or an admission policy, which
+//!   stoker's own identity cannot read beforehand) is not tried again: the profile steps back to
+//!   the size before that growth and grows no further, and the failures that growth deferred
+//!   count now (the bigger executor never ran). The refused start itself does not count, and
+//!   neither do other refused starts at sizes above the one stepped back to. Probing for the
+//!   largest size between the two would cost a refused start per step, so stoker does not.
 
 use std::collections::BTreeMap;
 
@@ -191,10 +198,25 @@ pub enum Verdict {
     /// The executor was smaller than the profile's current size: the growth that answers its
     /// failure already happened. Not counted.
     AlreadyResized,
+    /// The backend refused to start an executor at a grown size: the profile is back at the
+    /// size before that growth and grows no further.
+    SteppedBack {
+        /// The executor refused.
+        executor: ExecutorId,
+        /// The size refused.
+        from: ExecutorSize,
+        /// The size executors now start with.
+        to: ExecutorSize,
+        /// Failures deferred by the growth that now count.
+        deferred_now_counted: u32,
+    },
     /// The profile cannot grow further: the exit counts.
     AtCeiling {
         /// The ceiling in MiB.
         ceiling_mib: u64,
+        /// The ceiling is the size the backend last accepted, after it refused a bigger one
+        /// (see [`Verdict::SteppedBack`]), not the configured one.
+        refused_above: bool,
         /// Failures deferred by an earlier growth that now count (0 or 1).
         deferred_now_counted: u32,
         /// First time this profile hit the ceiling for this cause (warn the driver once).
@@ -212,6 +234,10 @@ impl Verdict {
                 ..
             } => *deferred_now_counted,
             Self::AlreadyResized => 0,
+            Self::SteppedBack {
+                deferred_now_counted,
+                ..
+            } => *deferred_now_counted,
             Self::AtCeiling {
                 deferred_now_counted,
                 ..
@@ -224,7 +250,12 @@ impl Verdict {
 struct ProfileSizing {
     /// Off-heap + PySpark memory: never changed by stoker, part of the total.
     fixed_mib: u64,
+    configured: ExecutorSize,
     current: ExecutorSize,
+    /// The size before the last growth (or a size started at), where a refusal steps back to.
+    previous: Option<ExecutorSize>,
+    /// The backend refused a bigger size: no more growth.
+    capped: bool,
     /// Per cause: the size of the failure dimension after the growth that deferred a failure;
     /// a failure at that size or above for the same cause makes the deferred one count.
     deferred: [Option<u64>; 2],
@@ -276,7 +307,10 @@ impl Sizing {
             .entry(profile.id)
             .or_insert_with(|| ProfileSizing {
                 fixed_mib: profile.off_heap_mib.saturating_add(profile.pyspark_mib),
+                configured: ExecutorSize::of(profile),
                 current: ExecutorSize::of(profile),
+                previous: None,
+                capped: false,
                 deferred: [None; 2],
                 ceiling_warned: [false; 2],
             });
@@ -286,6 +320,7 @@ impl Sizing {
     /// earlier run). Ignored for an unknown profile.
     pub fn start_at(&mut self, profile: ProfileId, size: ExecutorSize) {
         if let Some(p) = self.profiles.get_mut(&profile) {
+            p.previous = Some(p.current);
             p.current = size;
         }
     }
@@ -312,6 +347,9 @@ impl Sizing {
         let Some(policy) = self.policy else {
             return Verdict::Unchanged;
         };
+        if reason == ExitReason::StartFailed {
+            return self.on_refused(profile, executor, size);
+        }
         let Some(cause) = MemoryCause::of(code, reason) else {
             return Verdict::Unchanged;
         };
@@ -332,15 +370,26 @@ impl Sizing {
             _ => 0,
         };
         let from = p.current;
-        let Some(to) = grow(p, policy, cause) else {
+        let grown = if p.capped {
+            None
+        } else {
+            grow(p, policy, cause)
+        };
+        let Some(to) = grown else {
             let first = !p.ceiling_warned[slot];
             p.ceiling_warned[slot] = true;
             return Verdict::AtCeiling {
-                ceiling_mib: policy.max_memory_mib,
+                ceiling_mib: if p.capped {
+                    p.total(p.current)
+                } else {
+                    policy.max_memory_mib
+                },
+                refused_above: p.capped,
                 deferred_now_counted,
                 first,
             };
         };
+        p.previous = Some(from);
         p.current = to;
         p.deferred[slot] = Some(p.dimension(cause, to));
         Verdict::Grew {
@@ -351,6 +400,48 @@ impl Sizing {
                 from,
                 to,
             },
+            deferred_now_counted,
+        }
+    }
+}
+
+impl Sizing {
+    /// An executor the backend refused to start: see the module documentation.
+    fn on_refused(
+        &mut self,
+        profile: ProfileId,
+        executor: ExecutorId,
+        size: Option<ExecutorSize>,
+    ) -> Verdict {
+        let Some(p) = self.profiles.get_mut(&profile) else {
+            return Verdict::Unchanged;
+        };
+        let size = size.unwrap_or(p.current);
+        let refused = p.total(size);
+        if refused <= p.total(p.configured) {
+            // Not a size stoker chose: an ordinary start failure.
+            return Verdict::Unchanged;
+        }
+        if refused > p.total(p.current) {
+            // Started before an earlier step back, which already answered it.
+            return Verdict::AlreadyResized;
+        }
+        let to = p
+            .previous
+            .filter(|prev| p.total(*prev) < refused)
+            .unwrap_or(p.configured);
+        p.current = to;
+        p.previous = None;
+        p.capped = true;
+        let deferred_now_counted = p
+            .deferred
+            .iter_mut()
+            .filter_map(Option::take)
+            .fold(0u32, |n, _| n.saturating_add(1));
+        Verdict::SteppedBack {
+            executor,
+            from: size,
+            to,
             deferred_now_counted,
         }
     }
@@ -507,6 +598,7 @@ mod tests {
             second,
             Verdict::AtCeiling {
                 ceiling_mib: 1_600,
+                refused_above: false,
                 deferred_now_counted: 1,
                 first: true
             }
@@ -517,10 +609,92 @@ mod tests {
             third,
             Verdict::AtCeiling {
                 ceiling_mib: 1_600,
+                refused_above: false,
                 deferred_now_counted: 0,
                 first: false
             }
         );
+    }
+
+    #[test]
+    fn a_refused_grown_size_steps_back_once_and_grows_no_further() {
+        let mut s = sizing(1_500, 8_192);
+        let configured = s.size(0);
+        let grew = s.on_exit(0, id(1), configured, Some(137), ExitReason::OomKilled);
+        assert!(matches!(grew, Verdict::Grew { .. }), "{grew:?}");
+        let grown = s.size(0);
+        // Two replacements at the grown size, both refused (a LimitRange's maximum).
+        let refused = s.on_exit(0, id(2), grown, None, ExitReason::StartFailed);
+        assert_eq!(
+            refused,
+            Verdict::SteppedBack {
+                executor: id(2),
+                from: grown.unwrap_or_default(),
+                to: configured.unwrap_or_default(),
+                deferred_now_counted: 1,
+            }
+        );
+        // The OOM kill that grew it counts now; the refusal itself does not.
+        assert_eq!(refused.counted(ExitReason::StartFailed), 1);
+        assert_eq!(s.size(0), configured);
+        let again = s.on_exit(0, id(3), grown, None, ExitReason::StartFailed);
+        assert_eq!(again, Verdict::AlreadyResized);
+        assert_eq!(again.counted(ExitReason::StartFailed), 0);
+        // The next OOM kill at the size the namespace allows counts: no growth, no loop.
+        let oom = s.on_exit(0, id(4), configured, Some(137), ExitReason::OomKilled);
+        assert_eq!(
+            oom,
+            Verdict::AtCeiling {
+                ceiling_mib: 1_408,
+                refused_above: true,
+                deferred_now_counted: 0,
+                first: true
+            }
+        );
+        assert_eq!(oom.counted(ExitReason::OomKilled), 1);
+        assert_eq!(s.size(0), configured);
+        // A refused start at the configured size is an ordinary start failure.
+        let plain = s.on_exit(0, id(5), configured, None, ExitReason::StartFailed);
+        assert_eq!(plain, Verdict::Unchanged);
+        assert_eq!(plain.counted(ExitReason::StartFailed), 1);
+    }
+
+    #[test]
+    fn a_refusal_after_two_growths_steps_back_to_the_size_before_the_last() {
+        let mut s = sizing(1_500, 8_192);
+        s.on_exit(0, id(1), s.size(0), Some(137), ExitReason::OomKilled);
+        let first_growth = s.size(0);
+        s.on_exit(0, id(2), first_growth, Some(137), ExitReason::OomKilled);
+        let second_growth = s.size(0);
+        let refused = s.on_exit(0, id(3), second_growth, None, ExitReason::StartFailed);
+        let Verdict::SteppedBack { to, .. } = refused else {
+            panic!("steps back: {refused:?}");
+        };
+        assert_eq!(Some(to), first_growth);
+        assert_eq!(s.size(0), first_growth);
+    }
+
+    #[test]
+    fn a_refused_remembered_size_steps_back_to_the_configured_one() {
+        let mut s = sizing(1_500, 8_192);
+        let configured = s.size(0);
+        let remembered = ExecutorSize {
+            heap_mib: 1024,
+            overhead_mib: 1088,
+        };
+        s.start_at(0, remembered);
+        let refused = s.on_exit(0, id(1), Some(remembered), None, ExitReason::StartFailed);
+        assert!(
+            matches!(
+                refused,
+                Verdict::SteppedBack {
+                    deferred_now_counted: 0,
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(s.size(0), configured);
     }
 
     #[test]

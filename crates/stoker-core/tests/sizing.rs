@@ -219,6 +219,54 @@ enum Fate {
     Killed,
 }
 
+#[test]
+fn a_grown_size_the_namespace_refuses_steps_back_and_is_not_tried_again() {
+    let mut e = engine(3, policy(1_500, 4_096));
+    e.set_targets(&[(0, 1)], 1).expect("valid");
+    e.take_actions();
+    e.observe(ExecutorId::new(1), oom_killed(), 2);
+    assert_eq!(launches(&e.take_actions()), vec![(2, size(512, 832))]);
+    // The API server refuses the 1344 MiB pod (a LimitRange's maximum of 1 GiB).
+    let refusal = "refused by the Kubernetes API server: pods \"x\" is forbidden: maximum memory \
+                   usage per Container is 1Gi, but limit is 1344Mi (Forbidden; pod ns/x)";
+    e.observe(
+        ExecutorId::new(2),
+        Observation::Exited {
+            code: None,
+            reason: ExitReason::StartFailed,
+            message: refusal.to_owned(),
+        },
+        3,
+    );
+    // Replaced at the size before the growth; the OOM kill counts now, the refusal does not.
+    assert_eq!(launches(&e.take_actions()), vec![(3, size(512, 384))]);
+    assert_eq!(e.failures(), 1);
+    let told: Vec<String> = warnings(&e)
+        .into_iter()
+        .filter(|w| w.contains("goes back"))
+        .collect();
+    assert_eq!(
+        told,
+        vec![
+            "profile 0 goes back to 512 MiB heap + 384 MiB overhead and grows no further: \
+             executor 2 with 512 MiB heap + 832 MiB overhead could not be started (see its exit: \
+             a LimitRange or an admission policy may cap executor memory in this namespace); the \
+             out-of-memory failure that grew it counts now"
+        ]
+    );
+    // Another OOM kill: no growth (it would be refused again), it counts, the driver is told.
+    e.observe(ExecutorId::new(3), oom_killed(), 4);
+    assert_eq!(launches(&e.take_actions()), vec![(4, size(512, 384))]);
+    assert_eq!(e.failures(), 2);
+    assert!(
+        warnings(&e)
+            .iter()
+            .any(|w| w.contains("largest size this namespace started")),
+        "{:?}",
+        warnings(&e)
+    );
+}
+
 fn fate() -> impl Strategy<Value = Fate> {
     prop_oneof![
         3 => Just(Fate::OomKilled),
@@ -290,6 +338,62 @@ proptest! {
         // Memory failures counted: at most one per growth that did not help, plus those at the
         // ceiling; never fewer than the plain errors.
         prop_assert!(e.failures() >= plain_failures);
+    }
+
+    /// A namespace that refuses executors above `limit` MiB (a LimitRange): whatever the
+    /// exits, once a size was refused no executor of that size or bigger is launched again, so
+    /// refused starts are bounded by the executors launched before the first refusal was seen.
+    #[test]
+    fn a_refused_size_is_never_launched_again(
+        factor in 1_050u32..3_000,
+        limit in 896u64..6_000,
+        target in 1u64..4,
+        exits in proptest::collection::vec((any::<usize>(), fate()), 1..60),
+    ) {
+        let mut e = engine(u32::MAX, policy(factor, 20_000));
+        e.set_targets(&[(0, target)], 1).expect("valid");
+        let mut alive: Vec<ExecutorId> = Vec::new();
+        let mut refused_at: Option<u64> = None;
+        let mut refusals = 0u64;
+        let mut now = 1;
+        for (pick, fate) in exits {
+            // The backend refuses what is above the limit at once; the rest start.
+            loop {
+                let launched = launches(&e.take_actions());
+                if launched.is_empty() {
+                    break;
+                }
+                for (id, size) in launched {
+                    let size = size.expect("the engine knows the profile's size");
+                    if let Some(refused) = refused_at {
+                        prop_assert!(total(size) < refused, "{size:?} launched after {refused} MiB was refused");
+                    }
+                    if total(size) > limit {
+                        refusals += 1;
+                        refused_at = Some(refused_at.map_or(total(size), |r| r.min(total(size))));
+                        now += 1;
+                        e.observe(ExecutorId::new(id), exit(None, ExitReason::StartFailed), now);
+                    } else {
+                        alive.push(ExecutorId::new(id));
+                    }
+                }
+            }
+            if alive.is_empty() {
+                break;
+            }
+            let id = alive.remove(pick % alive.len());
+            now += 1;
+            let observation = match fate {
+                Fate::OomKilled => oom_killed(),
+                Fate::JvmOom => jvm_oom(),
+                Fate::Error => exit(Some(1), ExitReason::Error),
+                Fate::Evicted => exit(None, ExitReason::Evicted),
+                Fate::Killed => exit(Some(143), ExitReason::KilledByDriver),
+            };
+            e.observe(id, observation, now);
+        }
+        // One growth is refused, once per executor launched at it together.
+        prop_assert!(refusals <= target, "{refusals} refused starts for {target} executors");
     }
 
     /// One executor that keeps failing for the same memory cause: every failure counts except
