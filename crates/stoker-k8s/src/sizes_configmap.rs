@@ -16,7 +16,7 @@
 //!   writer task, which reads the ConfigMap, applies the update to what is stored, and replaces
 //!   it with the `resourceVersion` it read (optimistic concurrency). On 409 Conflict it reads
 //!   and applies again, up to [`MAX_ATTEMPTS`] times. The copy then becomes what was written,
-//!   entries other writers added included.
+//!   entries other writers added included, unless later updates still wait (the copy holds them).
 //!
 //! # Guarantees
 //!
@@ -262,10 +262,12 @@ impl SizesConfigMap {
     /// Applies `update` to the copy now and queues it to be written.
     pub fn update(&self, update: Update) {
         {
+            // Counted under the copy's lock, so that the writer never replaces a copy that
+            // holds an update it has not written yet (see Writer::run).
             let mut copy = self.copy.lock().unwrap_or_else(PoisonError::into_inner);
+            self.pending.send_modify(|n| *n += 1);
             *copy = Some(update(copy.as_deref()));
         }
-        self.pending.send_modify(|n| *n += 1);
         if self.queue.send(update).is_err() {
             // The writer task is gone (the runtime is shutting down).
             self.pending.send_modify(|n| *n = n.saturating_sub(1));
@@ -296,7 +298,12 @@ impl Writer {
                 Ok((document, attempts)) => {
                     debug!(namespace = %self.namespace, name = %self.name, attempts,
                         bytes = document.len(), "remembered executor sizes written");
-                    *copy.lock().unwrap_or_else(PoisonError::into_inner) = Some(document);
+                    // What was written holds other writers' entries too; but while later
+                    // updates wait, the copy (which holds them) stays until the last is written.
+                    let mut guard = copy.lock().unwrap_or_else(PoisonError::into_inner);
+                    if *pending.borrow() == 1 {
+                        *guard = Some(document);
+                    }
                 }
                 Err(err) => warn!(error = %err, "remembered executor sizes not written"),
             }
@@ -549,6 +556,15 @@ mod tests {
         assert_eq!(sizes.document().as_deref(), Some("stored\nours\n"));
         assert!(sizes.flush(Duration::from_secs(5)).await);
         assert_eq!(stored(&fake).as_deref(), Some("stored\nours\n"));
+        // Two updates in a row: the copy never loses the second while the first is written.
+        sizes.update(append("a"));
+        sizes.update(append("b"));
+        assert_eq!(sizes.document().as_deref(), Some("stored\nours\na\nb\n"));
+        tokio::task::yield_now().await;
+        assert_eq!(sizes.document().as_deref(), Some("stored\nours\na\nb\n"));
+        assert!(sizes.flush(Duration::from_secs(5)).await);
+        assert_eq!(sizes.document(), stored(&fake));
+        assert_eq!(stored(&fake).as_deref(), Some("stored\nours\na\nb\n"));
         assert_eq!(sizes.describe(), "ConfigMap stoker/stoker-sizes");
     }
 
