@@ -47,6 +47,9 @@ private[spark] final class StokerAttachment(initialToken: String) {
   def maxExecutorId: Long = lock.synchronized(tracker.maxExecutorId)
   def liveExecutorIds: Seq[String] = lock.synchronized(tracker.liveExecutorIds)
   def hasExited(id: String): Boolean = lock.synchronized(tracker.hasExited(id))
+  /** The executors of `profile` that stoker reported and that have not exited. */
+  def liveExecutorsOf(profile: Int): Seq[String] =
+    lock.synchronized(tracker.liveExecutorsOf(profile))
 
   /** What the supervisor needs to decide its next step. */
   def state: State = lock.synchronized(State(epoch, lastSeq, registered))

@@ -147,6 +147,9 @@ private[spark] final class StokerEventStream(
         case StokerAction.Warn(m) => logWarning(m)
         case StokerAction.FailApplication(m) =>
           if (appFailed.compareAndSet(false, true)) driver.applicationFailed(m)
+        case StokerAction.Reclaim(request) =>
+          logWarning(request.message)
+          driver.reclaim(request)
       }
     } catch {
       case NonFatal(t) => logWarning(s"stoker: error while handling $action", t)

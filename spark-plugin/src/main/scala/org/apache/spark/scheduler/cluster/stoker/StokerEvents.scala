@@ -5,7 +5,7 @@ package org.apache.spark.scheduler.cluster.stoker
 
 import scala.collection.mutable
 
-import dev.stoker.proto.v1.{ApplicationEvent, ExecutorEvent, ExecutorState, ExitReason, WatchEvent}
+import dev.stoker.proto.v1.{ApplicationEvent, ExecutorEvent, ExecutorState, ExitReason, ReclaimEvent, WatchEvent}
 
 import org.apache.spark.scheduler.{ExecutorDecommission, ExecutorExited, ExecutorLossReason}
 
@@ -19,6 +19,8 @@ private[spark] object StokerAction {
   case class Warn(message: String) extends StokerAction
   /** stoker gave up on the application (too many executor failures). */
   case class FailApplication(message: String) extends StokerAction
+  /** stoker asks for executors back (fair share): choose and decommission them. */
+  case class Reclaim(request: StokerReclaim.Request) extends StokerAction
 }
 
 /** Mapping of protocol events to Spark's loss reasons: pure functions. */
@@ -92,6 +94,9 @@ private[spark] class StokerExecutorTracker {
 
   def maxExecutorId: Long = maxId
   def liveExecutorIds: Seq[String] = live.keys.toSeq
+  /** The executors of resource profile `profile` that stoker reported and that have not exited. */
+  def liveExecutorsOf(profile: Int): Seq[String] =
+    live.collect { case (id, p) if p == profile => id }.toSeq
   def hasExited(id: String): Boolean = exited.contains(id)
   def exitedCount: Int = exited.size
 
@@ -103,6 +108,7 @@ private[spark] class StokerExecutorTracker {
   def handle(event: WatchEvent): Seq[StokerAction] = event.getKindCase match {
     case WatchEvent.KindCase.EXECUTOR => handleExecutor(event.getExecutor)
     case WatchEvent.KindCase.APPLICATION => handleApplication(event.getApplication)
+    case WatchEvent.KindCase.RECLAIM => handleReclaim(event.getReclaim)
     case other => Seq(StokerAction.Warn(
       s"stoker: ignoring event ${event.getSeq} of an unknown kind ($other)"))
   }
@@ -145,6 +151,12 @@ private[spark] class StokerExecutorTracker {
         Nil
     }
   }
+
+  private def handleReclaim(ev: ReclaimEvent): Seq[StokerAction] =
+    if (ev.getCount <= 0) Nil
+    else Seq(StokerAction.Reclaim(StokerReclaim.Request(ev.getResourceProfileId,
+      math.min(ev.getCount, Int.MaxValue.toLong).toInt, ev.getDeadlineUnixMs, ev.getTimeoutMs,
+      ev.getReason)))
 
   private def handleApplication(ev: ApplicationEvent): Seq[StokerAction] = ev.getKind match {
     case ApplicationEvent.Kind.KIND_FAILED =>

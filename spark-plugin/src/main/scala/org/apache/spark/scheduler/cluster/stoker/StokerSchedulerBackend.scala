@@ -16,7 +16,7 @@ import io.grpc.ManagedChannel
 
 import org.apache.spark.SparkContext
 import org.apache.spark.deploy.security.HadoopDelegationTokenManager
-import org.apache.spark.internal.config.SCHEDULER_MIN_REGISTERED_RESOURCES_RATIO
+import org.apache.spark.internal.config.{DECOMMISSION_ENABLED, SCHEDULER_MIN_REGISTERED_RESOURCES_RATIO}
 import org.apache.spark.resource.ResourceProfile
 import org.apache.spark.rpc.RpcAddress
 import org.apache.spark.scheduler.{ExecutorDecommission, ExecutorDecommissionInfo, ExecutorLossReason, TaskSchedulerImpl}
@@ -102,6 +102,8 @@ private[spark] class StokerSchedulerBackend(
       override def removeExecutor(executorId: String, reason: ExecutorLossReason): Unit =
         StokerSchedulerBackend.this.removeExecutor(executorId, reason)
       override def applicationFailed(message: String): Unit = dead(message)
+      override def reclaim(request: StokerReclaim.Request): Unit =
+        StokerSchedulerBackend.this.reclaim(request)
     }
     val (queue, minExecutors) = StokerTemplate.admission(conf)
     session = new StokerSession(channel, master.hostPort, appId, sc.appName,
@@ -245,6 +247,64 @@ private[spark] class StokerSchedulerBackend(
     // reports them as DECOMMISSIONED and removes them after the grace period.
     if (s != null && decommissioned.nonEmpty) s.decommission(decommissioned)
     decommissioned
+  }
+
+  /**
+   * stoker asks for executors back (fair share). Among the executors of the profile that Spark
+   * still uses (not being removed or decommissioned), [[StokerReclaim.choose]] takes idle ones
+   * first, then those with the fewest running tasks and the least shuffle and cached data; they
+   * are decommissioned through Spark: no new task goes to them, running ones finish, and with
+   * spark.storage.decommission.* their blocks migrate before they exit. Spark's totals are not
+   * lowered (adjustTargetNumExecutors = false), as dynamic allocation does when it decommissions:
+   * stoker creates no more than the fair share admits whatever total is asked, so nothing is
+   * asked again, and the total stays what the application needs for when its share grows.
+   *
+   * Without spark.decommission.enabled an executor ignores the decommission message: the idle
+   * ones chosen are killed instead (Spark refuses to kill a busy one: force = false), and
+   * stoker removes what is still over the share at its deadline.
+   */
+  private def reclaim(request: StokerReclaim.Request): Unit = {
+    if (stopping.get) return
+    val candidates = getExecutorIds().filter { id =>
+      isExecutorActive(id) && getExecutorResourceProfileId(id) == request.profileId
+    }
+    val running = scheduler.runningTasksByExecutors
+    val stored = try {
+      sc.statusStore.executorList(true)
+        .map(e => e.id -> (e.totalShuffleWrite, e.memoryUsed + e.diskUsed)).toMap
+    } catch {
+      case NonFatal(e) =>
+        logDebug(s"stoker: no executor summaries for the reclaim choice: $e")
+        Map.empty[String, (Long, Long)]
+    }
+    val loads = candidates.map { id =>
+      val (shuffle, cached) = stored.getOrElse(id, (0L, 0L))
+      StokerReclaim.Load(id, running.getOrElse(id, 0), shuffle, cached)
+    }
+    val chosen = StokerReclaim.choose(loads, request.count)
+    if (chosen.isEmpty) {
+      logWarning(s"stoker: no executor of resource profile ${request.profileId} to give back " +
+        "(none registered, or all being removed already)")
+      return
+    }
+    val byId = loads.map(l => l.id -> l).toMap
+    val described = chosen.map { id =>
+      val l = byId(id)
+      if (l.idle) s"$id (idle)" else s"$id (${l.runningTasks} running task(s))"
+    }.mkString(", ")
+    if (conf.get(DECOMMISSION_ENABLED)) {
+      logInfo(s"stoker: giving back executor(s) $described by decommissioning them " +
+        s"(${request.reason})")
+      val info = ExecutorDecommissionInfo(s"stoker reclaim: ${request.reason}")
+      decommissionExecutors(chosen.map(_ -> info).toArray, adjustTargetNumExecutors = false,
+        triggeredByExecutor = false)
+    } else {
+      logWarning(s"stoker: ${DECOMMISSION_ENABLED.key} is false, so executors cannot be " +
+        s"decommissioned: killing the idle ones of $described (busy ones are left to stoker's " +
+        "deadline); set it to true to let running tasks finish and blocks migrate")
+      killExecutors(chosen, adjustTargetNumExecutors = false, countFailures = false,
+        force = false)
+    }
   }
 
   override def sufficientResourcesRegistered(): Boolean =

@@ -27,6 +27,12 @@ private[spark] trait StokerDriver {
   def removeExecutor(executorId: String, reason: ExecutorLossReason): Unit
   /** stoker failed the application; called at most once. */
   def applicationFailed(message: String): Unit
+  /**
+   * stoker asks for executors back (fair share): choose `request.count` executors of the
+   * profile, idle ones first, and decommission them. Called on the event stream's thread, under
+   * no lock of the session.
+   */
+  def reclaim(request: StokerReclaim.Request): Unit
 }
 
 /**

@@ -26,6 +26,7 @@ class StokerSessionTest extends Checks {
   private val channel: ManagedChannel = InProcessChannelBuilder.forName(name).build()
   private val removed = new ConcurrentLinkedQueue[(String, ExecutorLossReason)]()
   private val failures = new ConcurrentLinkedQueue[String]()
+  private val reclaims = new ConcurrentLinkedQueue[StokerReclaim.Request]()
   @volatile private var driverIds: Seq[String] = Nil
   private val templateRef = new AtomicReference[ExecutorTemplate](template(0))
   private var session: StokerSession = null
@@ -39,6 +40,7 @@ class StokerSessionTest extends Checks {
     override def removeExecutor(id: String, reason: ExecutorLossReason): Unit =
       removed.add(id -> reason)
     override def applicationFailed(message: String): Unit = failures.add(message)
+    override def reclaim(request: StokerReclaim.Request): Unit = reclaims.add(request)
   }
 
   private def template(profileIds: Int*): ExecutorTemplate =
@@ -114,6 +116,23 @@ class StokerSessionTest extends Checks {
     eventually("failure reported")(failures.size == 1)
     Thread.sleep(100)
     eq(Seq("stoker failed the application: too many failures"), failures.asScala.toSeq)
+  }
+
+  @Test def aReclaimReachesTheDriverOnceOnTheStreamsThread(): Unit = {
+    val stoker = server.start(new FakeStoker("inc-1", leaseTtlMs = 300))
+    newSession().start(Map(0 -> 4))
+    eventually("watching")(stoker.activeWatchers == 1)
+    val ev = WatchEvent.newBuilder().setReclaim(ReclaimEvent.newBuilder()
+      .setResourceProfileId(0).setCount(2).setTimeoutMs(60000)
+      .setDeadlineUnixMs(System.currentTimeMillis() + 60000)
+      .setReason("over its fair share in queue default")).build()
+    val seq = stoker.emit(ev)
+    stoker.resend(ev.toBuilder.setSeq(seq).build())
+    eventually("handled")(session.lastHandledSeq == seq && reclaims.size == 1)
+    Thread.sleep(100)
+    eq(1, reclaims.size, "a repeated event is not acted on twice")
+    eq((0, 2, "over its fair share in queue default"),
+      reclaims.asScala.head match { case r => (r.profileId, r.count, r.reason) })
   }
 
   @Test def requestsAreSentInOrderWithoutAdjustingTargets(): Unit = {
