@@ -260,6 +260,121 @@ def test_oom_and_external_deletion_are_reported_and_replaced(kube, testbed, driv
     assert re.search(r"stoker: profile 0 now starts executors with .* after executor 1 was OOM-killed", driver.log())
 
 
+def executor_memory(pod):
+    """(memory limit in MiB, SPARK_EXECUTOR_MEMORY) of an executor pod's executor container."""
+    container = next(c for c in pod["spec"]["containers"]
+                     if c["name"] == pod["metadata"]["annotations"]["stoker.dev/executor-container"])
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    return int(container["resources"]["limits"]["memory"].removesuffix("Mi")), env["SPARK_EXECUTOR_MEMORY"]
+
+
+def sizes_document(testbed, path):
+    """The sizes.tsv a sizes ConfigMap holds ("" when none)."""
+    cm = testbed.api.get_opt(path)
+    return ((cm or {}).get("data") or {}).get("sizes.tsv", "")
+
+
+def test_the_next_run_of_a_sizing_key_starts_at_the_grown_size_after_a_stoker_restart(
+        kube, testbed, driver_factory):
+    """Memory across runs on Kubernetes: run 1 is OOM-killed once and grows; the leader writes
+    the size it ended with to the sizes ConfigMap; a new stoker process (nothing in memory)
+    reads it at start, and run 2 of the same spark.stoker.sizing.key starts its first executor
+    pod at the grown size, with no OOM kill."""
+    name = f"sizes-{kube.instance}"
+    path = f"/api/v1/namespaces/default/configmaps/{name}"
+    key = f"oom-{kube.instance}"
+    kube.stop()
+    kube.extra = ["--sizes-configmap", f"default/{name}"]
+    kube.start()
+    sizing = ("--conf", f"spark.stoker.sizing.key={key}")
+    try:
+        watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
+        first = driver_factory(kube, "--executors", "1", "--slow-ms", "500", "--partitions", "20",
+                               *k8s_args("default", *sizing))
+        first.wait_event("job-start", timeout=180)
+        app_id = first.event("started")["app_id"]
+        pod = wait_until(lambda: next(iter(running_pods(testbed, kube.instance, app_id)), None),
+                         120, "a running executor pod")
+        assert pod["metadata"]["labels"]["spark-exec-id"] == "1", pod["metadata"]["labels"]
+        testbed.api.annotate_pod(pod["metadata"]["name"], FAULT, "oom")
+        grown = wait_until(lambda: re.search(
+            r"stoker: profile 0 now starts executors with (\d+) MiB heap \+ (\d+) MiB overhead "
+            r"after executor 1 was OOM-killed", first.log()), 90, "the driver to hear of the growth")
+        check_result(first.wait(timeout=400))
+        added = {o["metadata"]["labels"]["spark-exec-id"]: o for t, o in watch.objects() if t == "ADDED"}
+        watch.close()
+        configured_limit, heap = executor_memory(added["1"])
+        grown_limit, grown_heap = executor_memory(added["2"])
+        assert grown_limit > configured_limit and grown_heap == heap, (configured_limit, grown_limit)
+        assert grown_limit == int(grown[1]) + int(grown[2]), (grown_limit, grown.groups())
+        # The run ended (unregistered): the leader wrote its size to the ConfigMap.
+        line = f"v1\t{key}\t0\t512\t384\t{grown[1]}\t{grown[2]}\t"
+        wait_until(lambda: line in sizes_document(testbed, path), 30, "the grown size in the ConfigMap")
+        wait_until(lambda: not pods_of(testbed, kube.instance), 60, "run 1's pods deleted")
+
+        # A new stoker process: only the ConfigMap remembers.
+        kube.stop()
+        kube.start()
+        assert "remembered executor sizes read" in kube.log_path.read_text()
+        watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
+        second = driver_factory(kube, "--executors", "1", "--partitions", "4", *k8s_args("default", *sizing))
+        check_result(second.wait(timeout=300))
+        added = {o["metadata"]["labels"]["spark-exec-id"]: o for t, o in watch.objects() if t == "ADDED"}
+        watch.close()
+        log = second.log()
+        assert (f"profile 0 starts executors with {grown[1]} MiB heap + {grown[2]} MiB overhead, the size "
+                f"an earlier run of spark.stoker.sizing.key \"{key}\" ended with") in log, log[-8000:]
+        # Its first pod had the grown limit and the configured heap; nothing was OOM-killed.
+        assert executor_memory(added["1"]) == (grown_limit, heap), (executor_memory(added["1"]), grown_limit)
+        assert set(added) == {"1"}, sorted(added)
+        assert "OOM_KILLED" not in log and "now starts executors" not in log, log[-8000:]
+    finally:
+        try:
+            testbed.api.delete(path)
+        except ApiError as e:
+            if e.code != 404:
+                raise
+
+
+def test_a_grown_size_the_namespace_limitrange_refuses_is_relayed_and_not_tried_again(
+        kube, testbed, driver_factory, namespaces):
+    """A LimitRange caps containers at 1 GiB: the configured 896 MiB executor fits, the 1344 MiB
+    one an OOM kill grows to does not. The API server's refusal reaches the driver word for word,
+    stoker steps the profile back to 896 MiB once (it cannot read LimitRanges with its own
+    identity, so the refusal is how it learns the cap), creates the replacement at that size and
+    does not ask for the refused size again; the job finishes."""
+    ns = namespaces(f"sizes-lr-{os.getpid()}")
+    testbed.api.create(f"/api/v1/namespaces/{ns}/limitranges", {
+        "apiVersion": "v1", "kind": "LimitRange", "metadata": {"name": "max-1gi"},
+        "spec": {"limits": [{"type": "Container", "max": {"memory": "1Gi"}}]}})
+    watch = testbed.api.watch(f"/api/v1/namespaces/{ns}/pods", labelSelector=selector(kube.instance))
+    driver = driver_factory(kube, "--executors", "1", "--slow-ms", "500", "--partitions", "20", *k8s_args(ns))
+    driver.wait_event("job-start", timeout=180)
+    app_id = driver.event("started")["app_id"]
+    pod = wait_until(lambda: next(iter(running_pods(testbed, kube.instance, app_id)), None),
+                     120, "a running executor pod")
+    testbed.api.annotate_pod(pod["metadata"]["name"], FAULT, "oom", ns=ns)
+    log_has = lambda pattern: re.search(pattern, driver.log())
+    wait_until(lambda: log_has(r"now starts executors with 512 MiB heap \+ 832 MiB overhead after executor 1 "
+                               r"was OOM-killed"), 90, "the growth to 1344 MiB")
+    # The LimitRanger's own words, relayed with the exit of the executor that could not exist.
+    refused = wait_until(lambda: log_has(
+        r"stoker: executor 2 exited [^\n]*\(START_FAILED\)[^\n]*refused by the Kubernetes API server: "
+        r"[^\n]*maximum memory usage per Container is 1Gi, but limit is 1344Mi"), 90, "the refusal")
+    print(refused.group(0))
+    wait_until(lambda: log_has(r"profile 0 goes back to 512 MiB heap \+ 384 MiB overhead and grows no further"),
+               30, "the step back")
+    check_result(driver.wait(timeout=400))
+    added = {o["metadata"]["labels"]["spark-exec-id"]: o for t, o in watch.objects() if t == "ADDED"}
+    watch.close()
+    # Executor 2 never existed; 3 replaced it at the size the namespace allows; no other try.
+    assert set(added) == {"1", "3"}, sorted(added)
+    assert executor_memory(added["3"]) == executor_memory(added["1"]), \
+        (executor_memory(added["1"]), executor_memory(added["3"]))
+    assert executor_memory(added["3"])[0] == 896
+    assert kube.log_path.read_text().count("pod creation failed") == 1
+
+
 def test_dynamic_allocation_scales_pods_up_and_down(kube, testbed, driver_factory):
     driver = driver_factory(
         kube, "--dynamic", "--executors", "3", "--slow-ms", "800", "--partitions", "30",
@@ -406,6 +521,17 @@ def test_deploy_manifests_rbac_is_enough_and_no_more(testbed, process_kubelet, w
         for args in (("get", "leases", "-n", "stoker"), ("create", "leases", "-n", "stoker"),
                      ("update", "leases", "-n", "stoker"), ("patch", "pods", "-n", "stoker")):
             assert can(*args) == "yes", args
+        # Its own state: the sizes ConfigMap, that one name only; no create (it is shipped).
+        for args in (("get", "configmaps/stoker-sizes", "-n", "stoker"),
+                     ("update", "configmaps/stoker-sizes", "-n", "stoker")):
+            assert can(*args) == "yes", args
+        for args in (("create", "configmaps", "-n", "stoker"), ("get", "configmaps", "-n", "stoker"),
+                     ("list", "configmaps", "-n", "stoker"), ("get", "configmaps/stoker-queues", "-n", "stoker"),
+                     ("update", "configmaps/other", "-n", "stoker"),
+                     ("patch", "configmaps/stoker-sizes", "-n", "stoker"),
+                     ("delete", "configmaps/stoker-sizes", "-n", "stoker"),
+                     ("get", "configmaps/stoker-sizes", "-n", "default")):
+            assert can(*args) == "no", args
         # Nothing written as itself, and no impersonation until a namespace opts in.
         for args in (("create", "pods", "-n", "default"), ("delete", "pods", "-n", "default"),
                      ("create", "persistentvolumeclaims", "-n", "default"),
@@ -436,12 +562,20 @@ def test_deploy_manifests_rbac_is_enough_and_no_more(testbed, process_kubelet, w
                                    "--leader-elect-identity", "rbac-test",
                                    # The namespace policy by label, with the ServiceAccount's
                                    # `list namespaces` (every namespace carries this label).
-                                   "--allowed-namespace-selector", "kubernetes.io/metadata.name=default"]).start()
+                                   "--allowed-namespace-selector", "kubernetes.io/metadata.name=default",
+                                   # Its own state as deployed (POD_NAMESPACE's stoker-sizes).
+                                   "--sizes-configmap", "stoker/stoker-sizes"]).start()
         assert "leader: lease acquired" in server.log_path.read_text()
         try:
-            driver = driver_factory(server, "--executors", "2", *k8s_args())
+            key = f"rbac-{instance}"
+            driver = driver_factory(server, "--executors", "2",
+                                    *k8s_args("default", "--conf", f"spark.stoker.sizing.key={key}"))
             check_result(driver.wait(timeout=300))
             wait_until(lambda: not pods_of(testbed, instance), 60, "pods deleted with the SA's rights")
+            # The run's sizes were written to the shipped ConfigMap (get + update).
+            sizes = "/api/v1/namespaces/stoker/configmaps/stoker-sizes"
+            wait_until(lambda: f"\t{key}\t" in ((testbed.api.get(sizes).get("data") or {}).get("sizes.tsv", "")),
+                       30, "the run's sizes in the ConfigMap")
         finally:
             server.stop()
         assert "Forbidden" not in server.log_path.read_text()
