@@ -4,7 +4,9 @@ loss figures that must stay at zero.
 Each case is one function that runs one ramp (a real Spark 4.2.0 driver, tests/bench/jobs/hold.py,
 asking stoker for N executors, on a process-less kubelet) with one fault in the middle of it, and
 returns one row of figures. `main` runs the matrix and prints a table; a non-zero loss figure (or
-a run that did not finish) makes it exit non-zero.
+a run that did not finish) makes it exit non-zero. Case f waits for the whole ramp before its
+fault (the pods must exist to be adopted); case g runs a real shuffle job (tests/chaos/job.py) on
+real executors (the process kubelet) through its faults and checks the job's answer.
 
 Ground truth is the API server, not stoker: a pods watch of our own (straight to the API server,
 not through the fault proxy) records every ADDED pod per (stoker.dev/app-id annotation,
@@ -12,7 +14,7 @@ spark-exec-id label); a second pod for one executor id is a duplicate. What stok
 from `stoker executors <app>` (admin token); what the driver was told comes from the plugin's
 INFO log in the driver's stderr ("stoker: executor N exited ...").
 
-Usage: chaos.py [--quick] [--runs R] [--n N] [--cases a,b,c,d] [--out DIR]
+Usage: chaos.py [--quick] [--runs R] [--n N] [--cases a,b,c,d,e,f,g] [--out DIR]
 """
 import argparse
 import base64
@@ -41,8 +43,12 @@ from testbed import ApiError, Kubelet, Testbed, wait_until  # noqa: E402
 STOKER = Path(os.environ.get("STOKER_BIN", ROOT / "target" / "debug" / "stoker"))
 JAR = Path(os.environ.get("STOKER_PLUGIN_JAR", ROOT / "spark-plugin" / "target" / "stoker-spark-plugin.jar"))
 HOLD = ROOT / "tests" / "bench" / "jobs" / "hold.py"
+JOB = Path(__file__).resolve().parent / "job.py"
 IMAGE = "apache/spark:4.2.0"
 NODE = "chaos-noproc"
+PROC_NODE = "chaos-proc"  # the process kubelet's node: case g's executors are real JVMs
+CLAIM_N = 200  # case f: executors adopted while stoker is killed
+JOB_N = 3  # case g: real executors
 LEASE_TTL_S = 10
 DELETE_GRACE_S = 3
 # The API server serves pods without its watch cache on the chaos test bed: a watch that resumes
@@ -53,6 +59,32 @@ TESTBED_ARGS = ["--apiserver-arg=--watch-cache-sizes=pods#0"]
 
 def log(msg):
     print(f"[chaos {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def wait_log(path, offset, needle, timeout, proc=None, interval=0.005):
+    """Reads `path` from byte `offset` on as it grows until a line holding `needle` appears;
+    returns (that line, the monotonic time it was seen). Polls every `interval` s (reading only
+    what is new), so a caller can act within milliseconds of the line."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while True:
+            chunk = f.read()
+            if chunk:
+                buf += chunk
+                lines = buf.split(b"\n")
+                buf = lines.pop()
+                for line in lines:
+                    text = line.decode(errors="replace")
+                    if needle in text:
+                        return text, time.monotonic()
+            elif proc is not None and proc.poll() is not None:
+                raise AssertionError(f"process exited ({proc.returncode}) before {needle!r} in {path}")
+            elif time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {needle!r} in {path}")
+            else:
+                time.sleep(interval)
 
 
 def free_port():
@@ -337,7 +369,9 @@ class ChaosStoker:
     def start(self):
         env = dict(os.environ)
         env["KUBECONFIG"] = str(self.kubeconfig)
-        env.setdefault("RUST_LOG", "info")
+        # The writer's debug lines say when a create that was retried found its pod already there
+        # (the first attempt reached etcd, its answer was lost): cases e and g count them.
+        env.setdefault("RUST_LOG", "info,stoker_k8s::writer=debug")
         self.proc = subprocess.Popen(
             # --auth none (loopback only): drivers carry no Kubernetes token; pods are written
             # with the kubeconfig's (admin) identity.
@@ -359,6 +393,15 @@ class ChaosStoker:
 
     def log(self):
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_size(self):
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def log_since(self, offset):
+        """The log from byte `offset` on."""
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
 
     def executors(self, app_id):
         """{exec id: (state, deleting)} as stoker reports them, or None if it cannot answer."""
@@ -421,7 +464,10 @@ EXITED = re.compile(r"stoker: executor (\d+) exited [^(]*\(([A-Z_0-9]+)\)")
 class HoldDriver:
     """tests/bench/jobs/hold.py: a real Spark driver that asks for n executors and holds them."""
 
-    def __init__(self, work, stoker_port, namespace, n, jar=JAR):
+    script = HOLD
+    node = NODE
+
+    def __init__(self, work, stoker_port, namespace, n, jar=JAR, extra=()):
         self.stop_file = work / f"stop-{namespace}"
         self.log_path = work / f"driver-{namespace}.log"
         self.out_path = work / f"driver-{namespace}.out"
@@ -430,26 +476,40 @@ class HoldDriver:
                    PYSPARK_DRIVER_PYTHON=sys.executable)
         env.pop("SPARK_HOME", None)
         self.proc = subprocess.Popen(
-            [sys.executable, str(HOLD), f"spark+stoker://127.0.0.1:{stoker_port}", "--executors", str(n),
-             "--stop-file", str(self.stop_file), "--max-seconds", "1200",
+            [sys.executable, str(self.script), f"spark+stoker://127.0.0.1:{stoker_port}", "--executors", str(n),
+             "--stop-file", str(self.stop_file), "--max-seconds", "1200", *extra,
              "--conf", f"spark.kubernetes.namespace={namespace}",
              "--conf", f"spark.kubernetes.container.image={IMAGE}",
-             "--conf", f"spark.kubernetes.node.selector.kubernetes.io/hostname={NODE}",
+             "--conf", f"spark.kubernetes.node.selector.kubernetes.io/hostname={self.node}",
              "--conf", f"spark.executorEnv.PYSPARK_PYTHON={sys.executable}",
              # The plugin's INFO lines (terminal events of executors stoker deleted or lost are
              # INFO) pass PySpark's default WARN threshold only for a logger configured on its own.
              "--conf", f"spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=file:{log4j2(work)}"],
             stdout=open(self.out_path, "w"), stderr=open(self.log_path, "w"), env=env, start_new_session=True)
 
-    def ready(self, timeout=240):
+    def event(self, name):
+        """The first JSON line the driver printed with this event, or None."""
+        for line in self.out_path.read_text().splitlines():
+            if line.startswith("{"):
+                ev = json.loads(line)
+                if ev.get("event") == name:
+                    return ev
+        return None
+
+    def wait_event(self, name, timeout, pred=None):
         def check():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"driver exited ({self.proc.returncode}): {self.log()[-3000:]}")
             for line in self.out_path.read_text().splitlines():
-                if line.startswith("{") and json.loads(line).get("event") == "ready":
-                    return json.loads(line)
+                if line.startswith("{"):
+                    ev = json.loads(line)
+                    if ev.get("event") == name and (pred is None or pred(ev)):
+                        return ev
+            if self.proc.poll() is not None:
+                raise AssertionError(f"driver exited ({self.proc.returncode}) before {name}: {self.log()[-3000:]}")
             return None
-        return wait_until(check, timeout, "the driver to be ready", interval=0.3)
+        return wait_until(check, timeout, f"the driver's {name} event", interval=0.2)
+
+    def ready(self, timeout=240):
+        return self.wait_event("ready", timeout)
 
     def log(self):
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -473,6 +533,20 @@ class HoldDriver:
         self.proc.wait(timeout=30)
 
 
+class JobDriver(HoldDriver):
+    """tests/chaos/job.py: a real shuffle job with a known answer on real executors (the process
+    kubelet's node), then holds them until told to stop."""
+    script = JOB
+    node = PROC_NODE
+
+
+def spark_home():
+    """The Spark installation of the pyspark package (the process kubelet runs executors from it,
+    standing in for the image's /opt/spark)."""
+    import pyspark
+    return Path(pyspark.__file__).resolve().parent
+
+
 # ---- the harness -------------------------------------------------------------------------------
 
 class Harness:
@@ -483,16 +557,22 @@ class Harness:
         self.blackhole_s = blackhole_s
         self.watch_cache = watch_cache
         self.runs = 0
-        self.testbed = self.kubelet = None
+        self.testbed = self.kubelet = self.proc_kubelet = None
         self.jar = JAR
 
     def start(self):
+        global STOKER
         assert STOKER.exists(), f"{STOKER} missing: cargo build --bins"
         assert JAR.exists(), f"{JAR} missing: run scripts/setup.sh"
         (self.work / "kubelets").mkdir(parents=True, exist_ok=True)
         # A copy: a concurrent `mvn package` must not swap the jar under a starting driver.
         self.jar = self.work / JAR.name
         shutil.copy2(JAR, self.jar)
+        # The same for stoker: a concurrent `cargo build` must not swap it between two restarts.
+        copy = self.work / "bin" / "stoker"
+        copy.parent.mkdir(exist_ok=True)
+        shutil.copy2(STOKER, copy)
+        STOKER = copy
         extra = os.environ.get("STOKER_TESTBED_ARGS", "")
         os.environ["STOKER_TESTBED_ARGS"] = " ".join([extra, *([] if self.watch_cache else TESTBED_ARGS)]).strip()
         try:
@@ -504,9 +584,17 @@ class Harness:
                                extra=("--cpu", "100000", "--memory", "100000Gi")).start()
         return self
 
+    def process_kubelet(self):
+        """The process kubelet (case g), started on first use."""
+        if self.proc_kubelet is None:
+            self.proc_kubelet = Kubelet(self.testbed, self.work / "kubelets", PROC_NODE,
+                                        spark_home=spark_home()).start()
+        return self.proc_kubelet
+
     def stop(self):
-        if self.kubelet:
-            self.kubelet.stop()
+        for k in (self.proc_kubelet, self.kubelet):
+            if k:
+                k.stop()
         if self.testbed:
             self.testbed.stop()
 
@@ -538,6 +626,19 @@ class Harness:
             out[p["metadata"]["labels"].get("spark-exec-id")] = p
         return out
 
+    def restart_apiserver(self, timeout=180):
+        """SIGUSR1 to the test bed's supervisor: it SIGKILLs kube-apiserver, starts it again with
+        the same arguments and waits for /readyz, then logs "kube-apiserver restarted: ... ready
+        X after the kill". Returns X in seconds (the API server's outage)."""
+        log_path = self.testbed.log_path
+        offset = log_path.stat().st_size
+        os.kill(int(self.testbed.env["TESTBED_PID"]), signal.SIGUSR1)
+        line, _ = wait_log(log_path, offset, "kube-apiserver restarted:", timeout, self.testbed.proc, interval=0.05)
+        m = re.search(r"ready ([0-9.]+)(ms|s) after the kill", line)
+        down = (float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)) if m else None
+        log(f"kube-apiserver restarted, down {down} s")
+        return down
+
     def compact_etcd(self):
         """Compacts etcd at its current revision (its JSON gateway); returns the revision."""
         url = self.testbed.env["ETCD_URL"].rstrip("/")
@@ -552,19 +653,23 @@ class Harness:
         return rev
 
     # -- one run --
-    def run(self, case, key, fault, kill_driver=False, check=None):
+    def run(self, case, key, fault, kill_driver=False, check=None, n=None, job=False, fault_at=None):
         """One ramp with `fault(ctx)` injected once a third of the pods exist. `fault` returns the
         monotonic time the fault ended (recovery is measured from there). A run that failed
         before its fault was injected (e.g. the driver JVM did not start) is set-up trouble, not
         a finding: it is run once more, and counted in `setup_retries`."""
-        row = self._run_once(case, key, fault, kill_driver, check)
+        args = (case, key, fault, kill_driver, check, n or self.n, job, fault_at)
+        row = self._run_once(*args)
         if "error" in row and "created_at_fault" not in row:
             log(f"{case}: failed before the fault ({row['error']}); running it once more")
-            row = self._run_once(case, key, fault, kill_driver, check)
+            row = self._run_once(*args)
             row["setup_retries"] = 1
         return row
 
-    def _run_once(self, case, key, fault, kill_driver, check):
+    def _run_once(self, case, key, fault, kill_driver, check, n, job, fault_at):
+        """`n` executors; the fault once `fault_at` pods exist (default a third of n). With `job`,
+        the driver runs tests/chaos/job.py on the process kubelet and the row gets the
+        `wrong_answer` figure (else n/a)."""
         self.runs += 1
         tag = f"{key}-{self.runs}"
         ns = self.namespace(f"chaos-{tag}")
@@ -573,27 +678,33 @@ class Harness:
                              max(1, self.qps // 10)).start()
         watch = PodWatch(self.api, ns)
         driver = None
-        row = {"case": case, "n": self.n}
+        row = {"case": case, "n": n, "wrong_answer": None}
         try:
-            driver = HoldDriver(self.work, stoker.port, ns, self.n, self.jar)
-            watch.wait_added(max(1, self.n // 3), 300, driver.proc)
-            row["created_at_fault"] = len(watch.added())
-            log(f"{tag}: fault at {row['created_at_fault']}/{self.n} pods created")
+            if job:
+                self.process_kubelet()
+                driver = JobDriver(self.work, stoker.port, ns, n, self.jar)
+            else:
+                driver = HoldDriver(self.work, stoker.port, ns, n, self.jar)
+            watch.wait_added(fault_at or max(1, n // 3), 300, driver.proc)
             ctx = {"stoker": stoker, "proxy": proxy, "driver": driver, "watch": watch, "ns": ns,
-                   "log_offset": len(stoker.log()), "row": row}
+                   "log_offset": stoker.log_size(), "row": row, "n": n}
+            row["created_at_fault"] = len(watch.added())
+            log(f"{tag}: fault at {row['created_at_fault']}/{n} pods created")
             t_end = fault(ctx)
             if kill_driver:
                 self._after_driver_kill(row, ns, watch, t_end)
             else:
                 app_id = row["app_id"] = driver.ready()["app_id"]
-                self._recover(row, ns, stoker, driver, app_id, t_end)
+                self._recover(row, ns, stoker, driver, app_id, t_end, n)
                 self._judge(row, ns, stoker, driver, app_id, watch)
+                if job:
+                    self._answer(row, driver)
                 if check is not None:
                     check(ctx)
                 t_stop = time.monotonic()
                 row["live_deleted"] = len({e[2] for e in watch.snapshot() if (e[6] or e[1] == "DELETED") and e[0] < t_stop})
                 driver.stop()
-                row["leaked"] = self._leaked(ns, watch, LEASE_TTL_S + DELETE_GRACE_S + self.n / self.qps + 30)
+                row["leaked"] = self._leaked(ns, watch, LEASE_TTL_S + DELETE_GRACE_S + n / self.qps + 30)
                 # Not a loss (the driver has gone), but a wrong label: stoker's own deletions at
                 # the application's end reported as DELETED_EXTERNALLY "(not by stoker)" when the
                 # pod's last state was not a terminated container (the process-less kubelet
@@ -618,17 +729,30 @@ class Harness:
         log(f"{tag}: {json.dumps({k: v for k, v in row.items() if k != 'app_id'})}")
         return row
 
-    def _recover(self, row, ns, stoker, driver, app_id, t_end):
-        """Recovered: N pods live on the API server and N executors RUNNING in stoker's view."""
-        def whole():
-            if driver.proc.poll() is not None:
-                raise AssertionError(f"driver exited ({driver.proc.returncode}): {driver.log()[-2000:]}")
-            if len(self.live_pods(ns)) < self.n:
-                return False
-            view = stoker.executors(app_id)
-            return view is not None and sum(1 for s, d in view.values() if s == "RUNNING" and not d) >= self.n
-        wait_until(whole, 300, f"{self.n} executors running again", interval=0.5)
+    def _whole(self, ns, stoker, driver, app_id, n):
+        """N pods live on the API server and N executors RUNNING in stoker's view."""
+        if driver.proc.poll() is not None:
+            raise AssertionError(f"driver exited ({driver.proc.returncode}): {driver.log()[-2000:]}")
+        if len(self.live_pods(ns)) < n:
+            return False
+        view = stoker.executors(app_id)
+        return view is not None and sum(1 for s, d in view.values() if s == "RUNNING" and not d) >= n
+
+    def _recover(self, row, ns, stoker, driver, app_id, t_end, n):
+        """Recovered: the application whole again (`_whole`)."""
+        wait_until(lambda: self._whole(ns, stoker, driver, app_id, n), 300, f"{n} executors running again",
+                   interval=0.5)
         row["recovery_s"] = time.monotonic() - t_end
+
+    def _answer(self, row, driver):
+        """Case g: the job's result against its known answer (groups, row count, sum of ids)."""
+        res = driver.wait_event("result", 600)
+        row["job_s"] = round(res["t"] - driver.event("job-start")["t"], 1)
+        wrong = (res["groups"], res["count"], res["sum"]) != (res["expected_groups"], res["expected_count"],
+                                                             res["expected_sum"])
+        row["wrong_answer"] = int(wrong)
+        if wrong:
+            row["answer"] = {k: res[k] for k in ("groups", "count", "sum")}
 
     def _judge(self, row, ns, stoker, driver, app_id, watch):
         """Lost: an executor whose pod is not live and that the driver was never told ended
@@ -699,7 +823,7 @@ class Harness:
             t = time.monotonic()
             return t
         def check(ctx):
-            text = ctx["stoker"].log()[ctx["log_offset"]:]
+            text = ctx["stoker"].log_since(ctx["log_offset"])
             m = re.search(r"driver re-registered: its pods are handed back.*?executors=(\d+)", text)
             ctx["row"]["adopted"] = int(m.group(1)) if m else 0
             ctx["row"]["reattached"] = "re-attached to stoker" in ctx["driver"].log()
@@ -735,7 +859,7 @@ class Harness:
             return time.monotonic()
 
         def check(ctx):
-            text = ctx["stoker"].log()[ctx["log_offset"]:]
+            text = ctx["stoker"].log_since(ctx["log_offset"])
             ctx["row"]["relisted"] = marker in text
 
         row = self.run("watch expiry (410): etcd compacted, connections reset", "c", fault, check=check)
@@ -751,8 +875,111 @@ class Harness:
         return self.run("driver SIGKILL", "d", fault, kill_driver=True)
 
 
-CASES = {"a": "case_stoker_kill", "b": "case_blackhole", "c": "case_watch_expiry", "d": "case_driver_kill"}
-LOSS = ("duplicates", "leaked", "lost", "wrong", "live_deleted")
+    def case_apiserver_restart(self):
+        """(e) kube-apiserver SIGKILLed mid-ramp and started again (the test bed's supervisor, on
+        SIGUSR1, same arguments, waits for /readyz). stoker's requests fail meanwhile (connection
+        refused); it must resume its watch and finish the ramp with nothing lost or repeated.
+        Recovery from the API server being ready again."""
+        marker = "pod watch: listing pods"
+
+        def fault(ctx):
+            ctx["row"]["apiserver_down_s"] = self.restart_apiserver()
+            return time.monotonic()
+
+        def check(ctx):
+            text = ctx["stoker"].log_since(ctx["log_offset"])
+            ctx["row"]["relisted"] = marker in text
+            ctx["row"]["create_retries"] = text.count("pod creation failed; retrying")
+            ctx["row"]["create_409"] = text.count("pod already exists")
+            ctx["row"]["watch_errors"] = text.count("pod watch error")
+        return self.run("kube-apiserver SIGKILL + restart", "e", fault, check=check)
+
+    def case_claim_kill(self):
+        """(f) window 1 of issue 12: stoker SIGKILLed while the driver's pods are being claimed.
+        The whole ramp of CLAIM_N pods first (all live, all RUNNING in stoker's view); stoker
+        SIGKILLed and restarted; SIGKILLed again the moment its log says the re-registered driver's
+        pods were handed back (the claim); restarted again. The last stoker must hand back every
+        pod (the claim's count = N), none may be deleted or created twice (created = N).
+        Recovery from the second restart."""
+        n = CLAIM_N
+        claim = "driver re-registered: its pods are handed back"
+
+        def claimed(line):
+            m = re.search(r"executors=(\d+)", line)
+            return int(m.group(1)) if m else None
+
+        def fault(ctx):
+            st, drv, row = ctx["stoker"], ctx["driver"], ctx["row"]
+            app_id = drv.ready()["app_id"]
+            wait_until(lambda: self._whole(ctx["ns"], st, drv, app_id, n), 300, f"{n} executors running",
+                       interval=0.5)
+            st.kill9()
+            t_kill = time.monotonic()
+            offset = st.log_size()
+            st.start()
+            line, seen = wait_log(st.log_path, offset, claim, 120, st.proc)
+            st.kill9()
+            row["kill_after_claim_ms"] = (time.monotonic() - seen) * 1000
+            row["stoker_back_s"] = seen - t_kill
+            row["claims_first"] = claimed(line)
+            log(f"killed stoker {row['kill_after_claim_ms']:.0f} ms after its claim ({row['claims_first']} pods)")
+            ctx["log_offset"] = st.log_size()
+            st.start()
+            return time.monotonic()
+
+        def check(ctx):
+            row = ctx["row"]
+            text = ctx["stoker"].log_since(ctx["log_offset"])
+            lines = [l for l in text.splitlines() if claim in l]
+            row["claims_final"] = claimed(lines[0]) if lines else 0
+            row["claim_lines_final"] = len(lines)
+            row["reaped"] = text.count("no application owns") + text.count("within the adoption window: deleting")
+            problems = []
+            if row["claims_final"] != n or len(lines) != 1:
+                problems.append(f"the last stoker handed back {row['claims_final']} pods in {len(lines)} claim(s), not {n} in 1")
+            if len(ctx["watch"].added()) != n:
+                problems.append(f"{len(ctx['watch'].added())} executors created, not {n}")
+            if problems:
+                row["error"] = "; ".join(problems)
+        return self.run("stoker SIGKILL at the claim of adopted pods, twice", "f", fault, check=check, n=n,
+                        fault_at=n)
+
+    def case_job(self):
+        """(g) a real shuffle job (tests/chaos/job.py: 1,000,000 rows, 40 slow map partitions,
+        1,000 groups) on JOB_N real executors (the process kubelet) through two faults while its
+        map stage runs: stoker SIGKILLed and restarted (the driver re-registers), then
+        kube-apiserver SIGKILLed and restarted. The answer must be right, every figure 0.
+        Recovery from the API server being ready again."""
+        n = JOB_N
+
+        def fault(ctx):
+            st, drv, row = ctx["stoker"], ctx["driver"], ctx["row"]
+            # In the job: its first map task has finished (job.py reports its accumulator).
+            drv.wait_event("task-done", 300, pred=lambda ev: ev["n"] >= 1)
+            st.kill9()
+            t_kill = time.monotonic()
+            offset = st.log_size()
+            st.start()
+            _, seen = wait_log(st.log_path, offset, "driver re-registered", 120, st.proc, interval=0.05)
+            row["stoker_back_s"] = seen - t_kill
+            ctx["api_offset"] = st.log_size()
+            row["apiserver_down_s"] = self.restart_apiserver()
+            t = time.monotonic()
+            row["faults_in_job"] = drv.event("result") is None
+            return t
+
+        def check(ctx):
+            text = ctx["stoker"].log_since(ctx["api_offset"])
+            ctx["row"]["create_retries"] = text.count("pod creation failed; retrying")
+            ctx["row"]["create_409"] = text.count("pod already exists")
+            ctx["row"]["watch_errors"] = text.count("pod watch error")
+        return self.run("real shuffle job: stoker SIGKILL, then kube-apiserver SIGKILL, mid-job", "g", fault,
+                        check=check, n=n, job=True, fault_at=n)
+
+
+CASES = {"a": "case_stoker_kill", "b": "case_blackhole", "c": "case_watch_expiry", "d": "case_driver_kill",
+         "e": "case_apiserver_restart", "f": "case_claim_kill", "g": "case_job"}
+LOSS = ("duplicates", "leaked", "lost", "wrong", "wrong_answer", "live_deleted")
 
 
 def summarize(rows):
@@ -782,6 +1009,24 @@ def summarize(rows):
         line["recovery_max"] = rec[-1] if rec else None
         if any("relisted" in r for r in rs):
             line["relisted"] = sum(1 for r in rs if r.get("relisted"))
+        for k in ("apiserver_down_s", "kill_after_claim_ms", "job_s", "stoker_back_s"):
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            if vals:
+                line[k] = (min(vals), max(vals))
+        # The API server's kill to the application whole (recovery counts from its /readyz, which
+        # passes only after its post-start hooks; it serves requests a little before that).
+        whole = [r["apiserver_down_s"] + r["recovery_s"] for r in rs
+                 if r.get("apiserver_down_s") is not None and r.get("recovery_s") is not None]
+        if whole:
+            line["kill_to_whole_s"] = (min(whole), max(whole))
+        for k in ("claims_first", "claims_final"):
+            if any(k in r for r in rs):
+                line[k] = [r.get(k) for r in rs]
+        for k in ("create_retries", "create_409", "watch_errors", "reaped"):
+            if any(k in r for r in rs):
+                line[k] = sum(r.get(k, 0) for r in rs)
+        if any("faults_in_job" in r for r in rs):
+            line["faults_in_job"] = sum(1 for r in rs if r.get("faults_in_job"))
         out.append(line)
     return out
 
@@ -790,8 +1035,8 @@ def table(summary):
     def f(v, fmt="{}"):
         return "n/a" if v is None else fmt.format(v)
     lines = ["| case | runs (failed) | N | executors created | duplicates | leaked pods | lost without terminal event "
-             "| wrong terminal events | live pods deleted | recovery p50 / max (s) | notes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| wrong terminal events | jobs with a wrong answer | live pods deleted | recovery p50 / max (s) | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         notes = [f"pods created at the fault: {min(x for x in s['created_at_fault'] if x is not None) if any(x is not None for x in s['created_at_fault']) else '?'}"
                  f"–{max((x for x in s['created_at_fault'] if x is not None), default='?')} of {s['n']}"]
@@ -811,10 +1056,37 @@ def table(summary):
             notes.append(f"runs repeated after a failure before the fault: {s['setup_retries']}")
         if s.get("adopted") is not None:
             notes.append(f"pods adopted by the restarted stoker: {s['adopted']}")
+        if s.get("apiserver_down_s"):
+            notes.append("kube-apiserver down (kill to /readyz): {:.1f}–{:.1f} s".format(*s["apiserver_down_s"]))
+        if s.get("kill_to_whole_s"):
+            notes.append("kube-apiserver's SIGKILL to the application whole: {:.1f}–{:.1f} s".format(*s["kill_to_whole_s"]))
+        if s.get("claims_first"):
+            notes.append(f"claimed by the stoker killed at its claim: {_range(s['claims_first'])}; "
+                         f"by the next one: {_range(s['claims_final'])}")
+        if s.get("kill_after_claim_ms"):
+            notes.append("SIGKILL sent {:.0f}–{:.0f} ms after the claim's log line".format(*s["kill_after_claim_ms"]))
+        if s.get("stoker_back_s"):
+            notes.append("driver re-registered {:.1f}–{:.1f} s after stoker's SIGKILL".format(*s["stoker_back_s"]))
+        if "create_retries" in s:
+            notes.append(f"stoker's pod creates retried after a failed request: {s['create_retries']}"
+                         + (f" (creates answered 409 AlreadyExists on a retry: the lost attempt had reached etcd: {s['create_409']})"
+                            if "create_409" in s else "")
+                         + f"; its pod watch broken and resumed: {s['watch_errors']} time(s)")
+        if "reaped" in s:
+            notes.append(f"pods deleted as orphans or unclaimed (stoker's log): {s['reaped']}")
+        if s.get("job_s"):
+            notes.append("job time {:.0f}–{:.0f} s".format(*s["job_s"]))
+        if "faults_in_job" in s:
+            notes.append(f"runs whose faults all ended before the job did: {s['faults_in_job']}/{s['runs']}")
         lines.append(f"| {s['case']} | {s['runs']} ({s['failed']}) | {s['n']} | {s['created']} | {f(s['duplicates'])} | "
-                     f"{f(s['leaked'])} | {f(s['lost'])} | {f(s['wrong'])} | {f(s['live_deleted'])} | "
+                     f"{f(s['leaked'])} | {f(s['lost'])} | {f(s['wrong'])} | {f(s['wrong_answer'])} | {f(s['live_deleted'])} | "
                      f"{f(s['recovery_p50'], '{:.1f}')} / {f(s['recovery_max'], '{:.1f}')} | {'; '.join(notes)} |")
     return "\n".join(lines)
+
+
+def _range(vals):
+    vals = [v for v in vals if v is not None]
+    return f"{min(vals)}–{max(vals)}" if vals else "?"
 
 
 def failed(summary):
@@ -842,7 +1114,7 @@ def main():
     ap.add_argument("--n", type=int)
     ap.add_argument("--qps", type=int, help="stoker's --kube-qps (paces the ramp so a fault lands in it)")
     ap.add_argument("--blackhole-s", type=float)
-    ap.add_argument("--cases", default="a,b,c,d")
+    ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--out", help="folder for chaos.md and chaos-rows.json")
     ap.add_argument("--watch-cache", action="store_true",
                     help="keep the API server's watch cache for pods (then case c cannot force a 410)")

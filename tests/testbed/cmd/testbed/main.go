@@ -11,6 +11,12 @@
 // order (TERM, then KILL after a grace period); if any child exits on its own
 // the others are stopped too and testbed exits 1. The children also get
 // SIGKILL from the kernel if testbed dies without cleaning up (PDEATHSIG).
+//
+// Fault injection: once ready, SIGUSR1 makes testbed SIGKILL kube-apiserver,
+// start it again with the same arguments (same port, certificates, etcd) and
+// wait for its /readyz; it then logs "kube-apiserver restarted: ..." on stderr
+// (an exit it caused itself does not stop the test bed). A SIGUSR1 that
+// arrives during a restart is taken after it.
 package main
 
 import (
@@ -31,6 +37,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -132,8 +139,12 @@ func up(args []string) int {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer stop()
+	// Registered at once: SIGUSR1's default action would end the process.
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	defer signal.Stop(usr1)
 
-	s := &supervisor{dir: dir, bin: *binDir, spawn: newSpawner()}
+	s := &supervisor{dir: dir, bin: *binDir, spawn: newSpawner(), usr1: usr1, exits: make(chan *component, 16)}
 	code := s.run(ctx, *timeout, etcdArgs, apiArgs, kcmArgs, schedArgs)
 	return code
 }
@@ -143,6 +154,9 @@ type supervisor struct {
 	bin   string
 	spawn *spawner
 	comps []*component
+	usr1  <-chan os.Signal
+	// exits gets every component that exits unless the supervisor killed it itself (a restart).
+	exits chan *component
 }
 
 func (s *supervisor) p(elem ...string) string {
@@ -397,15 +411,69 @@ func (s *supervisor) run(ctx context.Context, timeout time.Duration, etcdArgs, a
 	logf("ready in %s: %s (KUBECONFIG=%s)", time.Since(started).Round(time.Millisecond), apiURL, s.p("kubeconfig"))
 	fmt.Printf("TESTBED READY\n%s", b.String())
 
-	select {
-	case <-ctx.Done():
-		logf("signal received, stopping")
-		return 0
-	case c := <-s.anyExit():
-		logf("%s exited unexpectedly (%v); stopping the rest; see %s", c.name, c.err, c.logPath)
-		tail(c.logPath, 20)
-		return 1
+	for {
+		select {
+		case <-ctx.Done():
+			logf("signal received, stopping")
+			return 0
+		case c := <-s.exits:
+			logf("%s exited unexpectedly (%v); stopping the rest; see %s", c.name, c.err, c.logPath)
+			tail(c.logPath, 20)
+			return 1
+		case <-s.usr1:
+			if err := s.restart(ctx, "kube-apiserver", timeout, func() error {
+				return httpGetOK(adminClient, apiURL+"/readyz", "")
+			}); err != nil {
+				if ctx.Err() != nil {
+					logf("signal received during a restart, stopping")
+					return 0
+				}
+				logf("restarting kube-apiserver: %v; stopping", err)
+				return 1
+			}
+		}
 	}
+}
+
+// restart SIGKILLs the running component `name`, starts it again with the
+// same binary and arguments, and waits until `ready` passes.
+func (s *supervisor) restart(ctx context.Context, name string, timeout time.Duration, ready func() error) error {
+	var old *component
+	for _, c := range s.comps {
+		if c.name == name {
+			old = c
+		}
+	}
+	if old == nil {
+		return fmt.Errorf("no component %s", name)
+	}
+	t0 := time.Now()
+	old.expected.Store(true)
+	_ = old.cmd.Process.Signal(syscall.SIGKILL)
+	select {
+	case <-old.done:
+	case <-time.After(30 * time.Second):
+		return fmt.Errorf("%s (pid %d) did not die within 30s of SIGKILL", name, old.cmd.Process.Pid)
+	}
+	logf("%s (pid %d) killed (SIGKILL) for a restart", name, old.cmd.Process.Pid)
+	comps := s.comps[:0]
+	for _, c := range s.comps {
+		if c != old {
+			comps = append(comps, c)
+		}
+	}
+	s.comps = comps
+	if err := s.start(name, old.binary, old.args); err != nil {
+		return err
+	}
+	// The restarted component goes last: shutdown stops it first, which is right for the API
+	// server (its clients, the controller manager and scheduler, do not mind).
+	if err := s.waitFor(ctx, time.Now().Add(timeout), name, ready); err != nil {
+		return err
+	}
+	logf("%s restarted: killed, started again (pid %d), ready %s after the kill",
+		name, s.comps[len(s.comps)-1].cmd.Process.Pid, time.Since(t0).Round(time.Millisecond))
+	return nil
 }
 
 // ports reuses the ports of the previous run in the same folder when they are
@@ -462,12 +530,15 @@ func portFree(p int) bool {
 }
 
 type component struct {
-	name    string
-	logPath string
-	pidPath string
-	cmd     *exec.Cmd
-	done    chan struct{}
-	err     error
+	name     string
+	binary   string
+	args     []string
+	expected atomic.Bool // killed by the supervisor (a restart): not a reason to stop
+	logPath  string
+	pidPath  string
+	cmd      *exec.Cmd
+	done     chan struct{}
+	err      error
 }
 
 func (s *supervisor) start(name, binary string, args []string) error {
@@ -490,28 +561,23 @@ func (s *supervisor) start(name, binary string, args []string) error {
 		lf.Close()
 		return fmt.Errorf("start %s: %w", name, err)
 	}
-	c := &component{name: name, logPath: logPath, pidPath: s.p("pids", name+".pid"), cmd: cmd, done: make(chan struct{})}
+	c := &component{name: name, binary: binary, args: args, logPath: logPath, pidPath: s.p("pids", name+".pid"),
+		cmd: cmd, done: make(chan struct{})}
 	_ = os.WriteFile(c.pidPath, []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o644)
 	s.comps = append(s.comps, c)
 	go func() {
 		c.err = cmd.Wait()
 		lf.Close()
 		close(c.done)
+		if !c.expected.Load() {
+			select {
+			case s.exits <- c:
+			default:
+			}
+		}
 	}()
 	logf("started %s (pid %d), log %s", name, cmd.Process.Pid, logPath)
 	return nil
-}
-
-// anyExit reports the first component that exits.
-func (s *supervisor) anyExit() <-chan *component {
-	ch := make(chan *component, len(s.comps))
-	for _, c := range s.comps {
-		go func(c *component) {
-			<-c.done
-			ch <- c
-		}(c)
-	}
-	return ch
 }
 
 func (s *supervisor) waitFor(ctx context.Context, deadline time.Time, what string, check func() error) error {
