@@ -170,8 +170,8 @@ pub enum AppCommand {
         admitted: BTreeMap<ProfileId, u32>,
         /// What to tell the driver, when it gets less than it asks for.
         message: Option<String>,
-        /// Why it is over its share, should it run more than admitted.
-        reclaim_reason: String,
+        /// Executors per profile it runs over its share, in the allocation's view, and why.
+        reclaim: (String, BTreeMap<ProfileId, u32>),
         /// Its queue.
         queue: QueueName,
     },
@@ -743,9 +743,9 @@ impl Actor {
             AppCommand::Admit {
                 admitted,
                 message,
-                reclaim_reason,
+                reclaim,
                 queue,
-            } => self.admit(admitted, message, reclaim_reason, queue, now),
+            } => self.admit(admitted, message, reclaim, queue, now),
         }
     }
 
@@ -806,7 +806,7 @@ impl Actor {
         &mut self,
         admitted: BTreeMap<ProfileId, u32>,
         message: Option<String>,
-        reclaim_reason: String,
+        reclaim: (String, BTreeMap<ProfileId, u32>),
         queue: QueueName,
         now: Millis,
     ) {
@@ -825,7 +825,8 @@ impl Actor {
                 }
             }
         }
-        self.engine.set_reclaim_reason(reclaim_reason);
+        let (reason, counts) = reclaim;
+        self.engine.set_reclaim_basis(reason, counts);
         self.engine.set_admitted(Some(admitted), message, now);
         self.summary.send_modify(|s| {
             s.queue = Some(queue);

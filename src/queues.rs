@@ -367,7 +367,13 @@ pub fn reallocate(apps: &Apps, queues: &Queues) {
         handle.send(AppCommand::Admit {
             admitted,
             message: app.message(),
-            reclaim_reason: app.reclaim_reason(),
+            reclaim: (
+                app.reclaim_reason(),
+                app.profiles
+                    .iter()
+                    .map(|(&profile, p)| (profile, p.reclaim()))
+                    .collect(),
+            ),
             queue: queue.clone(),
         });
     }

@@ -35,9 +35,12 @@
 //!   `min(counted, requested) - admitted`, the allocator's [`crate::fairshare::ProfileAllocation::reclaim`]),
 //!   the driver gets one [`EventKind::Reclaim`] with that count and a deadline
 //!   (`reclaim_timeout` from now), so that it decommissions the executors it chooses (idle ones
-//!   first). The count shrinks as the driver gives executors back, without a new event; it is
-//!   told again only when the over-share count grows (a lower admission), with the whole count
-//!   and a new deadline. At the deadline the newest executors still over the share are removed
+//!   first). Reclaims are opened by an allocation only ([`Engine::set_reclaim_basis`], then
+//!   [`Engine::set_admitted`]), for at most the over-share count the allocation saw, so that a
+//!   request raised since (a stale admission) is not taken for an over-share. The count shrinks
+//!   as the driver gives executors back, without a new event; it is told again only when an
+//!   allocation finds a larger over-share (a lower admission), with the whole count and a new
+//!   deadline. At the deadline the newest executors still over the share are removed
 //!   ([`ExitReason::Reclaimed`]) and the driver is told with a warning. Nothing is reclaimed
 //!   while admitted ≥ what runs.
 //! * Sizes (see [`crate::sizing`]): every executor is created at its profile's current size and
@@ -300,9 +303,11 @@ pub struct Engine {
     /// The admission message the driver was last told, if any.
     admission_message: Option<String>,
     /// Why the application may be over its share, for reclaim requests; `None` until an
-    /// allocation gave one (nothing is reclaimed before: the hold before the first allocation
-    /// admits nothing, and must not ask a re-attaching driver to give everything back).
+    /// allocation gave one.
     reclaim_reason: Option<String>,
+    /// The allocation's over-share counts per profile, for the next [`Engine::set_admitted`]
+    /// (see [`Engine::set_reclaim_basis`]).
+    reclaim_basis: BTreeMap<ProfileId, u32>,
     /// Open reclaims per profile.
     reclaims: BTreeMap<ProfileId, Reclaim>,
     executors: BTreeMap<ExecutorId, Executor>,
@@ -339,6 +344,7 @@ impl Engine {
             admitted: None,
             admission_message: None,
             reclaim_reason: None,
+            reclaim_basis: BTreeMap::new(),
             reclaims: BTreeMap::new(),
             executors: BTreeMap::new(),
             next_id: last_executor_id.saturating_add(1).max(1),
@@ -632,13 +638,21 @@ impl Engine {
             self.admission_message = message;
         }
         self.reconcile();
+        self.open_reclaims();
     }
 
-    /// Sets why the application may be over its share (e.g. `over its fair share in queue
-    /// etl`), said in the reclaim requests that follow. Reclaims start with the first reason:
-    /// call it with each allocation, before [`Engine::set_admitted`].
-    pub fn set_reclaim_reason(&mut self, reason: String) {
+    /// Gives the allocation's over-share counts per profile
+    /// ([`crate::fairshare::ProfileAllocation::reclaim`]) and why (e.g. `over its fair share in
+    /// queue etl`), for the [`Engine::set_admitted`] that follows (which uses them once).
+    ///
+    /// A reclaim is opened or grown only there, and for at most the allocation's count: the
+    /// allocation saw the request and the executors it admitted against, whereas the engine's
+    /// own request may have risen since (a dynamic-allocation driver asks more as a stage
+    /// starts), and a stale admission must not read as an over-share. Without a basis (the hold
+    /// before the first allocation, no queues) nothing is reclaimed.
+    pub fn set_reclaim_basis(&mut self, reason: String, counts: BTreeMap<ProfileId, u32>) {
         self.reclaim_reason = Some(reason);
+        self.reclaim_basis = counts;
     }
 
     /// Kills executors. Returns those that were alive and are now being removed; unknown or
@@ -1104,32 +1118,38 @@ impl Engine {
         self.review_reclaims();
     }
 
-    /// Opens, shrinks and closes reclaims from the over-share counts (see the module
-    /// documentation): one event per new or grown reclaim.
+    /// Shrinks and closes open reclaims as the over-share counts fall (the driver gives
+    /// executors back, or asks for less).
     fn review_reclaims(&mut self) {
+        let profiles: Vec<ProfileId> = self.reclaims.keys().copied().collect();
+        for profile in profiles {
+            let count = self.over_share(profile);
+            match self.reclaims.get_mut(&profile) {
+                Some(open) if count > 0 => open.count = open.count.min(count),
+                _ => {
+                    self.reclaims.remove(&profile);
+                }
+            }
+        }
+    }
+
+    /// After an allocation: opens a reclaim, or asks again for a grown one, for each profile
+    /// over its share both in the allocation's view and now (see the module documentation):
+    /// one event per new or grown reclaim.
+    fn open_reclaims(&mut self) {
+        let basis = std::mem::take(&mut self.reclaim_basis);
         let Some(reason) = self.reclaim_reason.clone() else {
             return;
         };
-        let profiles: Vec<ProfileId> = self
-            .targets
-            .keys()
-            .chain(self.reclaims.keys())
-            .copied()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        for profile in profiles {
-            let count = self.over_share(profile);
-            if count == 0 {
-                self.reclaims.remove(&profile);
+        for (profile, seen) in basis {
+            let count = seen.min(self.over_share(profile));
+            if count == 0
+                || self
+                    .reclaims
+                    .get(&profile)
+                    .is_some_and(|r| count <= r.count)
+            {
                 continue;
-            }
-            if let Some(open) = self.reclaims.get_mut(&profile) {
-                if count <= open.count {
-                    // Given back in part (or asked for less): the same request, smaller.
-                    open.count = count;
-                    continue;
-                }
             }
             let deadline = self.now.saturating_add(self.config.reclaim_timeout);
             self.reclaims.insert(profile, Reclaim { count, deadline });

@@ -21,7 +21,6 @@ fn running(n: u64) -> Engine {
         ..EngineConfig::default()
     };
     let mut engine = Engine::new(config, [0], 0, 0);
-    engine.set_reclaim_reason(REASON.into());
     engine.set_admitted(Some(BTreeMap::from([(0, 100)])), None, 0);
     engine.set_targets(&[(0, n)], 0).expect("valid target");
     for id in 1..=n {
@@ -35,8 +34,13 @@ fn running(n: u64) -> Engine {
     engine
 }
 
+/// An allocation that admits `n` and saw the engine as it is now (its over-share count is
+/// `ProfileAllocation::reclaim`: running executors still asked for, minus admitted).
 fn admit(engine: &mut Engine, n: u32, now: u64) {
-    engine.set_reclaim_reason(REASON.into());
+    let running = engine.counted().get(&0).copied().unwrap_or(0);
+    let requested = engine.targets().get(&0).copied().unwrap_or(0);
+    let seen = running.min(requested).saturating_sub(n);
+    engine.set_reclaim_basis(REASON.into(), BTreeMap::from([(0, seen)]));
     engine.set_admitted(
         Some(BTreeMap::from([(0, n)])),
         Some(format!("admitted {n}")),
@@ -190,6 +194,26 @@ fn nothing_is_reclaimed_while_admitted_covers_what_runs() {
     assert!(reclaim_events(engine.events_after(0).collect()).is_empty());
     engine.tick(2_000 + TIMEOUT);
     assert!(terminated(&engine.take_actions()).is_empty());
+}
+
+#[test]
+fn a_request_raised_after_the_allocation_is_not_read_as_an_over_share() {
+    // A dynamic-allocation driver between stages: it asked for 1 (4 still run, idle), the
+    // allocation admitted that 1; then the next stage starts and it asks for 4 again before the
+    // allocation has seen it. The stale admission of 1 is not a reason to reclaim 3.
+    let mut engine = running(4);
+    engine.set_targets(&[(0, 1)], 1_000).expect("valid target");
+    let basis = BTreeMap::from([(0, 0)]);
+    engine.set_reclaim_basis(REASON.into(), basis.clone());
+    engine.set_admitted(Some(BTreeMap::from([(0, 1)])), None, 1_000);
+    engine.set_targets(&[(0, 4)], 1_010).expect("valid target");
+    engine.set_reclaim_basis(REASON.into(), basis);
+    engine.set_admitted(Some(BTreeMap::from([(0, 1)])), None, 1_020);
+    assert!(reclaim_events(engine.events_after(0).collect()).is_empty());
+    assert_eq!(engine.reclaims().count(), 0);
+    // The next allocation sees the request: everything fits, nothing to reclaim.
+    admit(&mut engine, 4, 1_200);
+    assert!(reclaim_events(engine.events_after(0).collect()).is_empty());
 }
 
 #[test]

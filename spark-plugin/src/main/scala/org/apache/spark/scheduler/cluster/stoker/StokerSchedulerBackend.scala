@@ -293,7 +293,8 @@ private[spark] class StokerSchedulerBackend(
       if (l.idle) s"$id (idle)" else s"$id (${l.runningTasks} running task(s))"
     }.mkString(", ")
     if (conf.get(DECOMMISSION_ENABLED)) {
-      logInfo(s"stoker: giving back executor(s) $described by decommissioning them " +
+      // A warning, as stoker's request: the driver's log shows what was given back and why.
+      logWarning(s"stoker: giving back executor(s) $described by decommissioning them " +
         s"(${request.reason})")
       val info = ExecutorDecommissionInfo(s"stoker reclaim: ${request.reason}")
       decommissionExecutors(chosen.map(_ -> info).toArray, adjustTargetNumExecutors = false,
