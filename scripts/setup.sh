@@ -66,6 +66,15 @@ else
   [[ -x "$TESTBED_BIN/kube-apiserver" ]] || { log "test bed binaries missing in $TESTBED_BIN"; exit 1; }
 fi
 
+# 4b. helm, for the Helm chart's tests (tests/e2e/test_helm.py): built from its Go module by
+#     scripts/helm.sh into $CACHE/helm/<version>/helm (a cold build takes a few minutes on 2
+#     cores; later runs only print the path).
+if [[ "${STOKER_SETUP_TESTBED:-1}" != "0" ]]; then
+  log "building helm (scripts/helm.sh; cached)"
+  HELM_BIN="$(HELM_GO_PARALLEL="${HELM_GO_PARALLEL:-$(nproc)}" STOKER_CACHE="$CACHE" "$ROOT/scripts/helm.sh" | tail -n 1)"
+  [[ -x "$HELM_BIN" ]] || { log "helm missing: $HELM_BIN"; exit 1; }
+fi
+
 # 5. Container tools for the image test (tests/e2e/test_image.py, `make image`): Debian
 #    packages. runc, not crun: crun 1.8 refuses this machine's hybrid cgroup v1/v2 layout. Not for
 #    `make demo` (STOKER_SETUP_TESTBED=0), which runs no image.
