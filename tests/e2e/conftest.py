@@ -145,7 +145,8 @@ class Driver:
         self.log_path = work_dir / f"driver-{time.monotonic_ns()}.log"
         self.out_path = work_dir / f"driver-{time.monotonic_ns()}.out"
         self.proc = subprocess.Popen(
-            [sys.executable, str(JOBS / job), stoker.address, *stoker.driver_confs(), *args],
+            # `stoker` may be a bare address holder (several replicas' addresses): no TLS then.
+            [sys.executable, str(JOBS / job), stoker.address, *getattr(stoker, "driver_confs", list)(), *args],
             stdout=open(self.out_path, "w"), stderr=open(self.log_path, "w"), env=env,
             start_new_session=True,
         )
