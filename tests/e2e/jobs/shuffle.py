@@ -13,6 +13,22 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 
+def task_reruns(sc):
+    """Task attempts that were, or will be, run again: each stage's failed tasks, and every task
+    of a stage attempt after the first (a stage resubmitted after a lost shuffle output)."""
+    tracker = sc.statusTracker()
+    reruns = 0
+    for job_id in tracker.getJobIdsForGroup():
+        job = tracker.getJobInfo(job_id)
+        for stage_id in job.stageIds if job else []:
+            stage = tracker.getStageInfo(stage_id)
+            if stage:
+                reruns += stage.numFailedTasks
+                if stage.currentAttemptId > 0:
+                    reruns += stage.numTasks
+    return reruns
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("master", help="HOST:PORT of a stoker, or a full Spark master URL (k8s://...)")
@@ -88,6 +104,7 @@ def main():
             .collect()
         )
         infos = sc._jsc.sc().statusTracker().getExecutorInfos()
+        reruns = task_reruns(sc)
         results.append(
             {
                 "groups": len(groups),
@@ -95,6 +112,9 @@ def main():
                 "sum": sum(r["s"] for r in groups),
                 # getExecutorInfos includes the driver.
                 "executors_alive": len(infos) - 1,
+                # Tasks run again so far (failed attempts, resubmitted stages): 0 when executors
+                # leave by decommissioning with their blocks migrated.
+                "task_reruns": reruns,
             }
         )
         print(json.dumps({"event": "job-done", "job": job, **results[-1]}), flush=True)

@@ -5,7 +5,7 @@ package org.apache.spark.scheduler.cluster.stoker
 
 import java.security.SecureRandom
 import java.util.concurrent.{ConcurrentHashMap, TimeUnit}
-import java.util.concurrent.atomic.AtomicBoolean
+import java.util.concurrent.atomic.{AtomicBoolean, AtomicLong}
 
 import scala.concurrent.Future
 import scala.jdk.CollectionConverters._
@@ -21,7 +21,7 @@ import org.apache.spark.resource.ResourceProfile
 import org.apache.spark.rpc.RpcAddress
 import org.apache.spark.scheduler.{ExecutorDecommission, ExecutorDecommissionInfo, ExecutorLossReason, TaskSchedulerImpl}
 import org.apache.spark.scheduler.cluster.{CoarseGrainedSchedulerBackend, SchedulerBackendUtils}
-import org.apache.spark.util.Utils
+import org.apache.spark.util.{ThreadUtils, Utils}
 
 /**
  * A CoarseGrainedSchedulerBackend whose executors come from stoker. Executors are started by
@@ -67,6 +67,10 @@ private[spark] class StokerSchedulerBackend(
   /** The application-level part of the Spark-built pods; null without Spark's Kubernetes classes. */
   @volatile private var sparkPods: SparkPods = null
   private val stopping = new AtomicBoolean(false)
+  /** Gives executors back when stoker reclaims them, off the event stream's thread. */
+  private val reclaimer = ThreadUtils.newDaemonSingleThreadScheduledExecutor("stoker-reclaim")
+  /** The latest reclaim request: an older one's retries stop. */
+  private val reclaimGeneration = new AtomicLong(0L)
 
   @volatile private var baseTemplate: ExecutorTemplate = null
   @volatile private var channel: ManagedChannel = null
@@ -167,6 +171,7 @@ private[spark] class StokerSchedulerBackend(
 
   override def stop(): Unit = {
     if (!stopping.compareAndSet(false, true)) return
+    reclaimer.shutdownNow()
     val s = session
     if (s != null) {
       Utils.tryLogNonFatalError(s.stop())
@@ -264,7 +269,43 @@ private[spark] class StokerSchedulerBackend(
    * stoker removes what is still over the share at its deadline.
    */
   private def reclaim(request: StokerReclaim.Request): Unit = {
-    if (stopping.get) return
+    val generation = reclaimGeneration.incrementAndGet()
+    val deadlineMs = System.currentTimeMillis() + request.timeoutMs
+    try {
+      reclaimer.execute(() => giveBack(request, request.count, generation, deadlineMs))
+    } catch {
+      case _: java.util.concurrent.RejectedExecutionException => // stopping
+    }
+  }
+
+  /**
+   * Gives back up to `left` executors now; executors stoker started that have not registered
+   * with the driver yet cannot be chosen, so what is missing is tried again every second until
+   * a second before the deadline (then stoker removes the newest itself), unless a newer request
+   * came.
+   */
+  private def giveBack(request: StokerReclaim.Request, left: Int, generation: Long,
+      deadlineMs: Long): Unit = {
+    if (stopping.get || reclaimGeneration.get != generation) return
+    val given = try decommissionForReclaim(request, left) catch {
+      case NonFatal(e) =>
+        logWarning("stoker: could not give executors back", e)
+        0
+    }
+    val rest = left - given
+    if (rest > 0 && System.currentTimeMillis() + 2000 < deadlineMs) {
+      try {
+        reclaimer.schedule(new Runnable {
+          override def run(): Unit = giveBack(request, rest, generation, deadlineMs)
+        }, 1, TimeUnit.SECONDS)
+      } catch {
+        case _: java.util.concurrent.RejectedExecutionException => // stopping
+      }
+    }
+  }
+
+  /** Chooses and decommissions up to `count` executors; how many were given back. */
+  private def decommissionForReclaim(request: StokerReclaim.Request, count: Int): Int = {
     val candidates = getExecutorIds().filter { id =>
       isExecutorActive(id) && getExecutorResourceProfileId(id) == request.profileId
     }
@@ -281,11 +322,11 @@ private[spark] class StokerSchedulerBackend(
       val (shuffle, cached) = stored.getOrElse(id, (0L, 0L))
       StokerReclaim.Load(id, running.getOrElse(id, 0), shuffle, cached)
     }
-    val chosen = StokerReclaim.choose(loads, request.count)
+    val chosen = StokerReclaim.choose(loads, count)
     if (chosen.isEmpty) {
-      logWarning(s"stoker: no executor of resource profile ${request.profileId} to give back " +
-        "(none registered, or all being removed already)")
-      return
+      logDebug(s"stoker: no executor of resource profile ${request.profileId} to give back " +
+        "yet (none registered, or all being removed already)")
+      return 0
     }
     val byId = loads.map(l => l.id -> l).toMap
     val described = chosen.map { id =>
@@ -306,6 +347,7 @@ private[spark] class StokerSchedulerBackend(
       killExecutors(chosen, adjustTargetNumExecutors = false, countFailures = false,
         force = false)
     }
+    chosen.size
   }
 
   override def sufficientResourcesRegistered(): Boolean =
