@@ -3,9 +3,8 @@
 //! driver hears the admission once per change, registration picks or refuses a queue, a bad
 //! reload keeps the last good file and is counted, and without `--queues` nothing changes.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use stoker::config::Limits;
@@ -13,102 +12,19 @@ use stoker::proto::v1 as pb;
 use stoker::proto::v1::executor_allocator_client::ExecutorAllocatorClient;
 use stoker::queues::QueueSettings;
 use stoker::server::{self, Running, Settings};
-use stoker_core::{
-    AppId, BackendObservation, EngineConfig, ExecutorBackend, ExecutorId, ExitReason,
-    LaunchRequest, Millis, Observation, ObservationSink,
-};
-use tokio::sync::watch;
+use stoker_core::{EngineConfig, ExecutorBackend};
 use tonic::transport::Channel;
 use tonic::Code;
 
+mod common;
+
+use common::{FakeBackend, Shared};
+
 const ADMIN: &str = "admin-token-for-tests-0123456789";
-
-/// Executors that run at once and exit when terminated; counts launches per application.
-struct Backend {
-    sink: Mutex<Option<ObservationSink>>,
-    launched: watch::Sender<BTreeMap<String, usize>>,
-    alive: Mutex<BTreeMap<(AppId, ExecutorId), ()>>,
-}
-
-impl Backend {
-    fn emit(&self, app_id: &AppId, executor_id: ExecutorId, observation: Observation) {
-        let sink = self.sink.lock().expect("sink").clone();
-        if let Some(sink) = sink {
-            sink(BackendObservation {
-                app_id: app_id.clone(),
-                executor_id,
-                observation,
-            });
-        }
-    }
-
-    fn launched(&self, app: &str) -> usize {
-        self.launched.borrow().get(app).copied().unwrap_or(0)
-    }
-
-    /// Waits until `app` has had `n` launches in all (10 s at most).
-    async fn wait_launched(&self, app: &str, n: usize) {
-        let mut rx = self.launched.subscribe();
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            rx.wait_for(|m| m.get(app).copied().unwrap_or(0) >= n),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{app}: {n} launches in time"))
-        .expect("backend alive");
-    }
-}
-
-struct Shared(Arc<Backend>);
-
-impl ExecutorBackend for Shared {
-    fn name(&self) -> &'static str {
-        "fake"
-    }
-
-    fn launch(&self, request: LaunchRequest) {
-        self.0
-            .alive
-            .lock()
-            .expect("alive")
-            .insert((request.app_id.clone(), request.executor_id), ());
-        self.0.launched.send_modify(|m| {
-            *m.entry(request.app_id.to_string()).or_default() += 1;
-        });
-        self.0.emit(
-            &request.app_id,
-            request.executor_id,
-            Observation::Running {
-                host: "127.0.0.1".into(),
-                backend_name: format!("fake-{}", request.executor_id),
-            },
-        );
-    }
-
-    fn terminate(&self, app_id: &AppId, executor_id: ExecutorId, _grace: Millis) {
-        let removed = self
-            .0
-            .alive
-            .lock()
-            .expect("alive")
-            .remove(&(app_id.clone(), executor_id));
-        if removed.is_some() {
-            self.0.emit(
-                app_id,
-                executor_id,
-                Observation::Exited {
-                    code: Some(143),
-                    reason: ExitReason::Signaled,
-                    message: String::new(),
-                },
-            );
-        }
-    }
-}
 
 struct Harness {
     running: Running,
-    backend: Arc<Backend>,
+    backend: Arc<FakeBackend>,
     client: ExecutorAllocatorClient<Channel>,
     _dir: tempfile::TempDir,
 }
@@ -174,11 +90,7 @@ async fn start_with(
         std::fs::write(&path, text).expect("write queue file");
         queue_settings(&path, reload_interval)
     });
-    let backend = Arc::new(Backend {
-        sink: Mutex::new(None),
-        launched: watch::channel(BTreeMap::new()).0,
-        alive: Mutex::new(BTreeMap::new()),
-    });
+    let backend = Arc::new(FakeBackend::default());
     let for_start = Arc::clone(&backend);
     let running = server::start(settings(queues, engine), move |sink| {
         *for_start.sink.lock().expect("sink") = Some(sink);
@@ -559,7 +471,7 @@ async fn a_bad_queue_file_at_start_stops_the_server_naming_the_line() {
             Some(queue_settings(&path, Duration::from_secs(1))),
             engine_config(),
         ),
-        |_sink| Ok(Arc::new(Shared(Arc::new(empty_backend()))) as Arc<dyn ExecutorBackend>),
+        |_sink| Ok(Arc::new(Shared(Arc::new(FakeBackend::default()))) as Arc<dyn ExecutorBackend>),
     )
     .await;
     let Err(err) = result else {
@@ -569,14 +481,6 @@ async fn a_bad_queue_file_at_start_stops_the_server_naming_the_line() {
     assert!(message.contains("--queues"), "{message}");
     assert!(message.contains("line 6"), "{message}");
     assert!(message.contains("queues[0].weight"), "{message}");
-}
-
-fn empty_backend() -> Backend {
-    Backend {
-        sink: Mutex::new(None),
-        launched: watch::channel(BTreeMap::new()).0,
-        alive: Mutex::new(BTreeMap::new()),
-    }
 }
 
 #[tokio::test]
@@ -651,7 +555,7 @@ async fn a_configmap_style_symlink_swap_is_picked_up_by_the_reload_loop() {
             Some(queue_settings(&path, Duration::from_millis(20))),
             engine_config(),
         ),
-        |_sink| Ok(Arc::new(Shared(Arc::new(empty_backend()))) as Arc<dyn ExecutorBackend>),
+        |_sink| Ok(Arc::new(Shared(Arc::new(FakeBackend::default()))) as Arc<dyn ExecutorBackend>),
     )
     .await
     .expect("server starts");

@@ -3,113 +3,22 @@
 //! state, isolation between applications, lease expiry, event resume, every limit of
 //! `stoker serve` (refused with its code and flag, nothing changed, counted), and reflection.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use stoker::config::{Limits, NamespaceSource};
 use stoker::proto::v1 as pb;
 use stoker::proto::v1::executor_allocator_client::ExecutorAllocatorClient;
 use stoker::server::{self, Running, Settings};
-use stoker_core::{
-    AppId, BackendObservation, EngineConfig, ExecutorBackend, ExecutorId, ExitReason,
-    LaunchRequest, Millis, Observation, ObservationSink,
-};
+use stoker_core::{EngineConfig, ExecutorBackend, Millis};
 use tonic::transport::Channel;
 use tonic::Code;
 
+mod common;
+
+use common::{FakeBackend, Shared};
+
 const ADMIN: &str = "admin-token-for-tests-0123456789";
-
-/// Executors that "run" at once and exit when terminated.
-#[derive(Default)]
-struct FakeBackend {
-    sink: Mutex<Option<ObservationSink>>,
-    alive: Mutex<HashMap<(AppId, ExecutorId), ()>>,
-}
-
-impl FakeBackend {
-    fn emit(&self, app_id: &AppId, executor_id: ExecutorId, observation: Observation) {
-        let sink = self.sink.lock().expect("sink").clone();
-        if let Some(sink) = sink {
-            sink(BackendObservation {
-                app_id: app_id.clone(),
-                executor_id,
-                observation,
-            });
-        }
-    }
-
-    fn alive(&self, app: &str) -> usize {
-        self.alive
-            .lock()
-            .expect("alive")
-            .keys()
-            .filter(|(a, _)| a.as_str() == app)
-            .count()
-    }
-
-    fn crash(&self, app: &str, id: u64, code: i32) {
-        let app_id = AppId::parse(app).expect("app id");
-        let executor_id = ExecutorId::new(id);
-        self.alive
-            .lock()
-            .expect("alive")
-            .remove(&(app_id.clone(), executor_id));
-        self.emit(
-            &app_id,
-            executor_id,
-            Observation::Exited {
-                code: Some(code),
-                reason: ExitReason::Error,
-                message: String::new(),
-            },
-        );
-    }
-}
-
-struct Shared(Arc<FakeBackend>);
-
-impl ExecutorBackend for Shared {
-    fn name(&self) -> &'static str {
-        "fake"
-    }
-
-    fn launch(&self, request: LaunchRequest) {
-        self.0
-            .alive
-            .lock()
-            .expect("alive")
-            .insert((request.app_id.clone(), request.executor_id), ());
-        self.0.emit(
-            &request.app_id,
-            request.executor_id,
-            Observation::Running {
-                host: "127.0.0.1".into(),
-                backend_name: format!("fake-{}", request.executor_id),
-            },
-        );
-    }
-
-    fn terminate(&self, app_id: &AppId, executor_id: ExecutorId, _grace: Millis) {
-        let removed = self
-            .0
-            .alive
-            .lock()
-            .expect("alive")
-            .remove(&(app_id.clone(), executor_id));
-        if removed.is_some() {
-            self.0.emit(
-                app_id,
-                executor_id,
-                Observation::Exited {
-                    code: Some(143),
-                    reason: ExitReason::Signaled,
-                    message: String::new(),
-                },
-            );
-        }
-    }
-}
 
 struct Harness {
     running: Running,
