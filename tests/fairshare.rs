@@ -18,7 +18,7 @@ use tonic::Code;
 
 mod common;
 
-use common::{FakeBackend, Shared};
+use common::{template, FakeBackend, Shared};
 
 const ADMIN: &str = "admin-token-for-tests-0123456789";
 
@@ -113,19 +113,7 @@ fn registration(app: &str, total: i64) -> pb::RegisterApplicationRequest {
     pb::RegisterApplicationRequest {
         app_id: app.into(),
         app_name: "test".into(),
-        template: Some(pb::ExecutorTemplate {
-            driver_url: "spark://CoarseGrainedScheduler@127.0.0.1:40000".into(),
-            spark_version: "4.2.0".into(),
-            spark_user: "tester".into(),
-            profiles: vec![pb::ResourceProfile {
-                id: 0,
-                cores: 1,
-                heap_mib: 512,
-                overhead_mib: 384,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
+        template: Some(template()),
         initial_targets: vec![pb::ProfileTarget {
             resource_profile_id: 0,
             total,

@@ -17,6 +17,10 @@ use stoker_core::{
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
+mod common;
+
+use common::template;
+
 /// Bearer "alice" is system:serviceaccount:team-a:spark, "bob" is team-b's; anything else is
 /// refused. Alice may also create pods in "shared".
 struct FakeKubernetes;
@@ -138,21 +142,11 @@ fn registration(app: &str, namespace: &str) -> pb::RegisterApplicationRequest {
         app_id: app.into(),
         app_name: "test".into(),
         template: Some(pb::ExecutorTemplate {
-            driver_url: "spark://CoarseGrainedScheduler@127.0.0.1:40000".into(),
-            spark_version: "4.2.0".into(),
-            spark_user: "tester".into(),
-            profiles: vec![pb::ResourceProfile {
-                id: 0,
-                cores: 1,
-                heap_mib: 512,
-                overhead_mib: 384,
-                ..Default::default()
-            }],
             kubernetes: Some(pb::KubernetesSettings {
                 namespace: namespace.into(),
                 ..Default::default()
             }),
-            ..Default::default()
+            ..template()
         }),
         initial_targets: vec![pb::ProfileTarget {
             resource_profile_id: 0,

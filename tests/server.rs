@@ -16,7 +16,7 @@ use tonic::Code;
 
 mod common;
 
-use common::{FakeBackend, Shared};
+use common::{template, FakeBackend, Shared};
 
 const ADMIN: &str = "admin-token-for-tests-0123456789";
 
@@ -72,22 +72,6 @@ async fn start_with(lease_ttl: Millis, limits: Limits) -> Harness {
         running,
         backend,
         client,
-    }
-}
-
-fn template() -> pb::ExecutorTemplate {
-    pb::ExecutorTemplate {
-        driver_url: "spark://CoarseGrainedScheduler@127.0.0.1:40000".into(),
-        spark_version: "4.2.0".into(),
-        spark_user: "tester".into(),
-        profiles: vec![pb::ResourceProfile {
-            id: 0,
-            cores: 1,
-            heap_mib: 512,
-            overhead_mib: 384,
-            ..Default::default()
-        }],
-        ..Default::default()
     }
 }
 

@@ -6,11 +6,29 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use stoker::proto::v1 as pb;
 use stoker_core::{
     AppId, BackendObservation, ExecutorBackend, ExecutorId, ExitReason, LaunchRequest, Millis,
     Observation, ObservationSink,
 };
 use tokio::sync::watch;
+
+/// A driver's template: one profile of 1 core, 512 MiB heap, 384 MiB overhead.
+pub fn template() -> pb::ExecutorTemplate {
+    pb::ExecutorTemplate {
+        driver_url: "spark://CoarseGrainedScheduler@127.0.0.1:40000".into(),
+        spark_version: "4.2.0".into(),
+        spark_user: "tester".into(),
+        profiles: vec![pb::ResourceProfile {
+            id: 0,
+            cores: 1,
+            heap_mib: 512,
+            overhead_mib: 384,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
 
 /// Executors that "run" at once and exit when terminated; launches are counted per
 /// application.
