@@ -10,10 +10,12 @@ import java.time.format.DateTimeFormatter
  * Which executors to give back when stoker reclaims executors over the application's fair
  * share: pure functions, so that the choice is tested without Spark.
  *
- * The order: idle executors first (no running task), then the fewest running tasks, then the
- * least shuffle and cached data (what decommissioning has to migrate), then the newest. So a busy
- * executor is never chosen while an idle one is left, and among idle ones the one whose loss
- * costs least goes first.
+ * The order: executors that have not registered with the driver yet first (they hold no task and
+ * no block: stopping one loses nothing, whereas decommissioning the only registered executor
+ * leaves its blocks no peer to migrate to), then idle ones (no running task), then the fewest
+ * running tasks, then the least shuffle and cached data (what decommissioning has to migrate),
+ * then the newest. So a busy executor is never chosen while an idle or starting one is left, and
+ * among idle ones the one whose loss costs least goes first.
  */
 private[spark] object StokerReclaim {
 
@@ -39,16 +41,28 @@ private[spark] object StokerReclaim {
     }
   }
 
-  /** What an executor holds: its running tasks and the data decommissioning would migrate. */
-  case class Load(id: String, runningTasks: Int, shuffleBytes: Long, cachedBytes: Long) {
+  /**
+   * What an executor holds: its running tasks and the data decommissioning would migrate;
+   * `registered` false for an executor stoker started that has not registered with the driver.
+   */
+  case class Load(id: String, runningTasks: Int, shuffleBytes: Long, cachedBytes: Long,
+      registered: Boolean = true) {
     def idle: Boolean = runningTasks == 0
+    def describe: String =
+      if (!registered) s"$id (not registered yet)"
+      else if (idle) s"$id (idle)"
+      else s"$id ($runningTasks running task(s))"
   }
+
+  /** An executor stoker started that has not registered with the driver: it holds nothing. */
+  def starting(id: String): Load = Load(id, 0, 0, 0, registered = false)
 
   /** The `count` executors to give back, in order; fewer when fewer are candidates. */
   def choose(candidates: Seq[Load], count: Int): Seq[String] = {
     if (count <= 0) return Nil
     candidates
-      .sortBy(l => (if (l.idle) 0 else 1, l.runningTasks, l.shuffleBytes + l.cachedBytes,
+      .sortBy(l => (if (!l.registered) 0 else if (l.idle) 1 else 2, l.runningTasks,
+        l.shuffleBytes + l.cachedBytes,
         -StokerEvents.parseId(l.id).getOrElse(0L)))
       .take(count)
       .map(_.id)

@@ -255,10 +255,11 @@ private[spark] class StokerSchedulerBackend(
   }
 
   /**
-   * stoker asks for executors back (fair share). Among the executors of the profile that Spark
-   * still uses (not being removed or decommissioned), [[StokerReclaim.choose]] takes idle ones
-   * first, then those with the fewest running tasks and the least shuffle and cached data; they
-   * are decommissioned through Spark: no new task goes to them, running ones finish, and with
+   * stoker asks for executors back (fair share). [[StokerReclaim.choose]] takes executors stoker
+   * started that have not registered with the driver yet first (stopped through stoker: they hold
+   * nothing), then, among the executors of the profile that Spark still uses (not being removed
+   * or decommissioned), idle ones, then those with the fewest running tasks and the least shuffle
+   * and cached data; those are decommissioned through Spark: no new task goes to them, running ones finish, and with
    * spark.storage.decommission.* their blocks migrate before they exit. Spark's totals are not
    * lowered (adjustTargetNumExecutors = false), as dynamic allocation does when it decommissions:
    * stoker creates no more than the fair share admits whatever total is asked, so nothing is
@@ -279,8 +280,8 @@ private[spark] class StokerSchedulerBackend(
   }
 
   /**
-   * Gives back up to `left` executors now; executors stoker started that have not registered
-   * with the driver yet cannot be chosen, so what is missing is tried again every second until
+   * Gives back up to `left` executors now; executors stoker has not reported yet (its events
+   * may trail the request) cannot be chosen, so what is missing is tried again every second until
    * a second before the deadline (then stoker removes the newest itself), unless a newer request
    * came.
    */
@@ -304,11 +305,18 @@ private[spark] class StokerSchedulerBackend(
     }
   }
 
-  /** Chooses and decommissions up to `count` executors; how many were given back. */
+  /**
+   * Chooses up to `count` executors and gives them back; how many were given. Executors stoker
+   * started that have not registered with the driver yet go first and are stopped through stoker
+   * (they hold nothing); registered ones are decommissioned through Spark.
+   */
   private def decommissionForReclaim(request: StokerReclaim.Request, count: Int): Int = {
-    val candidates = getExecutorIds().filter { id =>
-      isExecutorActive(id) && getExecutorResourceProfileId(id) == request.profileId
+    val s = session
+    if (s == null) return 0
+    val registered = getExecutorIds().filter { id =>
+      getExecutorResourceProfileId(id) == request.profileId
     }
+    val candidates = registered.filter(isExecutorActive)
     val running = scheduler.runningTasksByExecutors
     val stored = try {
       sc.statusStore.executorList(true)
@@ -321,30 +329,35 @@ private[spark] class StokerSchedulerBackend(
     val loads = candidates.map { id =>
       val (shuffle, cached) = stored.getOrElse(id, (0L, 0L))
       StokerReclaim.Load(id, running.getOrElse(id, 0), shuffle, cached)
-    }
+    } ++ s.startingExecutorsOf(request.profileId, getExecutorIds().toSet)
+      .map(StokerReclaim.starting)
     val chosen = StokerReclaim.choose(loads, count)
     if (chosen.isEmpty) {
       logDebug(s"stoker: no executor of resource profile ${request.profileId} to give back " +
-        "yet (none registered, or all being removed already)")
+        "yet (none reported, or all being removed already)")
       return 0
     }
     val byId = loads.map(l => l.id -> l).toMap
-    val described = chosen.map { id =>
-      val l = byId(id)
-      if (l.idle) s"$id (idle)" else s"$id (${l.runningTasks} running task(s))"
-    }.mkString(", ")
+    val (toStop, toDecommission) = chosen.partition(id => !byId(id).registered)
+    if (toStop.nonEmpty) {
+      logWarning(s"stoker: giving back executor(s) ${toStop.map(byId(_).describe).mkString(", ")} " +
+        s"by stopping them before they start work (${request.reason})")
+      s.kill(toStop)
+    }
+    if (toDecommission.isEmpty) return chosen.size
+    val described = toDecommission.map(byId(_).describe).mkString(", ")
     if (conf.get(DECOMMISSION_ENABLED)) {
       // A warning, as stoker's request: the driver's log shows what was given back and why.
       logWarning(s"stoker: giving back executor(s) $described by decommissioning them " +
         s"(${request.reason})")
       val info = ExecutorDecommissionInfo(s"stoker reclaim: ${request.reason}")
-      decommissionExecutors(chosen.map(_ -> info).toArray, adjustTargetNumExecutors = false,
-        triggeredByExecutor = false)
+      decommissionExecutors(toDecommission.map(_ -> info).toArray,
+        adjustTargetNumExecutors = false, triggeredByExecutor = false)
     } else {
       logWarning(s"stoker: ${DECOMMISSION_ENABLED.key} is false, so executors cannot be " +
         s"decommissioned: killing the idle ones of $described (busy ones are left to stoker's " +
         "deadline); set it to true to let running tasks finish and blocks migrate")
-      killExecutors(chosen, adjustTargetNumExecutors = false, countFailures = false,
+      killExecutors(toDecommission, adjustTargetNumExecutors = false, countFailures = false,
         force = false)
     }
     chosen.size

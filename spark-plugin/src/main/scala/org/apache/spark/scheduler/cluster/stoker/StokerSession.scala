@@ -103,6 +103,15 @@ private[spark] class StokerSession(
   def maxExecutorId: Long = attachment.maxExecutorId
   def liveExecutorIds: Seq[String] = attachment.liveExecutorIds
 
+  /**
+   * Executors of `profile` that stoker started and reported, that have neither exited nor been
+   * asked to go, and that are not in `registered` (the driver's): they hold no task and no block.
+   */
+  def startingExecutorsOf(profile: Int, registered: Set[String]): Seq[String] =
+    attachment.liveExecutorsOf(profile).filterNot { id =>
+      registered.contains(id) || pendingKills.contains(id) || pendingDecommissions.contains(id)
+    }
+
   // ---- lifecycle ---------------------------------------------------------------------------
 
   /**

@@ -21,6 +21,20 @@ class StokerReclaimTest extends Checks {
     eq(Nil, StokerReclaim.choose(loads, 0))
   }
 
+  @Test def executorsNotRegisteredYetGoBeforeIdleOnes(): Unit = {
+    // A busy executor alone with the driver has no peer to migrate its blocks to: stopping one
+    // that is still starting loses nothing.
+    val loads = Seq(
+      Load("1", runningTasks = 1, shuffleBytes = 0, cachedBytes = 0),
+      StokerReclaim.starting("2"),
+      Load("3", runningTasks = 0, shuffleBytes = 0, cachedBytes = 0),
+      StokerReclaim.starting("4"))
+    eq(Seq("4", "2"), StokerReclaim.choose(loads, 2), "the starting ones, newest first")
+    eq(Seq("4", "2", "3", "1"), StokerReclaim.choose(loads, 4))
+    eq(Seq("4 (not registered yet)", "3 (idle)", "1 (1 running task(s))"),
+      Seq("4", "3", "1").map(id => loads.find(_.id == id).get.describe))
+  }
+
   @Test def amongEqualExecutorsTheNewestGoesFirst(): Unit = {
     val loads = Seq("2", "10", "9").map(id => Load(id, 0, 0, 0))
     eq(Seq("10", "9"), StokerReclaim.choose(loads, 2))

@@ -118,6 +118,26 @@ class StokerSessionTest extends Checks {
     eq(Seq("stoker failed the application: too many failures"), failures.asScala.toSeq)
   }
 
+  @Test def startingExecutorsAreThoseNotRegisteredNotExitedAndNotAskedToGo(): Unit = {
+    val stoker = server.start(new FakeStoker("inc-1", leaseTtlMs = 300))
+    val s = newSession()
+    s.start(Map(0 -> 4, 1 -> 1))
+    eventually("watching")(stoker.activeWatchers == 1)
+    stoker.emit(executor("1", EXECUTOR_STATE_RUNNING))
+    stoker.emit(executor("2", EXECUTOR_STATE_REQUESTED))
+    stoker.emit(executor("3", EXECUTOR_STATE_REQUESTED))
+    stoker.emit(executor("4", EXECUTOR_STATE_REQUESTED))
+    stoker.emit(executor("5", EXECUTOR_STATE_REQUESTED, profile = 1))
+    val last = stoker.emit(exited("3", EXIT_REASON_LOST))
+    eventually("events handled")(s.lastHandledSeq == last)
+    eq(Seq("2", "4"), s.startingExecutorsOf(0, Set("1")).sorted,
+      "1 registered with the driver, 3 exited, 5 of another profile")
+    Await.result(s.kill(Seq("4")), 5.seconds)
+    Await.result(s.decommission(Seq("2")), 5.seconds)
+    eq(Nil, s.startingExecutorsOf(0, Set("1")), "asked to go: not chosen again")
+    eq(Seq("5"), s.startingExecutorsOf(1, Set.empty))
+  }
+
   @Test def aReclaimReachesTheDriverOnceOnTheStreamsThread(): Unit = {
     val stoker = server.start(new FakeStoker("inc-1", leaseTtlMs = 300))
     newSession().start(Map(0 -> 4))
