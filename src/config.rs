@@ -552,6 +552,24 @@ mod tests {
 
     use super::{parse_mib, parse_millis, Cli, Command, Limits};
 
+    /// The README documents every `stoker serve` flag by name (its flag tables or its text), so
+    /// a new flag cannot ship undocumented.
+    #[test]
+    fn the_readme_names_every_serve_flag() {
+        use clap::CommandFactory;
+        let readme = include_str!("../README.md");
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").expect("a serve subcommand");
+        let missing: Vec<String> = serve
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|long| !["help", "version"].contains(long))
+            .map(|long| format!("`--{long}`"))
+            .filter(|flag| !readme.contains(flag.as_str()))
+            .collect();
+        assert!(missing.is_empty(), "README.md does not name {missing:?}");
+    }
+
     #[test]
     fn limit_flags_default_to_limits_default() {
         let cli = Cli::try_parse_from(["stoker", "serve"]).expect("parses");
