@@ -336,6 +336,48 @@ def test_the_next_run_of_a_sizing_key_starts_at_the_grown_size_after_a_stoker_re
                 raise
 
 
+def test_a_heap_bound_out_of_memory_error_grows_the_heap_of_the_replacement_pod(kube, testbed, driver_factory):
+    """Heap-bound, on real executor JVMs: each of two tasks builds a 600 MiB string in the heap
+    with spark.executor.memory=512m. Executor 1 (-Xmx512m, from SPARK_EXECUTOR_MEMORY through the
+    image's entrypoint) dies of java.lang.OutOfMemoryError: its container exits with code 52
+    (not an OOM kill: the JVM stops before the pod reaches its limit). stoker grows the heap and
+    the limit with it, the driver is told why, the replacement pod carries the bigger
+    SPARK_EXECUTOR_MEMORY and limit, and the job's answer is right."""
+    watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
+    try:
+        driver = driver_factory(kube, "--mib", "600", "--tasks", "2", *k8s_args(), job="heap_hog.py")
+        result = driver.wait(timeout=400)
+        events = watch.objects()
+    finally:
+        watch.close()
+    assert result["lengths"] == [600 * 1024 * 1024] * 2, result
+    log = driver.log()
+    assert re.search(r"stoker: executor 1 exited with code 52", log), log[-8000:]
+    resizes = re.findall(
+        r"stoker: profile 0 now starts executors with (\d+) MiB heap \+ (\d+) MiB overhead "
+        r"after executor (\d+) ran out of heap \(OutOfMemoryError, exit code 52\)", log)
+    assert 1 <= len(resizes) <= 2 and resizes[0][2] == "1", log[-8000:]
+    assert "OOM_KILLED" not in log, log[-8000:]
+    added = {o["metadata"]["labels"]["spark-exec-id"]: o for t, o in events if t == "ADDED"}
+    # What the kubelet reported for executor 1's container: the JVM's own exit code.
+    codes = {((c.get("state") or {}).get("terminated") or {}).get("exitCode")
+             for t, o in events if o["metadata"]["labels"]["spark-exec-id"] == "1"
+             for c in (o.get("status") or {}).get("containerStatuses") or []}
+    assert 52 in codes, codes
+    first_limit, first_heap = executor_memory(added["1"])
+    assert (first_limit, first_heap) == (896, "512m"), (first_limit, first_heap)
+    later = {i: executor_memory(o) for i, o in added.items() if int(i) > 1}
+    assert later, sorted(added)
+    for limit, heap in later.values():
+        assert limit > first_limit and int(heap.removesuffix("m")) > 512, later
+    # The last replacement has exactly the size the driver was last told of.
+    heap_mib, overhead_mib, _ = resizes[-1]
+    last = later[max(later, key=int)]
+    assert last == (int(heap_mib) + int(overhead_mib), f"{heap_mib}m"), (last, resizes)
+    print(f"executor pods (limit MiB, SPARK_EXECUTOR_MEMORY): 1: {(first_limit, first_heap)}, later: {later}; "
+          f"resizes: {resizes}")
+
+
 def test_a_grown_size_the_namespace_limitrange_refuses_is_relayed_and_not_tried_again(
         kube, testbed, driver_factory, namespaces):
     """A LimitRange caps containers at 1 GiB: the configured 896 MiB executor fits, the 1344 MiB

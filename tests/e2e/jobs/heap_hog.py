@@ -4,7 +4,8 @@ constant because it depends on the row) and returns its length. With 512m the ex
 java.lang.OutOfMemoryError (exit code 52); under stoker with spark.stoker.resize.* its
 replacement gets a bigger heap and the job finishes. Prints JSON lines: started, result.
 
-Usage: heap_hog.py HOST:PORT [--mib N] [--tasks N] [--conf KEY=VALUE ...]
+Usage: heap_hog.py MASTER [--mib N] [--tasks N] [--conf KEY=VALUE ...]
+MASTER: HOST:PORT of a stoker, or a full Spark master URL (k8s://... for Spark's own backend).
 """
 import argparse
 import json
@@ -16,17 +17,18 @@ from pyspark.sql import functions as F
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("master", help="HOST:PORT of a stoker")
+    p.add_argument("master", help="HOST:PORT of a stoker, or a full Spark master URL (k8s://...)")
     p.add_argument("--mib", type=int, default=600, help="MiB one task holds in the heap")
     p.add_argument("--tasks", type=int, default=2)
     p.add_argument("--conf", action="append", default=[], help="extra Spark setting KEY=VALUE")
     a = p.parse_args()
 
+    master = a.master if "://" in a.master else f"spark+stoker://{a.master}"
+    b = SparkSession.builder.master(master).appName("stoker-e2e-heap-hog")
+    if master.startswith("spark+stoker://"):
+        b = b.config("spark.driver.extraClassPath", os.environ["STOKER_PLUGIN_JAR"])
     b = (
-        SparkSession.builder.master(f"spark+stoker://{a.master}")
-        .appName("stoker-e2e-heap-hog")
-        .config("spark.driver.extraClassPath", os.environ["STOKER_PLUGIN_JAR"])
-        .config("spark.driver.host", "127.0.0.1")
+        b.config("spark.driver.host", "127.0.0.1")
         .config("spark.driver.bindAddress", "127.0.0.1")
         .config("spark.executor.memory", "512m")
         .config("spark.executor.cores", "1")
