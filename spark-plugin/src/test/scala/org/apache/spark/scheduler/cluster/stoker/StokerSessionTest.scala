@@ -99,8 +99,12 @@ class StokerSessionTest extends Checks {
     stoker.resend(exited("1", EXIT_REASON_OOM_KILLED, Some(137), seqNo = oom))
     stoker.emit(exited("1", EXIT_REASON_LOST))
     val last = stoker.emit(exited("2", EXIT_REASON_DECOMMISSIONED))
-    eventually("events handled")(session.lastHandledSeq == last && removed.size >= 2)
-    Thread.sleep(100)
+    eventually("events handled")(session.lastHandledSeq == last)
+    eq(2L, session.maxExecutorId)
+    // Events are handled in order on one thread: once a later one is taken, every earlier one
+    // has been acted on (this one, a third terminal event for 2, must change nothing).
+    val marker = stoker.emit(exited("2", EXIT_REASON_LOST))
+    eventually("a later event handled")(session.lastHandledSeq == marker)
     eq(Seq("1", "2"), removedIds, "each executor exactly once")
     removed.asScala.toSeq match {
       case Seq((_, ExecutorExited(137, true, msg)), (_, d: ExecutorDecommission)) =>
@@ -108,13 +112,12 @@ class StokerSessionTest extends Checks {
         check(d.reason.contains("DECOMMISSIONED"), d.reason)
       case other => throw new AssertionError(s"unexpected $other")
     }
-    eq(2L, session.maxExecutorId)
-    eventually("acked in a heartbeat")(stoker.heartbeatsSeen.exists(_.getAckedSeq == last))
+    eventually("acked in a heartbeat")(stoker.heartbeatsSeen.exists(_.getAckedSeq >= last))
 
     stoker.emit(app(ApplicationEvent.Kind.KIND_FAILED, "too many failures"))
     stoker.emit(app(ApplicationEvent.Kind.KIND_FAILED, "again"))
-    eventually("failure reported")(failures.size == 1)
-    Thread.sleep(100)
+    val after = stoker.emit(app(ApplicationEvent.Kind.KIND_FAILED, "and again"))
+    eventually("the later events handled")(session.lastHandledSeq == after && failures.size >= 1)
     eq(Seq("stoker failed the application: too many failures"), failures.asScala.toSeq)
   }
 
@@ -184,7 +187,7 @@ class StokerSessionTest extends Checks {
     val f2 = s.kill(Seq("7"))
     // Blocking calls would never return: stoker comes back only after this check.
     check(System.nanoTime() - t0 < 2000L * 1000 * 1000, "requests return at once")
-    Thread.sleep(300)
+    eventually("the session to notice stoker is gone")(!s.isAttached)
     check(!f1.isCompleted && !f2.isCompleted, "they wait for stoker, in order")
     // stoker comes back as a new incarnation that forgot the application.
     val second = server.start(new FakeStoker("inc-2"))
@@ -287,7 +290,9 @@ class StokerSessionTest extends Checks {
     eq(Seq(0, 1), regs(1).getTemplate.getProfilesList.asScala.map(_.getId).toSeq)
     eq(Seq(0 -> 1L, 1 -> 3L),
       regs(1).getInitialTargetsList.asScala.map(t => t.getResourceProfileId -> t.getTotal).toSeq)
-    Thread.sleep(100)
+    // An event sent now reaches the driver on the stream it already had.
+    val seq = stoker.emit(executor("1", EXECUTOR_STATE_REQUESTED))
+    eventually("handled")(s.lastHandledSeq == seq)
     eq(1, stoker.watchesSeen.size, "the event stream goes on: same incarnation")
     check(s.isAttached, "attached")
   }
