@@ -6,7 +6,7 @@ VENV := $(CACHE)/venv-pyspark-4.2.0
 JAR := spark-plugin/target/stoker-spark-plugin.jar
 
 
-.PHONY: bench bench-quick chaos chaos-quick
+.PHONY: bench bench-quick bench-sizing chaos chaos-quick
 .PHONY: setup demo test test-rust test-plugin test-e2e test-testbed lint image
 
 setup:
@@ -53,6 +53,13 @@ bench:
 
 bench-quick:
 	scripts/bench.sh --quick
+
+# Issue 14's five runs (tests/bench/bench_sizing.py, not part of `make test`): heap_hog.py (512m
+# executors, 600 MiB per task in the heap) 5 times under stoker with one spark.stoker.sizing.key
+# and 5 times under Spark's built-in Kubernetes backend on the test bed; prints the table and
+# writes target/bench-sizing/sizing.md. About 5 minutes.
+bench-sizing: setup
+	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python tests/bench/bench_sizing.py --out target/bench-sizing
 
 # The fault matrix (tests/chaos/chaos.py, not part of `make test`, which runs its quick variant
 # tests/e2e/test_chaos.py, cases a-e): every case 10 times (ramps of 500 executor pods in a-e, 200
