@@ -23,6 +23,27 @@ def free_port():
         return s.getsockname()[1]
 
 
+# A fair-share queue file: one queue, every identity allowed, 4 executors in all.
+QUEUES_FOUR_EXECUTORS = """
+default_queue = "default"
+
+[capacity]
+executors = 4
+
+[[queues]]
+name = "default"
+allow = ["*"]
+"""
+
+# Spark settings that let an executor be decommissioned with its blocks migrated.
+DECOMMISSIONING = [
+    "--conf", "spark.decommission.enabled=true",
+    "--conf", "spark.storage.decommission.enabled=true",
+    "--conf", "spark.storage.decommission.shuffleBlocks.enabled=true",
+    "--conf", "spark.storage.decommission.rddBlocks.enabled=true",
+]
+
+
 def executor_pids(work_dir):
     """Executor JVMs started by this stoker, found by their work directory in /proc."""
     pids = []

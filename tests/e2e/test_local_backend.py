@@ -2,7 +2,7 @@
 import re
 import time
 
-from conftest import Stoker, executor_pids, wait_until
+from conftest import DECOMMISSIONING, QUEUES_FOUR_EXECUTORS, Stoker, executor_pids, wait_until
 
 import os
 import signal
@@ -137,18 +137,6 @@ def test_the_next_run_of_a_sizing_key_starts_at_the_size_that_worked(stoker, dri
     assert "now starts executors" not in log, log[-8000:]
 
 
-QUEUES_FOUR_EXECUTORS = """
-default_queue = "default"
-
-[capacity]
-executors = 4
-
-[[queues]]
-name = "default"
-allow = ["*"]
-"""
-
-
 def test_fair_share_admits_a_later_application_and_tells_the_first(work_dir, driver_factory):
     queue_file = work_dir / "queues.toml"
     queue_file.write_text(QUEUES_FOUR_EXECUTORS)
@@ -199,17 +187,11 @@ def test_fair_share_reclaim_decommissions_the_first_applications_executors_and_m
     queue_file = work_dir / "queues.toml"
     queue_file.write_text(QUEUES_FOUR_EXECUTORS)
     server = Stoker(work_dir, extra_args=["--queues", str(queue_file)]).start()
-    decommissioning = [
-        "--conf", "spark.decommission.enabled=true",
-        "--conf", "spark.storage.decommission.enabled=true",
-        "--conf", "spark.storage.decommission.shuffleBlocks.enabled=true",
-        "--conf", "spark.storage.decommission.rddBlocks.enabled=true",
-    ]
     try:
         # A: dynamic allocation with a backlog long enough to keep its 4 executors busy.
         a = driver_factory(
             server, "--dynamic", "--executors", "8", "--slow-ms", "1500", "--partitions", "160",
-            *decommissioning,
+            *DECOMMISSIONING,
         )
         app_a = a.wait_event("started", timeout=180)["app_id"]
         a.wait_event("job-start", timeout=120)
