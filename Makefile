@@ -30,7 +30,7 @@ test-plugin:
 # Everything under tests/e2e: the local backend and the Kubernetes test bed (tests/testbed with the
 # process kubelet, test_testbed.py), which scripts/setup.sh builds.
 test-e2e:
-	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python -m pytest -v -p no:cacheprovider tests/e2e
+	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python -m pytest -v -p no:cacheprovider --durations=25 tests/e2e
 
 # Only the test bed's own tests (about 2 minutes).
 test-testbed: setup
