@@ -2,6 +2,7 @@
 drivers (pyspark from PyPI, with the stoker plugin jar) talking to it over loopback."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,6 +43,34 @@ DECOMMISSIONING = [
     "--conf", "spark.storage.decommission.shuffleBlocks.enabled=true",
     "--conf", "spark.storage.decommission.rddBlocks.enabled=true",
 ]
+
+
+# What a driver over its fair share logs when stoker asks it for 2 executors back.
+ASKED_FOR_2 = re.compile(
+    r"stoker: give back 2 executors by \d\d:\d\d:\d\d \(over its fair share in queue default\)")
+_CHOSE = re.compile(r"stoker: giving back executor\(s\) (.*) by (decommissioning|stopping) them")
+
+
+def executors_given_back(driver_log, count=2):
+    """The executors a driver chose to give back, as [(id, "decommissioning" | "stopping")], once
+    there are `count` of them (one log line per choice), else None."""
+    given = [(i, how) for line, how in _CHOSE.findall(driver_log) for i in re.findall(r"(\d+) \(", line)]
+    return given if len(given) >= count else None
+
+
+def check_given_back_outputs_migrated(executor_logs, result):
+    """Running tasks finished on the decommissioned executors and every map output they wrote
+    moved to an executor that stays before they left. Tasks may run again only for Spark's
+    same-host rule: Spark treats a decommissioned executor's host as going away with it, so a map
+    task that finished there while its stage still runs is run again unless its output moved to
+    another *host* (TaskSetManager.executorLost); every executor here (local backend and test
+    bed) has host 127.0.0.1. Returns (map outputs written there, migrated, task re-runs)."""
+    finished = sum(len(re.findall(r"Finished task \d+\.\d+ in stage 0\.0", log)) for log in executor_logs)
+    migrated = sum(len(re.findall(r"Migrated migrate_shuffle_0_\d+ ", log)) for log in executor_logs)
+    assert finished >= 2 and migrated >= finished, (finished, migrated)
+    reruns = result["results"][0]["task_reruns"]
+    assert reruns <= finished, (reruns, finished)
+    return finished, migrated, reruns
 
 
 def executor_pids(work_dir):
