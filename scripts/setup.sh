@@ -38,6 +38,22 @@ if [[ ! -f "$VENV/.grpc-$GRPC_VERSION" ]]; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "grpcio==$GRPC_VERSION" "grpcio-tools==$GRPC_VERSION"
   touch "$VENV/.grpc-$GRPC_VERSION"
 fi
+# The Spark Connect Python client (tests/e2e/test_start_modes.py): pyspark 4.2.0's `connect`
+# extra (pandas >= 2.2 and < 3, pyarrow >= 18, grpcio-status matching grpcio,
+# googleapis-common-protos >= 1.71, zstandard >= 0.25), pinned; its own marker, as above.
+CONNECT_PINS=("pandas==2.3.3" "numpy==2.3.5" "pyarrow==22.0.0" "grpcio-status==$GRPC_VERSION"
+  "googleapis-common-protos==1.72.0" "zstandard==0.25.0")
+CONNECT_MARK="$VENV/.connect-$(printf '%s\n' "${CONNECT_PINS[@]}" | sha256sum | cut -c1-12)"
+if [[ ! -f "$CONNECT_MARK" ]]; then
+  log "installing the Spark Connect client packages into $VENV: ${CONNECT_PINS[*]}"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "${CONNECT_PINS[@]}"
+  "$VENV/bin/python" -c "import pyspark.sql.connect.utils as u, pyspark.sql.pandas.utils as p
+for check in (p.require_minimum_pandas_version, p.require_minimum_pyarrow_version, u.require_minimum_grpc_version,
+              u.require_minimum_grpcio_status_version, u.require_minimum_googleapis_common_protos_version,
+              u.require_minimum_zstandard_version):
+    check()"
+  touch "$CONNECT_MARK"
+fi
 
 # 2. Every binary of the workspace (one shared target/ for the demo and the tests): the stoker
 #    server and the test bed's process kubelet (target/debug/process-kubelet).
