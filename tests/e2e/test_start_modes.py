@@ -1,14 +1,17 @@
 """End-to-end: the ways users start Spark, each with `--master spark+stoker://…` on the local
 backend: spark-submit with a Python file, spark-submit with an application jar (--class),
-spark-shell running a Scala script, and the spark-sql CLI. Each answer is checked, and stoker's
-log shows the application (so the executors were stoker's, not local mode)."""
+spark-shell running a Scala script, the spark-sql CLI, and a Spark Connect server (the driver)
+serving a thin Python client. Each answer is checked, and stoker's log shows the application (so
+the executors were stoker's, not local mode)."""
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 
-from conftest import JAR, JOBS, wait_until
+from conftest import JAR, JOBS, executor_pids, free_port, wait_until
 
 ROWS = 1_000_000
 SUM = ROWS * (ROWS - 1) // 2
@@ -19,19 +22,28 @@ def spark_bin():
     return os.path.join(os.path.dirname(pyspark.__file__), "bin")
 
 
-def run(tool, stoker, *args, cwd, timeout=300, input=None):
-    """Runs pyspark's bin/<tool> against `stoker` in `cwd` (spark-sql's Derby metastore and
-    logs land there); its output."""
+def spark_env():
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
                SPARK_LOCAL_IP="127.0.0.1", STOKER_PLUGIN_JAR=str(JAR))
     env.pop("SPARK_HOME", None)
-    command = [os.path.join(spark_bin(), tool), "--master", f"spark+stoker://{stoker.address}",
-               "--driver-class-path", str(JAR),
-               "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.driver.bindAddress=127.0.0.1",
-               "--conf", "spark.executor.instances=2", "--conf", "spark.executor.memory=512m",
-               "--conf", "spark.ui.enabled=false", *args]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, input=input,
-                         cwd=cwd)
+    return env
+
+
+def command(tool, stoker, *args):
+    """pyspark's bin/<tool> with stoker as master: the plugin on the driver's class path, the
+    driver on loopback, two static executors."""
+    return [os.path.join(spark_bin(), tool), "--master", f"spark+stoker://{stoker.address}",
+            "--driver-class-path", str(JAR),
+            "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.driver.bindAddress=127.0.0.1",
+            "--conf", "spark.executor.instances=2", "--conf", "spark.executor.memory=512m",
+            "--conf", "spark.ui.enabled=false", *args]
+
+
+def run(tool, stoker, *args, cwd, timeout=300, input=None):
+    """Runs pyspark's bin/<tool> against `stoker` in `cwd` (spark-sql's Derby metastore and
+    logs land there); its output."""
+    out = subprocess.run(command(tool, stoker, *args), capture_output=True, text=True, timeout=timeout,
+                         env=spark_env(), input=input, cwd=cwd)
     assert out.returncode == 0, f"{tool} failed ({out.returncode}):\n{out.stderr[-6000:]}"
     return out
 
@@ -87,3 +99,64 @@ def test_spark_sql_cli(stoker, work_dir):
     rows = [l.split("\t") for l in out.stdout.strip().splitlines() if "\t" in l]
     assert rows == [["1000", str(SUM)]], out.stdout[-2000:]
     registered(stoker, 1)
+
+
+def test_spark_connect_server_runs_client_queries_on_stoker_executors(stoker, work_dir):
+    """A long-lived Spark Connect server whose master is stoker (started as
+    sbin/start-connect-server.sh does, in the foreground: the pyspark package ships the server's
+    jar but not sbin/start-connect-server.sh) and a thin Python client (`sc://`, no JVM) whose
+    query runs on stoker's executors."""
+    port = free_port()
+    log_path = work_dir / "connect-server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            command("spark-submit", stoker,
+                    "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
+                    "--name", "Spark Connect server",
+                    "--conf", "spark.connect.grpc.binding.address=127.0.0.1",
+                    "--conf", f"spark.connect.grpc.binding.port={port}"),
+            stdout=log, stderr=subprocess.STDOUT, env=spark_env(), cwd=work_dir, start_new_session=True)
+    try:
+        def listening():
+            if server.poll() is not None:
+                raise AssertionError(f"Connect server exited {server.returncode}:\n"
+                                     f"{log_path.read_text()[-6000:]}")
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+        wait_until(listening, 180, "the Spark Connect server to listen")
+        registered(stoker, 1)
+
+        out = subprocess.run([sys.executable, str(JOBS / "connect_client.py"), f"sc://127.0.0.1:{port}",
+                              "--rows", str(ROWS)],
+                             capture_output=True, text=True, timeout=300, env=spark_env(), cwd=work_dir)
+        assert out.returncode == 0, f"client failed ({out.returncode}):\n{out.stderr[-6000:]}"
+        result = json.loads(next(l for l in out.stdout.splitlines() if l.startswith('{"event": "result"')))
+        assert result["connect_session"] == "pyspark.sql.connect.session", result
+        assert (result["groups"], result["count"], result["sum"]) == (1000, ROWS, SUM), result
+        assert result["master"] == f"spark+stoker://{stoker.address}", result
+
+        # The server's application is stoker's; its two executors run as stoker's processes, and
+        # they ran the query's tasks (their logs are in stoker's work directory).
+        app_id = result["app_id"]
+        assert app_id in stoker.apps(), stoker.cli("apps").stdout
+        shown = stoker.cli("executors", app_id)
+        assert shown.returncode == 0, shown.stderr
+        # EXECUTOR PROFILE STATE HOST BACKEND ...: BACKEND is pid:<executor JVM>
+        rows = [l.split() for l in shown.stdout.splitlines()[1:] if l[:1].isdigit()]
+        assert [r[2] for r in rows] == ["RUNNING", "RUNNING"], shown.stdout
+        assert sorted(int(r[4].removeprefix("pid:")) for r in rows) == executor_pids(work_dir), shown.stdout
+        finished = sum(log.read_text().count("Executor: Finished task")
+                       for log in (work_dir / app_id).glob("executor-*.log"))
+        assert finished >= 8, f"{finished} tasks finished in stoker's executor logs (8 map tasks at least)"
+    finally:
+        # Stopping the server (SIGTERM, as stop-connect-server.sh does) stops its SparkContext:
+        # the application ends and every executor with it.
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+            raise AssertionError(f"Connect server did not stop in 60 s:\n{log_path.read_text()[-6000:]}")
+    wait_until(lambda: not executor_pids(work_dir), 30, "executor processes to end with the server")
