@@ -6,7 +6,7 @@ VENV := $(CACHE)/venv-pyspark-4.2.0
 JAR := spark-plugin/target/stoker-spark-plugin.jar
 
 
-.PHONY: bench bench-quick bench-sizing chaos chaos-quick
+.PHONY: bench bench-quick bench-sizing bench-scale chaos chaos-quick
 .PHONY: setup demo test test-rust test-plugin test-e2e test-testbed lint image
 
 setup:
@@ -60,6 +60,13 @@ bench-quick:
 # writes target/bench-sizing/sizing.md. About 5 minutes.
 bench-sizing: setup
 	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python tests/bench/bench_sizing.py --out target/bench-sizing
+
+# Issue 12's scale figure (tests/bench/bench_scale.py, not part of `make test`): one stoker, 100
+# applications x 100 executor pods (light gRPC drivers) on the process-less kubelet, one forced
+# re-list (410 Gone) under that load, stoker's RSS and CPU; prints the table and writes
+# target/bench-scale/scale.md. Exits non-zero when a loss figure is not 0.
+bench-scale: setup
+	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python tests/bench/bench_scale.py --out target/bench-scale
 
 # The fault matrix (tests/chaos/chaos.py, not part of `make test`, which runs its quick variant
 # tests/e2e/test_chaos.py, cases a-e): every case 10 times (ramps of 500 executor pods in a-e, 200
