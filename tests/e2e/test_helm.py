@@ -1,8 +1,8 @@
 """The Helm chart (deploy/helm/stoker): `helm lint`; its default rendering is deploy/base's (the
 drift check: the two cannot part without this failing); non-default values render what they say;
 and the chart installed on the test bed (a server-side dry run, then `helm install`) runs a Spark
-job through stoker under the installed ServiceAccount, after which `helm uninstall` leaves none of
-its objects behind.
+job through stoker under the installed ServiceAccount; `helm upgrade` to other values moves the
+release's objects with them, and `helm uninstall` leaves none of its objects behind.
 
 `helm` is built from its Go module by scripts/helm.sh (cached; scripts/setup.sh builds it once).
 The stoker image cannot run on the test bed's process kubelet (it runs containers as local
@@ -387,7 +387,44 @@ queues:
                   if line.startswith("{") and "fair share: queue chosen" in line]
         assert [e.get("queue") for e in chosen] == ["helm"], chosen
 
+        # An upgrade, as a platform team moves its drivers to another namespace and grows the
+        # capacity: the release's objects follow the new values, and helm deletes what the new
+        # revision no longer renders (the old namespace's RoleBindings).
+        other = namespaces("helm-other")
+        values_2 = work_dir / "values-2.yaml"
+        values_2.write_text(values.read_text()
+                            .replace(f"driverNamespaces: [{team}]", f"driverNamespaces: [{other}]")
+                            .replace(f"allowedNamespaces: [{team}]", f"allowedNamespaces: [{other}]")
+                            .replace("executors = 4", "executors = 6"))
+        # What stoker wrote to its sizes ConfigMap (the chart ships it without data) must survive.
+        sizes = f"/api/v1/namespaces/{release_ns}/configmaps/stoker-sizes"
+        assert ("ConfigMap", release_ns, "stoker-sizes") in objs
+        remembered = "v1\tetl\t0\t512\t384\t768\t576\t1796000000000\n"
+        testbed.api.merge_patch(sizes, {"data": {"sizes.tsv": remembered}})
+        objs_2 = keyed(objects(template(helm, "-f", str(values_2), namespace=release_ns)))
+        assert any(ns == team for _, ns, _ in objs) and not any(ns == team for _, ns, _ in objs_2)
+        run_helm(helm, "upgrade", "stoker", str(CHART), "-n", release_ns, "-f", str(values_2), env=env, tmp=work_dir)
+        exists = lambda kind, ns, name: testbed.kubectl(
+            "get", kind, name, *(["-n", ns] if ns else []), check=False).returncode == 0
+        for key in objs_2:
+            assert exists(*key), key
+        for key in set(objs) - set(objs_2):
+            assert not exists(*key), f"{key} left after the upgrade"
+        assert can("impersonate", "serviceaccounts", "-n", other) == "yes"
+        assert can("impersonate", "serviceaccounts", "-n", team) == "no"
+        configmaps = [testbed.api.get(f"/api/v1/namespaces/{ns}/configmaps/{name}").get("data") or {}
+                      for kind, ns, name in objs_2 if kind == "ConfigMap"]
+        assert any("executors = 6" in text for data in configmaps for text in data.values()), configmaps
+        upgraded = json.dumps(testbed.api.get(f"/apis/apps/v1/namespaces/{release_ns}/deployments/stoker")
+                              ["spec"]["template"])
+        assert other in upgraded and team not in upgraded, upgraded
+        assert (testbed.api.get(sizes).get("data") or {}).get("sizes.tsv") == remembered, "sizes lost"
+        history = json.loads(run_helm(helm, "history", "stoker", "-n", release_ns, "-o", "json",
+                                      env=env, tmp=work_dir).stdout)
+        assert [(h["revision"], h["status"]) for h in history] == [(1, "superseded"), (2, "deployed")], history
+
         run_helm(helm, "uninstall", "stoker", "-n", release_ns, env=env, tmp=work_dir)
+        objs = {**objs, **objs_2}
         for kind, ns, name in objs:
             assert testbed.kubectl("get", kind, name, *(["-n", ns] if ns else []),
                                    check=False).returncode != 0, f"{kind} {ns}/{name} left after uninstall"
