@@ -3,6 +3,7 @@ backend: spark-submit with a Python file, spark-submit with an application jar (
 spark-shell running a Scala script, the spark-sql CLI, and a Spark Connect server (the driver)
 serving a thin Python client. Each answer is checked, and stoker's log shows the application (so
 the executors were stoker's, not local mode)."""
+import contextlib
 import json
 import os
 import re
@@ -101,11 +102,12 @@ def test_spark_sql_cli(stoker, work_dir):
     registered(stoker, 1)
 
 
-def test_spark_connect_server_runs_client_queries_on_stoker_executors(stoker, work_dir):
-    """A long-lived Spark Connect server whose master is stoker (started as
-    sbin/start-connect-server.sh does, in the foreground: the pyspark package ships the server's
-    jar but not sbin/start-connect-server.sh) and a thin Python client (`sc://`, no JVM) whose
-    query runs on stoker's executors."""
+@contextlib.contextmanager
+def connect_server(stoker, work_dir, *args):
+    """A Spark Connect server whose master is `stoker`, started as sbin/start-connect-server.sh
+    does but in the foreground (the pyspark package ships the server's jar, not that script),
+    listening on 127.0.0.1 only; yields its sc:// URL once it listens, and stops it at the end
+    (SIGTERM, as stop-connect-server.sh does), which stops its SparkContext."""
     port = free_port()
     log_path = work_dir / "connect-server.log"
     with open(log_path, "w") as log:
@@ -114,7 +116,7 @@ def test_spark_connect_server_runs_client_queries_on_stoker_executors(stoker, wo
                     "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
                     "--name", "Spark Connect server",
                     "--conf", "spark.connect.grpc.binding.address=127.0.0.1",
-                    "--conf", f"spark.connect.grpc.binding.port={port}"),
+                    "--conf", f"spark.connect.grpc.binding.port={port}", *args),
             stdout=log, stderr=subprocess.STDOUT, env=spark_env(), cwd=work_dir, start_new_session=True)
     try:
         def listening():
@@ -124,33 +126,8 @@ def test_spark_connect_server_runs_client_queries_on_stoker_executors(stoker, wo
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", port)) == 0
         wait_until(listening, 180, "the Spark Connect server to listen")
-        registered(stoker, 1)
-
-        out = subprocess.run([sys.executable, str(JOBS / "connect_client.py"), f"sc://127.0.0.1:{port}",
-                              "--rows", str(ROWS)],
-                             capture_output=True, text=True, timeout=300, env=spark_env(), cwd=work_dir)
-        assert out.returncode == 0, f"client failed ({out.returncode}):\n{out.stderr[-6000:]}"
-        result = json.loads(next(l for l in out.stdout.splitlines() if l.startswith('{"event": "result"')))
-        assert result["connect_session"] == "pyspark.sql.connect.session", result
-        assert (result["groups"], result["count"], result["sum"]) == (1000, ROWS, SUM), result
-        assert result["master"] == f"spark+stoker://{stoker.address}", result
-
-        # The server's application is stoker's; its two executors run as stoker's processes, and
-        # they ran the query's tasks (their logs are in stoker's work directory).
-        app_id = result["app_id"]
-        assert app_id in stoker.apps(), stoker.cli("apps").stdout
-        shown = stoker.cli("executors", app_id)
-        assert shown.returncode == 0, shown.stderr
-        # EXECUTOR PROFILE STATE HOST BACKEND ...: BACKEND is pid:<executor JVM>
-        rows = [l.split() for l in shown.stdout.splitlines()[1:] if l[:1].isdigit()]
-        assert [r[2] for r in rows] == ["RUNNING", "RUNNING"], shown.stdout
-        assert sorted(int(r[4].removeprefix("pid:")) for r in rows) == executor_pids(work_dir), shown.stdout
-        finished = sum(log.read_text().count("Executor: Finished task")
-                       for log in (work_dir / app_id).glob("executor-*.log"))
-        assert finished >= 8, f"{finished} tasks finished in stoker's executor logs (8 map tasks at least)"
+        yield f"sc://127.0.0.1:{port}"
     finally:
-        # Stopping the server (SIGTERM, as stop-connect-server.sh does) stops its SparkContext:
-        # the application ends and every executor with it.
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
         try:
@@ -159,4 +136,79 @@ def test_spark_connect_server_runs_client_queries_on_stoker_executors(stoker, wo
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
             raise AssertionError(f"Connect server did not stop in 60 s:\n{log_path.read_text()[-6000:]}")
+
+
+def connect_query(stoker, remote, work_dir):
+    """A thin Python client (no JVM) runs a query with a shuffle on the server; its answer is
+    checked and returned with the server's application id."""
+    out = subprocess.run([sys.executable, str(JOBS / "connect_client.py"), remote, "--rows", str(ROWS)],
+                         capture_output=True, text=True, timeout=300, env=spark_env(), cwd=work_dir)
+    assert out.returncode == 0, f"client failed ({out.returncode}):\n{out.stderr[-6000:]}"
+    result = json.loads(next(l for l in out.stdout.splitlines() if l.startswith('{"event": "result"')))
+    assert result["connect_session"] == "pyspark.sql.connect.session", result
+    assert (result["groups"], result["count"], result["sum"]) == (1000, ROWS, SUM), result
+    assert result["master"] == f"spark+stoker://{stoker.address}", result
+    return result
+
+
+def finished_tasks(work_dir, app_id, names=None):
+    """Tasks finished by the application's executors (those whose log is named in `names`, or
+    all), from their logs in stoker's work dir."""
+    return sum(log.read_text().count("Executor: Finished task")
+               for log in (work_dir / app_id).glob("executor-*.log") if names is None or log.name in names)
+
+
+def test_spark_connect_server_runs_client_queries_on_stoker_executors(stoker, work_dir):
+    """A long-lived Spark Connect server with two static executors from stoker; a thin client's
+    query runs on them."""
+    with connect_server(stoker, work_dir) as remote:
+        registered(stoker, 1)
+        result = connect_query(stoker, remote, work_dir)
+
+        # The server's application is stoker's; its two executors run as stoker's processes, and
+        # they ran the query's tasks.
+        app_id = result["app_id"]
+        assert app_id in stoker.apps(), stoker.cli("apps").stdout
+        shown = stoker.cli("executors", app_id)
+        assert shown.returncode == 0, shown.stderr
+        # EXECUTOR PROFILE STATE HOST BACKEND ...: BACKEND is pid:<executor JVM>
+        rows = [l.split() for l in shown.stdout.splitlines()[1:] if l[:1].isdigit()]
+        assert [r[2] for r in rows] == ["RUNNING", "RUNNING"], shown.stdout
+        assert sorted(int(r[4].removeprefix("pid:")) for r in rows) == executor_pids(work_dir), shown.stdout
+        finished = finished_tasks(work_dir, app_id)
+        assert finished >= 8, f"{finished} tasks finished in stoker's executor logs (8 map tasks at least)"
+    wait_until(lambda: not executor_pids(work_dir), 30, "executor processes to end with the server")
+
+
+def test_spark_connect_server_with_dynamic_allocation_scales_with_client_queries(stoker, work_dir):
+    """The same server with dynamic allocation from zero: a client's query brings executors from
+    stoker, the idle server gives them all back while it keeps serving, and the next client's
+    query brings new ones."""
+    dynamic = ["--conf", "spark.executor.instances=0",  # overrides command()'s static 2
+               "--conf", "spark.dynamicAllocation.enabled=true",
+               "--conf", "spark.dynamicAllocation.shuffleTracking.enabled=true",
+               "--conf", "spark.dynamicAllocation.minExecutors=0",
+               "--conf", "spark.dynamicAllocation.initialExecutors=0",
+               "--conf", "spark.dynamicAllocation.maxExecutors=2",
+               "--conf", "spark.dynamicAllocation.executorIdleTimeout=3s",
+               "--conf", "spark.dynamicAllocation.shuffleTracking.timeout=3s"]
+    with connect_server(stoker, work_dir, *dynamic) as remote:
+        registered(stoker, 1)
+        assert not executor_pids(work_dir), "executors before any query"
+        first = connect_query(stoker, remote, work_dir)
+        app_id = first["app_id"]
+        logs = sorted(p.name for p in (work_dir / app_id).glob("executor-*.log"))
+        assert logs and finished_tasks(work_dir, app_id) >= 8, logs
+
+        # Idle: every executor is released, and the server (and its application) stays.
+        wait_until(lambda: not executor_pids(work_dir), 60, "the idle server's executors to be released")
+        assert app_id in stoker.apps(), stoker.cli("apps").stdout
+        shown = stoker.cli("executors", app_id)
+        assert shown.returncode == 0 and "RUNNING" not in shown.stdout, shown.stdout + shown.stderr
+
+        second = connect_query(stoker, remote, work_dir)
+        assert second["app_id"] == app_id
+        more = sorted(p.name for p in (work_dir / app_id).glob("executor-*.log"))
+        assert set(more) > set(logs), f"no new executor for the second query: {logs} then {more}"
+        assert finished_tasks(work_dir, app_id, set(more) - set(logs)) >= 8, more
     wait_until(lambda: not executor_pids(work_dir), 30, "executor processes to end with the server")
