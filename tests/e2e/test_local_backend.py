@@ -146,6 +146,17 @@ def test_the_next_run_of_a_sizing_key_starts_at_the_size_that_worked(stoker, dri
     assert "now starts executors" not in log, log[-8000:]
 
 
+def test_stage_level_scheduling_with_a_new_profile_is_refused_by_spark_by_name(stoker, driver_factory):
+    """Spark itself refuses a non-default resource profile for any master but yarn, k8s:// and
+    standalone (ResourceProfileManager.isSupported), before stoker is asked: the job using one
+    fails with Spark's message, and the application goes on (a plain job's answer is right)."""
+    driver = driver_factory(stoker, job="stage_level.py")
+    result = driver.wait(timeout=300)
+    assert result["plain_sum"] == sum(range(1000)), result
+    error = result["profile_error"] or ""
+    assert "ResourceProfiles are only supported on YARN and Kubernetes and Standalone" in error, result
+
+
 def test_fair_share_admits_a_later_application_and_tells_the_first(work_dir, driver_factory):
     queue_file = work_dir / "queues.toml"
     queue_file.write_text(QUEUES_FOUR_EXECUTORS)
