@@ -22,15 +22,20 @@ Loss checks (all must be 0): pods deleted that no application asked for (any pod
 before the unregister, except the victim); executor ids with more than one pod; EXITED events on
 the streams other than the victim's (DELETED_EXTERNALLY).
 
-Usage: bench_scale.py --out DIR [--apps 100] [--per 100]
+Usage: bench_scale.py --out DIR [--apps 100] [--per 100] [--again]
+(--again: then a second ramp and unregister of as many new applications, without a fault: is the
+memory left after the first cycle reused, or does it grow?)
 Writes DIR/scale.md (the table) and DIR/scale-samples.json; prints the table.
 """
 import argparse
+import datetime
 import json
 import os
+import re
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -93,8 +98,8 @@ class RssPeak:
 class App:
     """One application: its own channel, a watch stream read by a thread, EXECUTOR events kept."""
 
-    def __init__(self, port, i, per):
-        self.app_id = f"scale-{i:03d}"
+    def __init__(self, port, i, per, prefix="scale"):
+        self.app_id = f"{prefix}-{i:03d}"
         self.per = per
         # A channel of its own (no shared subchannel): 100 watch streams on one HTTP/2 connection
         # would reach stoker's --max-streams-per-connection and queue every other call.
@@ -221,7 +226,79 @@ def deletions(watch, before=None, except_uid=None):
                    if (deleting or typ == "DELETED") and (before is None or t < before) and uid != except_uid})
 
 
-def run(harness, apps_n, per, s):
+def gauges(stoker):
+    """stoker's own gauges from its metrics endpoint: {"applications": n, "executors": {state: n}}."""
+    args = list(stoker.proc.args)
+    addr = args[args.index("--metrics-listen") + 1]
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {"applications": None, "executors": {}}
+    for line in text.splitlines():
+        if line.startswith("stoker_applications "):
+            out["applications"] = int(float(line.split()[1]))
+        m = re.match(r'stoker_executors\{state="([^"]+)"\} (\S+)', line)
+        if m:
+            out["executors"][m.group(1)] = int(float(m.group(2)))
+    return out
+
+
+def last_log_time(stoker, needle, since_wall):
+    """Wall time of the last line of stoker's log holding `needle` at or after `since_wall`."""
+    last = None
+    for line in stoker.log().splitlines():
+        if needle in line:
+            t = datetime.datetime.strptime(line[:26], "%Y-%m-%dT%H:%M:%S.%f").replace(
+                tzinfo=datetime.timezone.utc).timestamp()
+            if t >= since_wall - 1:
+                last = t
+    return last
+
+
+def unregister_all(apps, watch, stoker, api, s, key):
+    t_unreg, wall = time.monotonic(), time.time()
+    for a in apps:
+        a.unregister()
+    if not watch.wait_gone(time.monotonic() + 900):
+        raise AssertionError(f"pods left 900 s after the unregister: {len(api.pods(NS))}")
+    s[f"t_all_gone{key}_s"] = time.monotonic() - t_unreg
+    last = last_log_time(stoker, "pod deletion requested", wall)
+    s[f"t_deletes_sent{key}_s"] = (last - wall) if last else None
+
+
+def ramp_again(harness, stoker, watch, apps_n, per, s, apps):
+    """A second ramp and unregister of as many applications (new ids), no fault: is the RSS
+    left after the first cycle reused (allocator retention) or does it grow again?"""
+    pid, total = stoker.proc.pid, apps_n * per
+    second = []
+    beats = Heartbeats(second)
+    try:
+        for i in range(apps_n):
+            a = App(stoker.port, i, per, prefix="again")
+            apps.append(a)  # closed by the caller
+            a.register()
+            second.append(a)
+        k0, t0 = cpu_s(pid), time.monotonic()
+        for a in second:
+            a.request(per)
+
+        def running():
+            n = sum(1 for r in pod_times(watch).values() if r[0].startswith("again-") and r[3] is not None)
+            log(f"second ramp: pods Running {n}/{total}")
+            return n >= total and sum(len(a.running()) for a in second) >= total
+        wait_for(running, 1800, f"{total} pods Running (second ramp)", interval=5)
+        s["t_running_2_s"] = time.monotonic() - t0
+        s["ramp_stoker_cpu_2_s"] = cpu_s(pid) - k0
+        time.sleep(10)
+        s["rss_tracked_2_mib"] = rss_mib(pid)
+        s["spurious_exited_2"] = sum(len(a.exited()) for a in second)
+    finally:
+        beats.stop()
+    unregister_all(second, watch, stoker, harness.api, s, "_2")
+    time.sleep(10)
+    s["rss_after_2_mib"] = rss_mib(pid)
+
+
+def run(harness, apps_n, per, s, again):
     total = apps_n * per
     api = harness.api
     harness.namespace(NS)
@@ -269,6 +346,7 @@ def run(harness, apps_n, per, s):
         s["ramp_cpu"] = cpu_delta(c0, cpu_snapshot())
         time.sleep(10)  # settle: the figure at rest with every pod tracked
         s["rss_tracked_mib"] = rss_mib(pid)
+        s["gauges_tracked"] = gauges(stoker)
 
         # -- forced re-list under load (chaos.py case c) --
         victim_app = apps[0]
@@ -329,15 +407,13 @@ def run(harness, apps_n, per, s):
                                                                   "adoption window: deleting its pod"))
 
         # -- unregister all --
-        t_unreg = time.monotonic()
         beats.stop()
-        for a in apps:
-            a.unregister()
-        if not watch.wait_gone(time.monotonic() + 900):
-            raise AssertionError(f"pods left 900 s after the unregister: {len(api.pods(NS))}")
-        s["t_all_gone_s"] = time.monotonic() - t_unreg
+        unregister_all(apps, watch, stoker, api, s, "")
         time.sleep(10)
         s["rss_after_mib"] = rss_mib(pid)
+        s["gauges_after"] = gauges(stoker)
+        if again:
+            ramp_again(harness, stoker, watch, apps_n, per, s, apps)
     finally:
         if beats is not None:
             beats.stop()
@@ -365,7 +441,10 @@ def table(s):
         ("stoker RSS at rest, before (MiB)", fmt(s, "rss_rest_mib")),
         ("stoker RSS peak during the ramp (MiB)", fmt(s, "ramp_rss_peak_mib")),
         (f"stoker RSS with {total:,} pods tracked (MiB)", fmt(s, "rss_tracked_mib")),
-        ("stoker RSS after all unregistered and gone (MiB)", fmt(s, "rss_after_mib")),
+        ("stoker RSS after all unregistered and gone (MiB)", fmt(s, "rss_after_mib")
+         + (f"; stoker's gauges then: {s['gauges_after']['applications']} applications, executors "
+            + ", ".join(f"{k} {v}" for k, v in sorted(s["gauges_after"]["executors"].items()))
+            if "gauges_after" in s else "")),
         ("re-list: seen in stoker's log (410 Gone → `pod watch: listing pods`)",
          f"yes ({s.get('relists_in_log')}×), {s['t_relist_line_s']:.2f} s after the heal" if s.get("relist_seen") else "no"),
         ("re-list: fault healed → pod deleted behind stoker's back reported EXITED (caught up) (s)",
@@ -376,8 +455,18 @@ def table(s):
         ("loss: pods deleted that no application asked for", str(s.get("deleted_unasked", "not reached"))),
         ("loss: executor ids with more than one pod", str(s.get("duplicate_ids", "not reached"))),
         (f"loss: spurious EXITED events on the {s['apps']} watch streams", str(s.get("spurious_exited", "not reached"))),
-        ("unregister all → all pods gone (s)", fmt(s, "t_all_gone_s")),
+        ("unregister all → all pods gone (s)", fmt(s, "t_all_gone_s")
+         + (f"; stoker's last delete request sent at {s['t_deletes_sent_s']:.1f} s" if s.get("t_deletes_sent_s") else "")),
     ]
+    if s.get("again"):
+        rows += [
+            ("second ramp (new application ids, no fault): → all Running (s)", fmt(s, "t_running_2_s")),
+            ("second ramp: stoker CPU seconds", fmt(s, "ramp_stoker_cpu_2_s")),
+            (f"second ramp: stoker RSS with {total:,} pods tracked (MiB)", fmt(s, "rss_tracked_2_mib")),
+            ("second ramp: EXITED events on its streams", str(s.get("spurious_exited_2", "not reached"))),
+            ("second unregister → all pods gone (s)", fmt(s, "t_all_gone_2_s")),
+            ("stoker RSS after the second cycle (MiB)", fmt(s, "rss_after_2_mib")),
+        ]
     lines = ["| figure | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     for err in s.get("errors", []):
         lines.append(f"| FAILED | {err} |")
@@ -389,15 +478,17 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--apps", type=int, default=100)
     ap.add_argument("--per", type=int, default=100)
+    ap.add_argument("--again", action="store_true",
+                    help="then a second ramp and unregister, no fault (is the memory left after the first reused?)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    s = {"apps": a.apps, "per": a.per}
+    s = {"apps": a.apps, "per": a.per, "again": a.again}
     t_start = time.monotonic()
     harness = Harness(qps=0)
     try:
         harness.start()
-        run(harness, a.apps, a.per, s)
+        run(harness, a.apps, a.per, s, a.again)
     except Exception as e:  # noqa: BLE001 - reported in the table
         log(f"FAILED: {e!r}")
         s.setdefault("errors", []).append(repr(e)[:300])
@@ -413,6 +504,7 @@ def main():
     (out / "scale-samples.json").write_text(json.dumps(s, indent=1, default=str))
     print(text)
     loss = [s.get(k) for k in ("deleted_unasked", "duplicate_ids", "spurious_exited")]
+    loss += [s.get("spurious_exited_2")] if a.again else []
     sys.exit(1 if s.get("errors") or any(v != 0 for v in loss) else 0)
 
 
