@@ -6,7 +6,7 @@ VENV := $(CACHE)/venv-pyspark-4.2.0
 JAR := spark-plugin/target/stoker-spark-plugin.jar
 
 
-.PHONY: bench bench-quick bench-sizing bench-scale chaos chaos-quick
+.PHONY: bench bench-quick bench-sizing bench-scale bench-fairness chaos chaos-quick
 .PHONY: setup demo test test-rust test-plugin test-e2e test-testbed lint image
 
 setup:
@@ -68,6 +68,14 @@ bench-sizing: setup
 # loss figure is not 0. About 15 minutes.
 bench-scale: setup
 	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python tests/bench/bench_scale.py --out target/bench-scale --again
+
+# Issue 13's fairness benchmark (tests/bench/bench_fairness.py, not part of `make test`): two real
+# Spark drivers of 20 executors each, B 20 s after A, under a ResourceQuota of 20 pods, once through
+# Spark's built-in backend and once through stoker with a queue file of capacity 20; Jain's index,
+# B's time to its first and 8th executor, pending pods, quota refusals; prints the table and writes
+# target/bench-fairness/fairness.md. About 8 minutes.
+bench-fairness: setup
+	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python tests/bench/bench_fairness.py --out target/bench-fairness
 
 # The fault matrix (tests/chaos/chaos.py, not part of `make test`, which runs its quick variant
 # tests/e2e/test_chaos.py, cases a-e): every case 10 times (ramps of 500 executor pods in a-e, 200
