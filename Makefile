@@ -65,7 +65,7 @@ bench-sizing: setup
 # applications x 100 executor pods (light gRPC drivers) on the process-less kubelet, one forced
 # re-list (410 Gone) under that load, stoker's RSS and CPU, then a second ramp and unregister (is the
 # memory reused?); prints the table and writes target/bench-scale/scale.md. Exits non-zero when a
-# loss figure is not 0. About 15 minutes.
+# loss figure is not 0. About 11 minutes.
 bench-scale: setup
 	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python tests/bench/bench_scale.py --out target/bench-scale --again
 
