@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 
+from job_common import start, with_confs
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
@@ -37,14 +38,8 @@ def main():
         .config("spark.scheduler.minRegisteredResourcesRatio", "1.0")
         .config("spark.scheduler.maxRegisteredResourcesWaitingTime", "120s")
     )
-    for kv in a.conf:
-        key, sep, value = kv.partition("=")
-        if not sep:
-            p.error(f"--conf needs KEY=VALUE, got {kv!r}")
-        b = b.config(key, value)
-    spark = b.getOrCreate()
+    spark = start(with_confs(b, a.conf, p))
     sc = spark.sparkContext
-    print(json.dumps({"event": "started", "app_id": sc.applicationId}), flush=True)
 
     size = a.mib * 1024 * 1024
     rows = (

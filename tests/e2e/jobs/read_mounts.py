@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 
+from job_common import with_confs
 from pyspark.sql import SparkSession
 
 
@@ -41,11 +42,7 @@ def main():
     b = SparkSession.builder.master(master).appName("stoker-e2e-mounts")
     if master.startswith("spark+stoker://"):
         b = b.config("spark.driver.extraClassPath", os.environ["STOKER_PLUGIN_JAR"])
-    for kv in a.conf:
-        key, sep, value = kv.partition("=")
-        if not sep:
-            p.error(f"--conf needs KEY=VALUE, got {kv!r}")
-        b = b.config(key, value)
+    b = with_confs(b, a.conf, p)
     spark = (
         b.config("spark.driver.host", "127.0.0.1")
         .config("spark.driver.bindAddress", "127.0.0.1")

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+from job_common import start, with_confs
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
@@ -74,14 +75,8 @@ def main():
     else:
         b = b.config("spark.executor.instances", str(a.executors))
     # Last, so that a test's --conf overrides the defaults above.
-    for kv in a.conf:
-        key, sep, value = kv.partition("=")
-        if not sep:
-            p.error(f"--conf needs KEY=VALUE, got {kv!r}")
-        b = b.config(key, value)
-    spark = b.getOrCreate()
+    spark = start(with_confs(b, a.conf, p))
     sc = spark.sparkContext
-    print(json.dumps({"event": "started", "app_id": sc.applicationId}), flush=True)
 
     results = []
     for job in range(a.jobs):

@@ -10,6 +10,7 @@ import os
 
 from py4j.protocol import Py4JJavaError
 from pyspark.resource import ExecutorResourceRequests, ResourceProfileBuilder, TaskResourceRequests
+from job_common import start, with_confs
 from pyspark.sql import SparkSession
 
 
@@ -31,14 +32,8 @@ def main():
         .config("spark.dynamicAllocation.shuffleTracking.enabled", "true")
         .config("spark.dynamicAllocation.maxExecutors", "2")
     )
-    for kv in a.conf:
-        key, sep, value = kv.partition("=")
-        if not sep:
-            p.error(f"--conf needs KEY=VALUE, got {kv!r}")
-        b = b.config(key, value)
-    spark = b.getOrCreate()
+    spark = start(with_confs(b, a.conf, p))
     sc = spark.sparkContext
-    print(json.dumps({"event": "started", "app_id": sc.applicationId}), flush=True)
     plain = sc.parallelize(range(1000), 4).sum()
     profile = (ResourceProfileBuilder()
                .require(ExecutorResourceRequests().cores(2).memory("600m"))
