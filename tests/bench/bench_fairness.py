@@ -193,7 +193,11 @@ class FairnessBench(Bench):
                 stop.touch()
             for p, stop in drivers:
                 self.end_driver(p, stop)
-            time.sleep(1)  # the last events of the window
+            # Every event of the window is in once the watch has seen both drivers' pods go.
+            def all_gone():
+                replay = watch.replay()
+                return not replay or all(gone for _, _, gone in replay[-1][1].values())
+            wait_until(all_gone, 120, "both drivers' executor pods gone")
             refused = refused_pod_creates(self.testbed) - refused0
         finally:
             for p, _ in drivers:  # after a failure: no driver may outlive its part

@@ -242,6 +242,15 @@ def gauges(stoker):
     return out
 
 
+def wait_idle(stoker, timeout=120):
+    """Until stoker's own gauges say it holds no application and no executor (the figure "at
+    rest" is taken then, not after a fixed pause)."""
+    def idle():
+        g = gauges(stoker)
+        return g["applications"] == 0 and not any(g["executors"].values())
+    wait_for(idle, timeout, "stoker's gauges at 0 applications and 0 executors")
+
+
 def last_log_time(stoker, needle, since_wall):
     """Wall time of the last line of stoker's log holding `needle` at or after `since_wall`."""
     last = None
@@ -290,13 +299,14 @@ def ramp_again(harness, stoker, watch, apps_n, per, s, apps):
         wait_for(running, 1800, f"{total} pods Running (second ramp)", interval=5)
         s["t_running_2_s"] = time.monotonic() - t0
         s["ramp_stoker_cpu_2_s"] = cpu_s(pid) - k0
-        time.sleep(10)
+        wait_for(lambda: gauges(stoker)["executors"].get("running", 0) >= total, 120,
+                 f"stoker's gauges at {total} running executors")
         s["rss_tracked_2_mib"] = rss_mib(pid)
         s["spurious_exited_2"] = sum(len(a.exited()) for a in second)
     finally:
         beats.stop()
     unregister_all(second, watch, stoker, harness.api, s, "_2")
-    time.sleep(10)
+    wait_idle(stoker)
     s["rss_after_2_mib"] = rss_mib(pid)
 
 
@@ -310,7 +320,7 @@ def run(harness, apps_n, per, s, again):
     watch = PodWatch(api, NS)
     apps, beats = [], None
     try:
-        time.sleep(5)
+        wait_idle(stoker)  # its metrics answer: started, nothing held
         s["rss_rest_mib"] = rss_mib(pid)
         beats = Heartbeats(apps)  # reads the list as it grows
         for i in range(apps_n):
@@ -346,7 +356,9 @@ def run(harness, apps_n, per, s, again):
         s["ramp_stoker_cpu_s"] = cpu_s(pid) - k0
         s["ramp_rss_peak_mib"] = peak.stop()
         s["ramp_cpu"] = cpu_delta(c0, cpu_snapshot())
-        time.sleep(10)  # settle: the figure at rest with every pod tracked
+        # The figure with every pod tracked, once stoker's gauges count them all as running.
+        wait_for(lambda: gauges(stoker)["executors"].get("running", 0) >= total, 120,
+                 f"stoker's gauges at {total} running executors")
         s["rss_tracked_mib"] = rss_mib(pid)
         s["gauges_tracked"] = gauges(stoker)
 
@@ -411,7 +423,7 @@ def run(harness, apps_n, per, s, again):
         # -- unregister all --
         beats.stop()
         unregister_all(apps, watch, stoker, api, s, "")
-        time.sleep(10)
+        wait_idle(stoker)
         s["rss_after_mib"] = rss_mib(pid)
         s["gauges_after"] = gauges(stoker)
         if again:
