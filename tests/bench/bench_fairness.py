@@ -80,19 +80,12 @@ class AppWatch(TimedWatch):
         self.app_of = {}
         super().__init__(api, namespace)
 
-    def _read(self, resp):
-        super()._read(self._tee(resp))
-
-    def _tee(self, resp):
-        for line in resp:
-            if line.strip():
-                o = json.loads(line).get("object") or {}
-                meta = o.get("metadata") or {}
-                app = (meta.get("labels") or {}).get("spark-app-selector")
-                if meta.get("name") and app:
-                    with self.lock:
-                        self.app_of[meta["name"]] = app
-            yield line
+    def on_event(self, t, ev):
+        meta = (ev.get("object") or {}).get("metadata") or {}
+        app = (meta.get("labels") or {}).get("spark-app-selector")
+        if meta.get("name") and app:
+            with self.lock:
+                self.app_of[meta["name"]] = app
 
     def replay(self):
         """[(time, {pod: (phase, deleting, gone)})] after every event, in order."""

@@ -110,11 +110,16 @@ class TimedWatch:
                 self.rv = meta["resourceVersion"]
             if ev.get("type") == "BOOKMARK":
                 continue
+            self.on_event(t, ev)
             status = o.get("status") if isinstance(o.get("status"), dict) else {}
             lite = {"name": meta.get("name"), "phase": status.get("phase"),
                     "deleting": bool(meta.get("deletionTimestamp"))}
             with self.lock:
                 self.events.append((t, ev["type"], lite))
+
+    def on_event(self, t, ev):
+        """Called with each ADDED, MODIFIED or DELETED event (parsed) as it is read; subclasses
+        keep more of it."""
 
     def snapshot(self):
         with self.lock:

@@ -48,17 +48,9 @@ class PodWatch(TimedWatch):
         self.pods = []
         super().__init__(api, namespace)
 
-    def _read(self, resp):
-        super()._read(self._tee(resp))
-
-    def _tee(self, resp):
-        for line in resp:
-            if line.strip():
-                ev = json.loads(line)
-                if ev.get("type") in ("ADDED", "MODIFIED", "DELETED"):
-                    with self.lock:
-                        self.pods.append((time.time(), ev["type"], ev["object"]))
-            yield line
+    def on_event(self, t, ev):
+        with self.lock:
+            self.pods.append((t, ev["type"], ev["object"]))
 
     def of_app(self, app_id):
         with self.lock:
