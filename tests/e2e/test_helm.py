@@ -23,7 +23,7 @@ import pytest
 
 from conftest import ROOT, STOKER, wait_until
 import test_kubernetes
-from test_kubernetes import KubeStoker, check_result, k8s_args, namespaces, pods_of  # noqa: F401 (a fixture)
+from test_kubernetes import KubeStoker, check_result, k8s_args, kubeconfig_for, namespaces, pods_of  # noqa: F401 (a fixture)
 from test_tls import SERVER_EXT, issue, make_ca
 
 CHART = ROOT / "deploy" / "helm" / "stoker"
@@ -239,18 +239,6 @@ def test_one_replica_runs_without_a_lease_and_two_without_one_are_refused(helm):
     binding = objs[("RoleBinding", "team-a", "stoker-may-write-executors")]
     assert binding["roleRef"]["name"] == "stoker-write-executors"
     assert ("ClusterRole", "", "stoker-write-executors") in objs
-
-
-def kubeconfig_for(testbed, path, token):
-    path.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-        "clusters": [{"name": "testbed", "cluster": {
-            "server": f"https://127.0.0.1:{testbed.port}",
-            "certificate-authority": testbed.env["CA_CERT"]}}],
-        "users": [{"name": "stoker", "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "testbed", "user": "stoker"}}],
-    }))
-    return path
 
 
 def test_installed_chart_runs_a_job_and_uninstalls_clean(helm, testbed, process_kubelet, work_dir, driver_factory,

@@ -260,6 +260,19 @@ def test_oom_and_external_deletion_are_reported_and_replaced(kube, testbed, driv
     assert re.search(r"stoker: profile 0 now starts executors with .* after executor 1 was OOM-killed", driver.log())
 
 
+def kubeconfig_for(testbed, path, token):
+    """A kubeconfig at `path` that reaches the test bed with `token` (a ServiceAccount's)."""
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+        "clusters": [{"name": "testbed", "cluster": {
+            "server": f"https://127.0.0.1:{testbed.port}",
+            "certificate-authority": testbed.env["CA_CERT"]}}],
+        "users": [{"name": "stoker", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "testbed", "user": "stoker"}}],
+    }))
+    return path
+
+
 def executor_memory(pod):
     """(memory limit in MiB, SPARK_EXECUTOR_MEMORY) of an executor pod's executor container."""
     container = next(c for c in pod["spec"]["containers"]
@@ -588,15 +601,7 @@ def test_deploy_manifests_rbac_is_enough_and_no_more(testbed, process_kubelet, w
         assert can("impersonate", "serviceaccounts", "-n", "default") == "yes"
         assert can("impersonate", "serviceaccounts", "-n", "kube-system") == "no"
         token = testbed.kubectl("create", "token", "stoker", "-n", "stoker", "--duration=1h").stdout.strip()
-        kubeconfig = work_dir / "stoker-sa.kubeconfig"
-        kubeconfig.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-            "clusters": [{"name": "testbed", "cluster": {
-                "server": f"https://127.0.0.1:{testbed.port}",
-                "certificate-authority": testbed.env["CA_CERT"]}}],
-            "users": [{"name": "stoker", "user": {"token": token}}],
-            "contexts": [{"name": "sa", "context": {"cluster": "testbed", "user": "stoker"}}],
-        }))
+        kubeconfig = kubeconfig_for(testbed, work_dir / "stoker-sa.kubeconfig", token)
         instance = f"rbac-{os.getpid()}"
         # With leader election as deployed: the Lease in stoker's namespace, under the SA.
         server = KubeStoker(work_dir, testbed, instance, kubeconfig=kubeconfig,
