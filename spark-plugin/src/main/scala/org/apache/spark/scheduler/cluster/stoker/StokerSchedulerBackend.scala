@@ -259,11 +259,12 @@ private[spark] class StokerSchedulerBackend(
    * started that have not registered with the driver yet first (stopped through stoker: they hold
    * nothing), then, among the executors of the profile that Spark still uses (not being removed
    * or decommissioned), idle ones, then those with the fewest running tasks and the least shuffle
-   * and cached data; those are decommissioned through Spark: no new task goes to them, running ones finish, and with
-   * spark.storage.decommission.* their blocks migrate before they exit. Spark's totals are not
-   * lowered (adjustTargetNumExecutors = false), as dynamic allocation does when it decommissions:
-   * stoker creates no more than the fair share admits whatever total is asked, so nothing is
-   * asked again, and the total stays what the application needs for when its share grows.
+   * and cached data; those are decommissioned through Spark: no new task goes to them, running
+   * ones finish, and with spark.storage.decommission.* their blocks migrate before they exit.
+   * Spark's totals are not lowered (adjustTargetNumExecutors = false), as dynamic allocation does
+   * when it decommissions: stoker creates no more than the fair share admits whatever total is
+   * asked, so nothing is asked again, and the total stays what the application needs for when
+   * its share grows.
    *
    * Without spark.decommission.enabled an executor ignores the decommission message: the idle
    * ones chosen are killed instead (Spark refuses to kill a busy one: force = false), and
@@ -313,10 +314,10 @@ private[spark] class StokerSchedulerBackend(
   private def decommissionForReclaim(request: StokerReclaim.Request, count: Int): Int = {
     val s = session
     if (s == null) return 0
-    val registered = getExecutorIds().filter { id =>
-      getExecutorResourceProfileId(id) == request.profileId
+    val registered = getExecutorIds()
+    val candidates = registered.filter { id =>
+      isExecutorActive(id) && getExecutorResourceProfileId(id) == request.profileId
     }
-    val candidates = registered.filter(isExecutorActive)
     val running = scheduler.runningTasksByExecutors
     val stored = try {
       sc.statusStore.executorList(true)
@@ -329,7 +330,7 @@ private[spark] class StokerSchedulerBackend(
     val loads = candidates.map { id =>
       val (shuffle, cached) = stored.getOrElse(id, (0L, 0L))
       StokerReclaim.Load(id, running.getOrElse(id, 0), shuffle, cached)
-    } ++ s.startingExecutorsOf(request.profileId, getExecutorIds().toSet)
+    } ++ s.startingExecutorsOf(request.profileId, registered.toSet)
       .map(StokerReclaim.starting)
     val chosen = StokerReclaim.choose(loads, count)
     if (chosen.isEmpty) {
