@@ -7,7 +7,7 @@ JAR := spark-plugin/target/stoker-spark-plugin.jar
 
 
 .PHONY: bench bench-quick bench-sizing bench-scale bench-fairness chaos chaos-quick
-.PHONY: setup demo test test-rust test-plugin test-e2e test-testbed lint image
+.PHONY: setup demo test test-all test-long test-rust test-plugin test-e2e test-testbed lint image
 
 setup:
 	scripts/setup.sh
@@ -27,10 +27,17 @@ test-rust:
 test-plugin:
 	cd spark-plugin && mvn -B -q test
 
-# Everything under tests/e2e: the local backend and the Kubernetes test bed (tests/testbed with the
-# process kubelet, test_testbed.py), which scripts/setup.sh builds.
+# tests/e2e on the local backend and the Kubernetes test bed (tests/testbed with the process
+# kubelet, test_testbed.py), which scripts/setup.sh builds: every kind of scenario once. The tests
+# marked `long` (a second, slower case of a kind this already runs: the same scenario on the other
+# backend, or a slower variant; about 9 minutes) run in `make test-long`; `make test-all` runs both.
 test-e2e:
-	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python -m pytest -v -p no:cacheprovider --durations=25 tests/e2e
+	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python -m pytest -v -p no:cacheprovider --durations=25 -m "not long" tests/e2e
+
+test-long: setup
+	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python -m pytest -v -p no:cacheprovider --durations=10 -m long tests/e2e
+
+test-all: test test-long
 
 # Only the test bed's own tests (about 2 minutes).
 test-testbed: setup

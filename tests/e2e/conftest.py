@@ -18,6 +18,13 @@ JAR = Path(os.environ.get("STOKER_PLUGIN_JAR", ROOT / "spark-plugin" / "target" 
 JOBS = Path(__file__).resolve().parent / "jobs"
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "long: a second, slower case of a kind that `make test` already runs (on the other backend or "
+        "in a quicker form); `make test-long` runs these, `make test` does not")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -478,6 +478,7 @@ def test_stoker_restart_mid_job_adopts_pods_without_duplicates(kube, testbed, dr
     assert "adopted executors from an earlier stoker" in kube.log_path.read_text()
 
 
+@pytest.mark.long
 def test_two_applications_in_two_namespaces_stay_apart(kube, testbed, driver_factory, namespaces):
     a, b = namespaces("team-a"), namespaces("team-b")
     watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
@@ -756,6 +757,7 @@ def test_a_small_application_is_not_held_behind_another_applications_ramp(kube, 
     wait_until(lambda: not pods_of(testbed, kube.instance), 90, "both applications' pods deleted after the lease")
 
 
+@pytest.mark.long
 def test_delete_on_termination_false_keeps_exited_pods(kube, testbed, driver_factory):
     """spark.kubernetes.executor.deleteOnTermination=false: a failed executor's pod stays for
     inspection (its exit code in its status); the executor is replaced as usual; pods stoker

@@ -2,6 +2,8 @@
 driver, and stoker deletes them once their executors have left (real Spark drivers, real
 executor JVMs run by the process kubelet)."""
 
+import pytest
+
 from conftest import (
     ASKED_FOR_2,
     DECOMMISSIONING,
@@ -21,6 +23,7 @@ from test_kubernetes import (  # noqa: F401  (fixtures: the autouse token one, k
 )
 
 
+@pytest.mark.long
 def test_fair_share_reclaim_decommissions_executor_pods_and_stoker_deletes_them(
         kube, testbed, process_kubelet, driver_factory, work_dir):
     queue_file = work_dir / "queues.toml"

@@ -2,6 +2,8 @@
 import re
 import time
 
+import pytest
+
 from conftest import (
     ASKED_FOR_2,
     DECOMMISSIONING,
@@ -37,6 +39,7 @@ def test_shuffle_job_returns_the_right_answer_on_two_executors(stoker, driver_fa
     assert len(app_logs) >= 2, app_logs
 
 
+@pytest.mark.long
 def test_killed_executor_is_reported_replaced_and_the_job_finishes(stoker, driver_factory, work_dir):
     driver = driver_factory(stoker, "--executors", "2", "--slow-ms", "1500", "--partitions", "24")
     driver.wait_event("job-start", timeout=180)
@@ -54,6 +57,7 @@ def test_killed_executor_is_reported_replaced_and_the_job_finishes(stoker, drive
     assert len(list(work_dir.glob("*/executor-*.log"))) >= 3
 
 
+@pytest.mark.long
 def test_dynamic_allocation_scales_up_and_down(stoker, driver_factory, work_dir):
     driver = driver_factory(
         stoker, "--dynamic", "--executors", "3", "--slow-ms", "800", "--partitions", "30",
@@ -83,6 +87,7 @@ def test_driver_sigkill_removes_every_executor_within_the_lease(stoker, driver_f
     assert time.monotonic() - killed_at < 6 + 15
 
 
+@pytest.mark.long
 def test_driver_reattaches_after_stoker_restart(work_dir, driver_factory):
     server = Stoker(work_dir).start()
     try:
@@ -129,6 +134,7 @@ def test_out_of_memory_executor_is_replaced_by_a_bigger_one_and_the_job_finishes
     assert f'stoker_executor_resizes_total{{cause="heap"}} {len(resizes)}' in metrics, metrics
 
 
+@pytest.mark.long
 def test_the_next_run_of_a_sizing_key_starts_at_the_size_that_worked(stoker, driver_factory, work_dir):
     args = ("--mib", "600", "--tasks", "2", "--conf", "spark.stoker.sizing.key=heap-hog")
     first = driver_factory(stoker, *args, job="heap_hog.py")
@@ -157,6 +163,7 @@ def test_stage_level_scheduling_with_a_new_profile_is_refused_by_spark_by_name(s
     assert "ResourceProfiles are only supported on YARN and Kubernetes and Standalone" in error, result
 
 
+@pytest.mark.long
 def test_fair_share_admits_a_later_application_and_tells_the_first(work_dir, driver_factory):
     queue_file = work_dir / "queues.toml"
     queue_file.write_text(QUEUES_FOUR_EXECUTORS)

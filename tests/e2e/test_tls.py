@@ -42,6 +42,7 @@ def install(src, dst):
     aside.replace(dst)
 
 
+@pytest.mark.long
 def test_a_job_runs_over_tls_with_client_certificates_through_a_certificate_rotation(
     work_dir, driver_factory, monkeypatch
 ):
