@@ -516,11 +516,13 @@ impl ExecutorAllocator for Service {
         let result = async {
             let caller = self.auth.identify(bearer?.as_deref()).await?;
             let handle = self.authorize(&request.app_id, &request.token, caller.as_ref())?;
-            let removed = handle
-                .call(|reply| AppCommand::Unregister { reply })
+            let usage = validate::usage(&request.usage, &self.limits)?;
+            let (removed, notes) = handle
+                .call(|reply| AppCommand::Unregister { usage, reply })
                 .await?;
             Ok(pb::UnregisterApplicationResponse {
                 removed_executors: u32::try_from(removed).unwrap_or(u32::MAX),
+                notes,
             })
         }
         .await;

@@ -16,7 +16,7 @@ use stoker_core::fairshare::{ProfileDemand, QueueName, Shape};
 use stoker_core::{
     Action, AppId, AppPhase, BackendObservation, DriverIdentity, Engine, EngineConfig, EngineError,
     Event, EventKind, ExecutorBackend, ExecutorEvent, ExecutorId, ExecutorPhase, ExecutorSize,
-    ExecutorTemplate, LaunchRequest, Millis, Observation, ProfileId, Sizing,
+    ExecutorTemplate, LaunchRequest, Millis, Observation, ProfileId, ProfileUsage, Sizing,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
@@ -145,8 +145,10 @@ pub enum AppCommand {
     },
     /// UnregisterApplication.
     Unregister {
-        /// Reply with the number of executors being removed.
-        reply: Reply<usize>,
+        /// What the run's executors used at most, per profile (validated).
+        usage: BTreeMap<ProfileId, ProfileUsage>,
+        /// Reply with the number of executors being removed and notes for the driver's log.
+        reply: Reply<(usize, Vec<String>)>,
     },
     /// Events after a sequence number (at most `limit`).
     Events {
@@ -696,15 +698,17 @@ impl Actor {
                 };
                 let _ = reply.send(result);
             }
-            AppCommand::Unregister { reply } => {
+            AppCommand::Unregister { usage, reply } => {
                 // A run that ends on its own, not failed: its sizes are the ones to start from.
-                if self.engine.phase() == AppPhase::Active {
-                    self.remember_sizes();
-                }
+                let notes = if self.engine.phase() == AppPhase::Active {
+                    self.remember_sizes(&usage)
+                } else {
+                    Vec::new()
+                };
                 let removed = self.engine.unregister(now);
                 info!(app = %self.app_id, removed, "application unregistered");
                 self.settle();
-                let _ = reply.send(Ok(removed));
+                let _ = reply.send(Ok((removed, notes)));
             }
             AppCommand::Events {
                 after_seq,
@@ -861,8 +865,9 @@ impl Actor {
             .collect()
     }
 
-    /// Records the sizes the application ends with under its sizing key.
-    fn remember_sizes(&self) {
+    /// Records the sizes the application ends with under its sizing key, a size stepped down
+    /// where the run's executors used far less (`usage`); returns the notes for the driver.
+    fn remember_sizes(&self, usage: &BTreeMap<ProfileId, ProfileUsage>) -> Vec<String> {
         let (Some(store), Some(key)) = (
             &self.apps.sizes,
             self.template
@@ -870,17 +875,30 @@ impl Actor {
                 .as_ref()
                 .and_then(|r| r.sizing_key.as_deref()),
         ) else {
-            return;
+            return Vec::new();
         };
         if self.engine.sizing().policy().is_none() {
-            return;
+            return Vec::new();
         }
-        let sizes = self.engine.sizing().sizes().collect();
+        let (sizes, steps) = self.engine.sizing().sizes_to_remember(usage);
         let now_unix_ms = self.apps.clock.unix_ms(self.apps.clock.now());
         match store.remember(key, &sizes, &self.template.profiles, now_unix_ms) {
-            Ok(()) => debug!(app = %self.app_id, sizing_key = key, "sizes remembered"),
+            Ok(()) => {
+                debug!(app = %self.app_id, sizing_key = key, "sizes remembered");
+                steps
+                    .iter()
+                    .map(|step| {
+                        let message = step.message(key);
+                        info!(app = %self.app_id, profile = step.profile, sizing_key = key, "{message}");
+                        message
+                    })
+                    .collect()
+            }
             Err(err) => {
-                warn!(app = %self.app_id, sizing_key = key, error = %err, "cannot remember sizes")
+                warn!(app = %self.app_id, sizing_key = key, error = %err, "cannot remember sizes");
+                vec![format!(
+                    "the sizes of spark.stoker.sizing.key {key:?} cannot be remembered: {err}"
+                )]
             }
         }
     }

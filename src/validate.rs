@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use stoker_core::{
-    AppId, ExecutorId, ExecutorTemplate, KubernetesSettings, ProfileId, ResizeSettings,
-    ResourceProfile, SparkPods, SparkProfilePod,
+    AppId, ExecutorId, ExecutorTemplate, KubernetesSettings, ProfileId, ProfileUsage,
+    ResizeSettings, ResourceProfile, SparkPods, SparkProfilePod,
 };
 
 use crate::config::Limits;
@@ -142,6 +142,49 @@ pub fn targets(
             ));
         }
         out.push((target.resource_profile_id, total));
+    }
+    Ok(out)
+}
+
+/// Validates the memory use an UnregisterApplication reports, per profile (profile membership is
+/// the application's check: a profile it does not know is ignored).
+pub fn usage(
+    raw: &[pb::ProfileUsage],
+    limits: &Limits,
+) -> Result<BTreeMap<ProfileId, ProfileUsage>, ApiError> {
+    const MIB: u64 = 1 << 20;
+    if raw.len() > limits.max_entries {
+        return Err(ApiError::invalid(
+            "usage",
+            format!(
+                "has {} entries, more than {}",
+                raw.len(),
+                limits.max_entries
+            ),
+        ));
+    }
+    let mut out = BTreeMap::new();
+    for (i, u) in raw.iter().enumerate() {
+        if u.executors_measured > u.executors {
+            return Err(ApiError::invalid(
+                format!("usage[{i}].executors_measured"),
+                format!(
+                    "{} is more than the {} executors of the profile",
+                    u.executors_measured, u.executors
+                ),
+            ));
+        }
+        let usage = ProfileUsage {
+            peak_heap_mib: u.peak_heap_bytes.div_ceil(MIB),
+            peak_rss_mib: (u.peak_rss_bytes > 0).then(|| u.peak_rss_bytes.div_ceil(MIB)),
+            complete: u.executors > 0 && u.executors_measured == u.executors,
+        };
+        if out.insert(u.resource_profile_id, usage).is_some() {
+            return Err(ApiError::invalid(
+                format!("usage[{i}].resource_profile_id"),
+                format!("profile {} is given twice", u.resource_profile_id),
+            ));
+        }
     }
     Ok(out)
 }

@@ -280,6 +280,7 @@ async fn two_applications_share_the_capacity_and_hear_of_it_once_per_change() {
         .unregister_application(pb::UnregisterApplicationRequest {
             app_id: "app-b".into(),
             token: token_b,
+            ..Default::default()
         })
         .await
         .expect("unregister");

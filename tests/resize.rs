@@ -402,6 +402,7 @@ async fn the_next_run_of_a_sizing_key_starts_at_the_size_the_last_one_ended_with
         .unregister_application(pb::UnregisterApplicationRequest {
             app_id: "run-1".into(),
             token: first.token,
+            ..Default::default()
         })
         .await
         .expect("unregistered");
@@ -429,5 +430,135 @@ async fn the_next_run_of_a_sizing_key_starts_at_the_size_the_last_one_ended_with
         .into_inner();
     let told = warning_containing(&mut stream, "earlier run").await;
     assert!(told.contains("\"nightly etl\""), "{told}");
+    h.running.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_run_that_used_far_less_steps_the_remembered_size_down_one_notch() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut h = start_with(
+        true,
+        Limits {
+            sizes_file: Some(dir.path().join("sizes.tsv")),
+            ..Limits::default()
+        },
+    )
+    .await;
+    let keyed = || {
+        Some(pb::ResizePolicy {
+            sizing_key: "nightly etl".into(),
+            ..policy(1.5, 0).expect("policy")
+        })
+    };
+    const MIB: u64 = 1 << 20;
+    let small = |executors| {
+        vec![pb::ProfileUsage {
+            resource_profile_id: 0,
+            peak_heap_bytes: 200 * MIB,
+            peak_rss_bytes: 0,
+            executors,
+            executors_measured: executors,
+        }]
+    };
+    let unregister =
+        |app: &str, token: String, usage: Vec<pb::ProfileUsage>| pb::UnregisterApplicationRequest {
+            app_id: app.into(),
+            token,
+            usage,
+        };
+
+    // Run 1 runs out of heap and grows; it needed the grown size, so it keeps it whatever it
+    // reports.
+    let first = h
+        .client
+        .register_application(request("run-1", keyed()))
+        .await
+        .expect("registered")
+        .into_inner();
+    assert_eq!(next_launch(&mut h.launches).await, (1, 512, 384));
+    let app = AppId::parse("run-1").expect("app id");
+    h.backend.emit(
+        &app,
+        ExecutorId::new(1),
+        Observation::Exited {
+            code: Some(52),
+            reason: ExitReason::Error,
+            message: String::new(),
+        },
+    );
+    assert_eq!(next_launch(&mut h.launches).await, (2, 768, 576));
+    let notes = h
+        .client
+        .unregister_application(unregister("run-1", first.token, small(2)))
+        .await
+        .expect("unregistered")
+        .into_inner()
+        .notes;
+    assert!(notes.is_empty(), "{notes:?}");
+
+    // Run 2 starts at the grown size. A usage report that does not add up is refused by name
+    // and changes nothing; the right one steps the heap down one notch.
+    let second = h
+        .client
+        .register_application(request("run-2", keyed()))
+        .await
+        .expect("registered")
+        .into_inner();
+    assert_eq!(next_launch(&mut h.launches).await, (1, 768, 576));
+    let mut wrong = small(1);
+    wrong[0].executors_measured = 2;
+    let refused = h
+        .client
+        .unregister_application(unregister("run-2", second.token.clone(), wrong))
+        .await
+        .expect_err("more executors measured than ran");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("usage[0].executors_measured"),
+        "{}",
+        refused.message()
+    );
+    h.client
+        .heartbeat(pb::HeartbeatRequest {
+            app_id: "run-2".into(),
+            token: second.token.clone(),
+            acked_seq: 0,
+        })
+        .await
+        .expect("still registered");
+    let notes = h
+        .client
+        .unregister_application(unregister("run-2", second.token, small(1)))
+        .await
+        .expect("unregistered")
+        .into_inner()
+        .notes;
+    assert_eq!(
+        notes,
+        [
+            "profile 0's size steps down from 768 MiB heap + 576 MiB overhead to 512 MiB heap + \
+          576 MiB overhead for the next run of spark.stoker.sizing.key \"nightly etl\": its \
+          executors used at most 200 MiB of heap"
+        ]
+    );
+
+    // Run 3 starts one notch smaller: the heap is back at its configured size; the overhead
+    // stays (no resident memory was measured).
+    let third = h
+        .client
+        .register_application(request("run-3", keyed()))
+        .await
+        .expect("registered")
+        .into_inner();
+    assert_eq!(next_launch(&mut h.launches).await, (1, 512, 576));
+    // Without a usage report nothing steps down.
+    let notes = h
+        .client
+        .unregister_application(unregister("run-3", third.token, Vec::new()))
+        .await
+        .expect("unregistered")
+        .into_inner()
+        .notes;
+    assert!(notes.is_empty(), "{notes:?}");
     h.running.shutdown().await.expect("shutdown");
 }

@@ -749,6 +749,7 @@ async fn unregister_removes_everything_and_application_limit_holds() {
         .unregister_application(pb::UnregisterApplicationRequest {
             app_id: "app-1".into(),
             token: token.clone(),
+            ..Default::default()
         })
         .await
         .expect("unregister")
@@ -1012,6 +1013,7 @@ async fn applications_per_namespace_are_limited_with_the_default_namespace_count
         .unregister_application(pb::UnregisterApplicationRequest {
             app_id: "a-1".into(),
             token: spark[0].clone(),
+            ..Default::default()
         })
         .await
         .expect("unregister");
@@ -1199,6 +1201,7 @@ async fn executors_in_all_are_limited_and_room_given_back_is_free_at_once() {
         .unregister_application(pb::UnregisterApplicationRequest {
             app_id: "app-a".into(),
             token: token_a.clone(),
+            ..Default::default()
         })
         .await
         .expect("unregister");

@@ -19,7 +19,8 @@ pub use engine::{
 };
 pub use error::{EngineError, InvalidInput};
 pub use sizing::{
-    ExecutorSize, MemoryCause, Resize, ResizePolicy, ResizeSettings, Sizing, Verdict,
+    ExecutorSize, MemoryCause, ProfileUsage, Resize, ResizePolicy, ResizeSettings, Sizing,
+    StepDown, Verdict,
 };
 pub use types::{
     AppId, DriverIdentity, ExecutorId, ExecutorPhase, ExecutorTemplate, ExitInfo, ExitReason,

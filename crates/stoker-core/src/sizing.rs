@@ -39,6 +39,10 @@ use std::collections::BTreeMap;
 
 use crate::types::{ExecutorId, ExitReason, ProfileId, ResourceProfile};
 
+mod step_down;
+
+pub use step_down::{ProfileUsage, StepDown};
+
 /// Spark's exit code for an executor that died of `java.lang.OutOfMemoryError`
 /// (`SparkExitCode.OOM`).
 pub const JVM_OOM_EXIT_CODE: i32 = 52;
@@ -260,6 +264,8 @@ struct ProfileSizing {
     /// a failure at that size or above for the same cause makes the deferred one count.
     deferred: [Option<u64>; 2],
     ceiling_warned: [bool; 2],
+    /// The profile grew during this run: the size it ends with was needed.
+    grew: bool,
 }
 
 impl ProfileSizing {
@@ -313,6 +319,7 @@ impl Sizing {
                 capped: false,
                 deferred: [None; 2],
                 ceiling_warned: [false; 2],
+                grew: false,
             });
     }
 
@@ -391,6 +398,7 @@ impl Sizing {
         };
         p.previous = Some(from);
         p.current = to;
+        p.grew = true;
         p.deferred[slot] = Some(p.dimension(cause, to));
         Verdict::Grew {
             resize: Resize {
