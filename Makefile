@@ -30,7 +30,7 @@ test-plugin:
 # tests/e2e on the local backend and the Kubernetes test bed (tests/testbed with the process
 # kubelet, test_testbed.py), which scripts/setup.sh builds: every kind of scenario once. The tests
 # marked `long` (a second, slower case of a kind this already runs: the same scenario on the other
-# backend, or a slower variant; about 9 minutes) run in `make test-long`; `make test-all` runs both.
+# backend, or a slower variant; about 8 minutes) run in `make test-long`; `make test-all` runs both.
 test-e2e:
 	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python -m pytest -v -p no:cacheprovider --durations=25 -m "not long" tests/e2e
 

@@ -134,22 +134,52 @@ def test_out_of_memory_executor_is_replaced_by_a_bigger_one_and_the_job_finishes
     assert f'stoker_executor_resizes_total{{cause="heap"}} {len(resizes)}' in metrics, metrics
 
 
-@pytest.mark.long
-def test_the_next_run_of_a_sizing_key_starts_at_the_size_that_worked(stoker, driver_factory, work_dir):
-    args = ("--mib", "600", "--tasks", "2", "--conf", "spark.stoker.sizing.key=heap-hog")
-    first = driver_factory(stoker, *args, job="heap_hog.py")
+def test_the_next_run_of_a_sizing_key_starts_at_the_size_that_worked_and_a_far_smaller_run_steps_it_down(
+    stoker, driver_factory, work_dir
+):
+    # Executors poll their memory every 100 ms, so the driver holds each one's peak (with Spark's
+    # default, 0, it holds a heartbeat snapshot and the plugin reports nothing).
+    key = ("--conf", "spark.stoker.sizing.key=heap-hog",
+           "--conf", "spark.executor.metrics.pollingInterval=100ms")
+    big = ("--mib", "600", "--tasks", "2", *key)
+    first = driver_factory(stoker, *big, job="heap_hog.py")
     first.wait(timeout=400)
-    grown = re.findall(r"now starts executors with (\d+) MiB heap", first.log())
+    grown = re.findall(r"now starts executors with (\d+) MiB heap \+ (\d+) MiB overhead", first.log())
     assert grown, first.log()[-8000:]
+    heap, overhead = map(int, grown[-1])
     assert (work_dir / "sizes.tsv").exists()
+    # It grew during the run: the size it ended with was needed, whatever it used.
+    assert "steps down" not in first.log(), first.log()[-8000:]
 
-    second = driver_factory(stoker, *args, job="heap_hog.py")
+    # The same data again: it starts at the grown size, never runs out of heap, and used too much
+    # of it to step down.
+    second = driver_factory(stoker, *big, job="heap_hog.py")
     result = second.wait(timeout=400)
     assert result["lengths"] == [600 * 1024 * 1024] * 2
     log = second.log()
-    assert f"profile 0 starts executors with {grown[-1]} MiB heap" in log, log[-8000:]
+    assert f"profile 0 starts executors with {heap} MiB heap" in log, log[-8000:]
     assert "exit code 52" not in log and "exited with code 52" not in log, log[-8000:]
     assert "now starts executors" not in log, log[-8000:]
+    assert "steps down" not in log, log[-8000:]
+
+    # A run with little data (10 MiB per task) at the grown size: its executors used under half
+    # of one notch smaller, so stoker steps the remembered size down, tells the driver, and the
+    # next run of the key starts there.
+    third = driver_factory(stoker, "--mib", "10", "--tasks", "2", *key, job="heap_hog.py")
+    third.wait(timeout=400)
+    log = third.log()
+    assert f"profile 0 starts executors with {heap} MiB heap" in log, log[-8000:]
+    stepped = re.search(
+        rf"stoker: profile 0's size steps down from {heap} MiB heap \+ {overhead} MiB overhead to "
+        r"(\d+) MiB heap \+ (\d+) MiB overhead for the next run of spark.stoker.sizing.key "
+        r'"heap-hog": its executors used at most (\d+) MiB of heap',
+        log,
+    )
+    assert stepped, log[-8000:]
+    lower, used = int(stepped.group(1)), int(stepped.group(3))
+    assert 512 <= lower < heap and 0 < used * 2 <= lower, stepped.group(0)
+    sizes = (work_dir / "sizes.tsv").read_text()
+    assert f"heap-hog\t0\t512\t384\t{lower}\t{stepped.group(2)}\t" in sizes, sizes
 
 
 def test_stage_level_scheduling_with_a_new_profile_is_refused_by_spark_by_name(stoker, driver_factory):

@@ -179,7 +179,8 @@ private[spark] class StokerSchedulerBackend(
       Utils.tryLogNonFatalError(s.releaseTargets())
     }
     Utils.tryLogNonFatalError(super.stop())
-    if (s != null) Utils.tryLogNonFatalError(s.unregister())
+    // The run's peak memory per profile, for stoker's sizes across runs.
+    if (s != null) Utils.tryLogNonFatalError(s.unregister(StokerUsage.report(sc)))
     closeChannel()
   }
 

@@ -192,13 +192,15 @@ private[spark] class StokerSession(
   }
 
   /** After [[stop]]: removes the application and all its executors (bounded deadline). */
-  def unregister(): Unit = {
+  def unregister(usage: Seq[ProfileUsage] = Nil): Unit = {
     if (!attachment.wasEverRegistered) return
     try {
       val resp = stub(settings.unregisterTimeoutMs).unregisterApplication(
-        UnregisterApplicationRequest.newBuilder().setAppId(appId).setToken(currentToken).build())
+        UnregisterApplicationRequest.newBuilder().setAppId(appId).setToken(currentToken)
+          .addAllUsage(usage.asJava).build())
       logInfo(s"Unregistered application $appId from stoker at $target " +
         s"(${resp.getRemovedExecutors} executor(s) being removed)")
+      resp.getNotesList.asScala.foreach(note => logWarning(s"stoker: $note"))
     } catch {
       case e: StatusRuntimeException =>
         logWarning(s"stoker: could not unregister application $appId from $target: " +
