@@ -166,6 +166,26 @@ fn policy(factor: f64, max_memory_mib: u64) -> Option<pb::ResizePolicy> {
     })
 }
 
+/// A server whose sizes across runs are kept in `dir`.
+async fn start_remembering(dir: &tempfile::TempDir) -> Harness {
+    start_with(
+        true,
+        Limits {
+            sizes_file: Some(dir.path().join("sizes.tsv")),
+            ..Limits::default()
+        },
+    )
+    .await
+}
+
+/// Resizing ×1.5 with the sizing key `nightly etl`.
+fn keyed() -> Option<pb::ResizePolicy> {
+    Some(pb::ResizePolicy {
+        sizing_key: "nightly etl".into(),
+        ..policy(1.5, 0).expect("policy")
+    })
+}
+
 async fn next_launch(
     launches: &mut mpsc::UnboundedReceiver<(ExecutorId, ExecutorSize)>,
 ) -> (u64, u64, u64) {
@@ -366,20 +386,7 @@ async fn a_backend_that_ignores_sizes_keeps_them_and_says_so() {
 #[tokio::test]
 async fn the_next_run_of_a_sizing_key_starts_at_the_size_the_last_one_ended_with() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut h = start_with(
-        true,
-        Limits {
-            sizes_file: Some(dir.path().join("sizes.tsv")),
-            ..Limits::default()
-        },
-    )
-    .await;
-    let keyed = || {
-        Some(pb::ResizePolicy {
-            sizing_key: "nightly etl".into(),
-            ..policy(1.5, 0).expect("policy")
-        })
-    };
+    let mut h = start_remembering(&dir).await;
     let first = h
         .client
         .register_application(request("run-1", keyed()))
@@ -436,20 +443,7 @@ async fn the_next_run_of_a_sizing_key_starts_at_the_size_the_last_one_ended_with
 #[tokio::test]
 async fn a_run_that_used_far_less_steps_the_remembered_size_down_one_notch() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut h = start_with(
-        true,
-        Limits {
-            sizes_file: Some(dir.path().join("sizes.tsv")),
-            ..Limits::default()
-        },
-    )
-    .await;
-    let keyed = || {
-        Some(pb::ResizePolicy {
-            sizing_key: "nightly etl".into(),
-            ..policy(1.5, 0).expect("policy")
-        })
-    };
+    let mut h = start_remembering(&dir).await;
     const MIB: u64 = 1 << 20;
     let small = |executors| {
         vec![pb::ProfileUsage {

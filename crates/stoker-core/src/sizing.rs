@@ -495,7 +495,7 @@ fn grow(p: &ProfileSizing, policy: ResizePolicy, cause: MemoryCause) -> Option<E
 mod tests {
     use super::*;
 
-    fn profile(heap: u64, overhead: u64) -> ResourceProfile {
+    pub(super) fn profile(heap: u64, overhead: u64) -> ResourceProfile {
         ResourceProfile {
             id: 0,
             cores: 1,

@@ -3,18 +3,9 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use super::*;
+use crate::sizing::tests::profile;
 use crate::sizing::{ResizePolicy, Verdict};
-use crate::types::{ExecutorId, ExitReason, ResourceProfile};
-
-fn profile(heap: u64, overhead: u64) -> ResourceProfile {
-    ResourceProfile {
-        id: 0,
-        cores: 1,
-        heap_mib: heap,
-        overhead_mib: overhead,
-        ..ResourceProfile::default()
-    }
-}
+use crate::types::{ExecutorId, ExitReason};
 
 fn size(heap_mib: u64, overhead_mib: u64) -> ExecutorSize {
     ExecutorSize {
