@@ -267,10 +267,8 @@ def unregister_all(apps, watch, stoker, api, s, key):
     t_unreg, wall = time.monotonic(), time.time()
     for a in apps:
         a.unregister()
-    # Polls the API server, not PodWatch.wait_gone: that one recomputes every pod's state under
-    # the watch's lock at each event, which at 10,000 pods holds the watch back for minutes.
-    wait_for(lambda: not api.get(f"/api/v1/namespaces/{NS}/pods", limit="1")["items"], 900,
-             "every pod gone after the unregister", interval=0.5)
+    if not watch.wait_gone(time.monotonic() + 900):
+        raise AssertionError("timed out after 900 s waiting for every pod gone after the unregister")
     s[f"t_all_gone{key}_s"] = time.monotonic() - t_unreg
     last = last_log_time(stoker, "pod deletion requested", wall)
     s[f"t_deletes_sent{key}_s"] = (last - wall) if last else None

@@ -217,8 +217,9 @@ class FaultProxy:
 
 class PodWatch:
     """Every pod event of one namespace, straight from the API server. Reconnects from the last
-    resource version; after a 410 it lists again and records the pods it had not seen as ADDED
-    (`gaps` counts those re-lists: a pod born and gone inside one would be missed)."""
+    resource version; after a 410 it lists again, records the pods it had not seen as ADDED and
+    the pods it holds live that the list lacks as DELETED (`gaps` counts those re-lists: a pod
+    born and gone inside one would be missed)."""
 
     def __init__(self, api, namespace):
         self.api = api
@@ -228,6 +229,11 @@ class PodWatch:
         self.closed = False
         self.gaps = 0
         self.seen = set()
+        # Kept as events arrive, so that the waits below cost O(1) per event, not a pass over
+        # every event so far (10,000 pods made that quadratic).
+        self.live = set()  # uids whose last event is not DELETED
+        self.owner = {}  # uid: (app, exec id)
+        self.n_added = 0
         self.rv = None
         self.resp = None
         self._list()
@@ -240,6 +246,12 @@ class PodWatch:
         self.rv = out["metadata"]["resourceVersion"]
         for p in out["items"]:
             self._record("ADDED", p)
+        listed = {p["metadata"]["uid"] for p in out["items"]}
+        with self.cond:
+            gone = self.live - listed
+        for uid in gone:
+            app, eid = self.owner[uid]
+            self._append((time.monotonic(), "DELETED", uid, app, eid, None, True))
 
     def _open(self):
         q = {"watch": "1", "timeoutSeconds": "1800", "resourceVersion": self.rv}
@@ -257,8 +269,18 @@ class PodWatch:
         ev = (time.monotonic(), typ, uid, (meta.get("annotations") or {}).get("stoker.dev/app-id"),
               (meta.get("labels") or {}).get("spark-exec-id"), status.get("phase"),
               bool(meta.get("deletionTimestamp")))
+        self._append(ev)
+
+    def _append(self, ev):
+        typ, uid = ev[1], ev[2]
         with self.cond:
+            self.owner[uid] = (ev[3], ev[4])
             self.events.append(ev)
+            self.n_added += typ == "ADDED"
+            if typ == "DELETED":
+                self.live.discard(uid)
+            else:
+                self.live.add(uid)
             self.cond.notify_all()
 
     def _run(self):
@@ -321,7 +343,7 @@ class PodWatch:
     def wait_added(self, count, timeout, proc=None):
         deadline = time.monotonic() + timeout
         with self.cond:
-            while sum(1 for e in self.events if e[1] == "ADDED") < count:
+            while self.n_added < count:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError(f"timed out after {timeout}s waiting for {count} pods")
@@ -332,10 +354,8 @@ class PodWatch:
     def wait_gone(self, deadline):
         """Waits (on the watch, until the monotonic `deadline`) for every pod it has seen to be
         DELETED; True when none is left."""
-        def left():
-            return [uid for uid, (_, _, _, _, gone) in self.state().items() if not gone]
         with self.cond:
-            while left():
+            while self.live:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
