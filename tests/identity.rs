@@ -4,12 +4,14 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use stoker::auth::Authenticator;
 use stoker::config::Limits;
 use stoker::error::ApiError;
 use stoker::proto::v1 as pb;
 use stoker::proto::v1::executor_allocator_client::ExecutorAllocatorClient;
+use stoker::queues::QueueSettings;
 use stoker::server::{self, Running, Settings};
 use stoker_core::{
     AppId, DriverIdentity, EngineConfig, ExecutorBackend, ExecutorId, LaunchRequest, Millis,
@@ -19,7 +21,7 @@ use tonic::{Code, Request};
 
 mod common;
 
-use common::template;
+use common::{template, warning_containing};
 
 /// Bearer "alice" is system:serviceaccount:team-a:spark, "bob" is team-b's; anything else is
 /// refused. Alice may also create pods in "shared".
@@ -102,6 +104,13 @@ impl ExecutorBackend for Shared {
 }
 
 async fn start() -> (Running, Arc<Recorder>, ExecutorAllocatorClient<Channel>) {
+    start_with_queues(None).await
+}
+
+/// The server with `queues` as its `--queues`.
+async fn start_with_queues(
+    queues: Option<QueueSettings>,
+) -> (Running, Arc<Recorder>, ExecutorAllocatorClient<Channel>) {
     let recorder = Arc::new(Recorder::default());
     let for_start = Arc::clone(&recorder);
     let settings = Settings {
@@ -113,7 +122,7 @@ async fn start() -> (Running, Arc<Recorder>, ExecutorAllocatorClient<Channel>) {
         incarnation: "test".into(),
         tls: None,
         namespace_selector: None,
-        queues: None,
+        queues,
     };
     let running = server::start_with_auth(settings, Arc::new(FakeKubernetes), move |_sink| {
         Ok(Arc::new(Shared(for_start)) as Arc<dyn ExecutorBackend>)
@@ -331,4 +340,90 @@ async fn a_driver_bound_to_its_pod_stays_bound_to_it() {
         .expect_err("another pod of the same ServiceAccount");
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     assert!(err.message().contains("carol-pod-1"), "{err}");
+}
+
+#[tokio::test]
+async fn a_queue_is_chosen_only_by_the_identities_it_allows() {
+    // etl admits team-a's ServiceAccounts; everyone else runs in adhoc.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("queues.toml");
+    std::fs::write(
+        &path,
+        r#"
+default_queue = "adhoc"
+
+[capacity]
+executors = 8
+
+[[queues]]
+name = "adhoc"
+
+[[queues]]
+name = "etl"
+allow = ["system:serviceaccount:team-a:*"]
+"#,
+    )
+    .expect("write queue file");
+    let (running, _recorder, mut client) = start_with_queues(Some(QueueSettings {
+        path,
+        reload_interval: Duration::from_secs(3600),
+        debounce: Duration::from_millis(20),
+    }))
+    .await;
+
+    // bob (team-b) may not choose etl: refused naming the queue and the identity, nothing
+    // registered or launched.
+    let mut bobs = registration("bob-app", "team-b");
+    bobs.queue = "etl".into();
+    let status = client
+        .register_application(as_bearer(bobs, Some("bob")))
+        .await
+        .expect_err("etl is not bob's");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("\"etl\"")
+            && status
+                .message()
+                .contains("system:serviceaccount:team-b:spark"),
+        "{status:?}"
+    );
+    // alice (team-a) may; bob's own registration without a queue goes to adhoc.
+    // Each asks for 20 of a capacity of 8: each is told what its queue admits.
+    let mut alices = registration("alice-app", "team-a");
+    alices.queue = "etl".into();
+    alices.initial_targets[0].total = 20;
+    let mut bobs = registration("bob-app", "team-b");
+    bobs.initial_targets[0].total = 20;
+    let alice = client
+        .register_application(as_bearer(alices, Some("alice")))
+        .await
+        .expect("etl allows team-a")
+        .into_inner();
+    let bob = client
+        .register_application(as_bearer(bobs, Some("bob")))
+        .await
+        .expect("bob in the default queue")
+        .into_inner();
+    for (app, token, bearer, queue) in [
+        ("alice-app", alice.token, "alice", "etl"),
+        ("bob-app", bob.token, "bob", "adhoc"),
+    ] {
+        let mut events = client
+            .watch_executors(as_bearer(
+                pb::WatchExecutorsRequest {
+                    app_id: app.into(),
+                    token,
+                    after_seq: 0,
+                },
+                Some(bearer),
+            ))
+            .await
+            .expect("watch")
+            .into_inner();
+        let told = warning_containing(&mut events, "admitted").await;
+        assert!(told.contains(&format!("(queue {queue},")), "{app}: {told}");
+    }
+    // Had the refused registration been taken, bob-app would be in etl (a registration of the
+    // same id re-attaches).
+    running.shutdown().await.expect("shutdown");
 }

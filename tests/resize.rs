@@ -17,6 +17,10 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::Code;
 
+mod common;
+
+use common::warning_containing;
+
 const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Records launches (with their size) and reports them running; `honours_size` as configured.
@@ -197,22 +201,6 @@ async fn next_launch(
 }
 
 /// Application events (warnings) until one contains `needle`.
-async fn warning_containing(stream: &mut tonic::Streaming<pb::WatchEvent>, needle: &str) -> String {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let event = tokio::time::timeout_at(deadline, stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("no warning containing {needle:?} in time"))
-            .expect("stream ok")
-            .expect("stream open");
-        if let Some(pb::watch_event::Kind::Application(app)) = event.kind {
-            if app.message.contains(needle) {
-                return app.message;
-            }
-        }
-    }
-}
-
 #[tokio::test]
 async fn bad_resize_settings_are_refused_naming_the_key() {
     let mut h = start(true, 64 * 1024).await;

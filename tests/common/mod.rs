@@ -154,3 +154,23 @@ impl ExecutorBackend for Shared {
         }
     }
 }
+
+/// The next application warning on `stream` that contains `needle` (10 s at most).
+pub async fn warning_containing(
+    stream: &mut tonic::Streaming<pb::WatchEvent>,
+    needle: &str,
+) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let event = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("no warning containing {needle:?} in time"))
+            .expect("stream ok")
+            .expect("stream open");
+        if let Some(pb::watch_event::Kind::Application(app)) = event.kind {
+            if app.message.contains(needle) {
+                return app.message;
+            }
+        }
+    }
+}
