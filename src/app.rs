@@ -429,6 +429,22 @@ impl Apps {
             engine.start_at(profile, size);
             engine.warn(message);
         }
+        for (profile, refused) in recalled.refused {
+            let refused_mib = refused.total_mib;
+            let message = format!(
+                "profile {profile} grows no further than below {refused_mib} MiB per executor: \
+                 an earlier run of spark.stoker.sizing.key {key:?} could not start an executor \
+                 of that size (a LimitRange or an admission policy may cap executor memory in \
+                 this namespace; tried again 7 days after)"
+            );
+            info!(app = %app_id, profile, sizing_key = key, refused_mib, "{message}");
+            engine.refuse_from(
+                profile,
+                refused_mib,
+                refused.since_unix_ms.unwrap_or(now_unix_ms),
+            );
+            engine.warn(message);
+        }
     }
 
     /// The sizing policy of a new application: its `spark.stoker.resize.*` settings bounded by
@@ -881,8 +897,9 @@ impl Actor {
             return Vec::new();
         }
         let (sizes, steps) = self.engine.sizing().sizes_to_remember(usage);
+        let refused = self.engine.sizing().refused().collect();
         let now_unix_ms = self.apps.clock.unix_ms(self.apps.clock.now());
-        match store.remember(key, &sizes, &self.template.profiles, now_unix_ms) {
+        match store.remember(key, &sizes, &refused, &self.template.profiles, now_unix_ms) {
             Ok(()) => {
                 debug!(app = %self.app_id, sizing_key = key, "sizes remembered");
                 steps

@@ -2,9 +2,13 @@
 //! ended with is where the next run of that key starts, so that runs after the first do not run
 //! out of memory again.
 //!
-//! The sizes are one small text document, one line per key and resource profile: `v1 <key>
-//! <profile> <configured heap> <configured overhead> <heap> <overhead> <unix ms>`,
-//! tab-separated. Where it is kept is a [`Medium`]:
+//! The sizes are one small text document, one line per key and resource profile: `v2 <key>
+//! <profile> <configured heap> <configured overhead> <heap> <overhead> <unix ms> <refused>
+//! <refused unix ms>`, tab-separated, where `<refused>` is the smallest total memory in MiB the
+//! backend refused to start for the key (a LimitRange's maximum) and `<refused unix ms>` when a
+//! run learnt it, both 0 for none; `v1` lines (without them) are still read. A refusal is
+//! forgotten [`REFUSED_MAX_AGE_MS`] after it was learnt (runs that never try the size do not
+//! renew it), so that a raised LimitRange is found again. Where it is kept is a [`Medium`]:
 //!
 //! * the local backend: one file in its work directory (`sizes.tsv`, [`SizesFile`]), rewritten
 //!   whole through a temporary file and a rename;
@@ -30,7 +34,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use stoker_core::{ExecutorSize, ProfileId, ResourceProfile};
+use stoker_core::{ExecutorSize, ProfileId, Refused, ResourceProfile};
 use stoker_k8s::sizes_configmap::{SizesConfigMap, Update};
 
 use crate::config::Limits;
@@ -38,7 +42,10 @@ use crate::config::Limits;
 /// Entries older than this (30 days) are stale.
 pub const MAX_AGE_MS: i64 = 30 * 24 * 3_600_000;
 
-const VERSION: &str = "v1";
+/// A refused size is tried again this long (7 days) after a run learnt it.
+pub const REFUSED_MAX_AGE_MS: i64 = 7 * 24 * 3_600_000;
+
+const VERSION: &str = "v2";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Entry {
@@ -47,18 +54,28 @@ struct Entry {
     configured: ExecutorSize,
     size: ExecutorSize,
     unix_ms: i64,
+    /// The smallest total memory the backend refused to start, and when a run learnt it.
+    refused: Option<Refused>,
 }
 impl Entry {
     fn parse(line: &str) -> Option<Self> {
         let fields: Vec<&str> = line.split('\t').collect();
-        let [version, key, profile, conf_heap, conf_overhead, heap, overhead, unix_ms] =
-            fields.as_slice()
-        else {
+        let (version, rest) = fields.split_first()?;
+        let (fields, refused, refused_unix_ms) = match (*version, rest) {
+            ("v1", fields) if fields.len() == 7 => (fields, "0", "0"),
+            (VERSION, [fields @ .., refused, since]) if fields.len() == 7 => {
+                (fields, *refused, *since)
+            }
+            _ => return None,
+        };
+        let [key, profile, conf_heap, conf_overhead, heap, overhead, unix_ms] = fields else {
             return None;
         };
-        if *version != VERSION || key.is_empty() {
+        if key.is_empty() {
             return None;
         }
+        let refused_mib: u64 = refused.parse().ok()?;
+        let refused_unix_ms: i64 = refused_unix_ms.parse().ok()?;
         Some(Self {
             key: (*key).to_owned(),
             profile: profile.parse().ok()?,
@@ -71,19 +88,25 @@ impl Entry {
                 overhead_mib: overhead.parse().ok()?,
             },
             unix_ms: unix_ms.parse().ok()?,
+            refused: (refused_mib > 0).then_some(Refused {
+                total_mib: refused_mib,
+                since_unix_ms: Some(refused_unix_ms),
+            }),
         })
     }
 
     fn line(&self) -> String {
         format!(
-            "{VERSION}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            "{VERSION}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
             self.key,
             self.profile,
             self.configured.heap_mib,
             self.configured.overhead_mib,
             self.size.heap_mib,
             self.size.overhead_mib,
-            self.unix_ms
+            self.unix_ms,
+            self.refused.map_or(0, |r| r.total_mib),
+            self.refused.and_then(|r| r.since_unix_ms).unwrap_or(0)
         )
     }
 }
@@ -247,6 +270,8 @@ impl Medium for SizesConfigMap {
 pub struct Recalled {
     /// Sizes to start at, per profile.
     pub sizes: BTreeMap<ProfileId, ExecutorSize>,
+    /// Per profile, the smallest total memory an earlier run could not start, and when.
+    pub refused: BTreeMap<ProfileId, Refused>,
     /// Entries ignored, with why (for the driver and the log).
     pub warnings: Vec<String>,
 }
@@ -348,18 +373,43 @@ impl SizeStore {
                 recalled.warnings.push(ignored(format!(
                     "{total} MiB is above the ceiling of {ceiling_mib} MiB"
                 )));
-            } else if entry.size != configured {
-                recalled.sizes.insert(entry.profile, entry.size);
+            } else {
+                if entry.size != configured {
+                    recalled.sizes.insert(entry.profile, entry.size);
+                }
+                let Some(refused) = entry.refused else {
+                    continue;
+                };
+                let learnt = refused.since_unix_ms.unwrap_or(entry.unix_ms);
+                let why = if refused.total_mib <= total {
+                    format!(
+                        "{} MiB is not above the size to start at, {total} MiB",
+                        refused.total_mib
+                    )
+                } else if now_unix_ms.saturating_sub(learnt) > REFUSED_MAX_AGE_MS {
+                    "it was learnt more than 7 days ago; a bigger size will be tried again"
+                        .to_owned()
+                } else {
+                    recalled.refused.insert(entry.profile, refused);
+                    continue;
+                };
+                recalled.warnings.push(format!(
+                    "the refused size remembered for spark.stoker.sizing.key {key:?}, profile \
+                     {}, is ignored: {why}",
+                    entry.profile
+                ));
             }
         }
         recalled
     }
 
-    /// Records the sizes a run of `key` ended with, replacing the key's earlier entries.
+    /// Records the sizes a run of `key` ended with and the sizes the backend refused,
+    /// replacing the key's earlier entries.
     pub fn remember(
         &self,
         key: &str,
         sizes: &BTreeMap<ProfileId, ExecutorSize>,
+        refused: &BTreeMap<ProfileId, Refused>,
         profiles: &BTreeMap<ProfileId, ResourceProfile>,
         now_unix_ms: i64,
     ) -> std::io::Result<()> {
@@ -372,6 +422,11 @@ impl SizeStore {
                     configured: profiles.get(&profile).map(ExecutorSize::of)?,
                     size,
                     unix_ms: now_unix_ms,
+                    // Learnt in this run: now.
+                    refused: refused.get(&profile).map(|r| Refused {
+                        total_mib: r.total_mib,
+                        since_unix_ms: Some(r.since_unix_ms.unwrap_or(now_unix_ms)),
+                    }),
                 })
             })
             .collect();
@@ -421,7 +476,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let s = store(&dir, 10);
         assert_eq!(s.recall("etl", &profiles(), 4_096, 1), Recalled::default());
-        s.remember("etl", &grown(), &profiles(), 1)
+        s.remember("etl", &grown(), &BTreeMap::new(), &profiles(), 1)
             .expect("written");
         let recalled = s.recall("etl", &profiles(), 4_096, 2);
         assert_eq!(recalled.sizes, grown());
@@ -433,7 +488,7 @@ mod tests {
     fn stale_or_wrong_entries_are_ignored_with_a_warning() {
         let dir = tempfile::tempdir().expect("temp dir");
         let s = store(&dir, 10);
-        s.remember("etl", &grown(), &profiles(), 1)
+        s.remember("etl", &grown(), &BTreeMap::new(), &profiles(), 1)
             .expect("written");
         // The configuration changed.
         let mut changed = profiles();
@@ -461,13 +516,13 @@ mod tests {
         let recalled = s.recall("etl", &profiles(), 4_096, 1);
         assert!(recalled.sizes.is_empty());
         assert!(recalled.warnings[0].contains("2 malformed"), "{recalled:?}");
-        s.remember("etl", &grown(), &profiles(), 1)
+        s.remember("etl", &grown(), &BTreeMap::new(), &profiles(), 1)
             .expect("written");
         assert_eq!(
             s.recall("etl", &profiles(), 4_096, 2),
             Recalled {
                 sizes: grown(),
-                warnings: Vec::new()
+                ..Recalled::default()
             }
         );
     }
@@ -477,7 +532,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let s = store(&dir, 2);
         for (i, key) in ["a", "b", "c"].iter().enumerate() {
-            s.remember(key, &grown(), &profiles(), i as i64)
+            s.remember(key, &grown(), &BTreeMap::new(), &profiles(), i as i64)
                 .expect("written");
         }
         assert!(s.recall("a", &profiles(), 4_096, 3).sizes.is_empty());
@@ -499,17 +554,36 @@ mod tests {
                 overhead_mib: 576,
             },
             unix_ms,
+            refused: None,
         }
     }
 
     #[test]
     fn a_document_decodes_to_what_was_encoded_and_counts_malformed_lines() {
-        let entries = vec![entry("nightly etl", 0, 5), entry("etl", 1, 4)];
+        let mut capped = entry("etl", 1, 4);
+        capped.refused = Some(Refused {
+            total_mib: 2_112,
+            since_unix_ms: Some(3),
+        });
+        let entries = vec![entry("nightly etl", 0, 5), capped];
         let document = encode(&entries);
+        assert!(document.ends_with("\t4\t2112\t3\n"), "{document}");
         assert_eq!(decode(Some(&document)), (entries.clone(), 0));
         assert_eq!(decode(None), (Vec::new(), 0));
-        let damaged = format!("{document}v2\tetl\t0\t1\t2\t3\t4\t5\nv1\tetl\tx\t1\t2\t3\t4\t5\n");
-        assert_eq!(decode(Some(&damaged)), (entries, 2));
+        // An unknown version, a v2 line without its refused size, a v1 line that does not parse.
+        let damaged = format!(
+            "{document}v3\tetl\t0\t1\t2\t3\t4\t5\t0\t0\nv2\tetl\t0\t1\t2\t3\t4\t5\t0\n\
+             v1\tetl\tx\t1\t2\t3\t4\t5\n"
+        );
+        assert_eq!(decode(Some(&damaged)), (entries, 3));
+        // A line an earlier stoker wrote (v1) is read, with no refused size.
+        let v1 = "v1\tetl\t0\t512\t384\t768\t576\t7\n";
+        let (read, malformed) = decode(Some(v1));
+        assert_eq!(malformed, 0);
+        assert_eq!(
+            (read[0].size.heap_mib, read[0].unix_ms, read[0].refused),
+            (768, 7, None)
+        );
     }
 
     #[test]
@@ -595,7 +669,7 @@ mod tests {
         let medium = Arc::new(InMemory::default());
         let s = SizeStore::on(Arc::clone(&medium) as Arc<dyn Medium>, 1_000);
         for (i, key) in ["a", "b", "c", "d", "e"].iter().enumerate() {
-            s.remember(key, &grown(), &profiles(), i as i64)
+            s.remember(key, &grown(), &BTreeMap::new(), &profiles(), i as i64)
                 .expect("written");
         }
         let document = medium.read().expect("read").unwrap_or_default();
@@ -610,13 +684,66 @@ mod tests {
             recalled.warnings[0].starts_with("memory has 1 malformed"),
             "{recalled:?}"
         );
-        s.remember("e", &grown(), &profiles(), 6).expect("written");
+        s.remember("e", &grown(), &BTreeMap::new(), &profiles(), 6)
+            .expect("written");
         assert_eq!(
             s.recall("e", &profiles(), 4_096, 7),
             Recalled {
                 sizes: grown(),
-                warnings: Vec::new()
+                ..Recalled::default()
             }
+        );
+    }
+
+    #[test]
+    fn a_refused_size_is_remembered_with_when_it_was_learnt_and_forgotten_after_a_week() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let s = store(&dir, 10);
+        let learnt_now = |total_mib| -> BTreeMap<ProfileId, Refused> {
+            [(
+                0,
+                Refused {
+                    total_mib,
+                    since_unix_ms: None,
+                },
+            )]
+            .into()
+        };
+        let learnt_at = |total_mib, at| Refused {
+            total_mib,
+            since_unix_ms: Some(at),
+        };
+        // Profile 0 ended at its configured size after the backend refused 1344 MiB (at 1).
+        let configured: BTreeMap<ProfileId, ExecutorSize> =
+            [(0, ExecutorSize::of(&profiles()[&0]))].into();
+        s.remember("etl", &configured, &learnt_now(1_344), &profiles(), 1)
+            .expect("written");
+        let recalled = s.recall("etl", &profiles(), 4_096, 2);
+        assert!(
+            recalled.sizes.is_empty(),
+            "the configured size: nothing to start at"
+        );
+        assert_eq!(recalled.refused, [(0, learnt_at(1_344, 1))].into());
+        assert!(recalled.warnings.is_empty(), "{recalled:?}");
+        // A later run that carries the refusal on keeps when it was learnt: a week after that
+        // it is forgotten, though the entry is newer.
+        s.remember("etl", &configured, &recalled.refused, &profiles(), 5)
+            .expect("written");
+        let week_later = s.recall("etl", &profiles(), 4_096, 2 + REFUSED_MAX_AGE_MS);
+        assert!(week_later.refused.is_empty(), "{week_later:?}");
+        assert!(
+            week_later.warnings[0].contains("learnt more than 7 days ago"),
+            "{week_later:?}"
+        );
+        // A refused size not above the size to start at cannot be true: ignored, said why.
+        s.remember("etl", &grown(), &learnt_now(1_344), &profiles(), 6)
+            .expect("written");
+        let recalled = s.recall("etl", &profiles(), 4_096, 7);
+        assert_eq!(recalled.sizes, grown());
+        assert!(recalled.refused.is_empty());
+        assert!(
+            recalled.warnings[0].contains("1344 MiB is not above the size to start at, 1344 MiB"),
+            "{recalled:?}"
         );
     }
 

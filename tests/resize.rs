@@ -544,3 +544,83 @@ async fn a_run_that_used_far_less_steps_the_remembered_size_down_one_notch() {
     assert!(notes.is_empty(), "{notes:?}");
     h.running.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test]
+async fn a_size_the_backend_refused_is_not_tried_again_by_the_next_run_of_the_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut h = start_remembering(&dir).await;
+    let exit = |code, reason| Observation::Exited {
+        code,
+        reason,
+        message: String::new(),
+    };
+
+    // Run 1: OOM-killed, grown to 512 + 832 MiB, and that size refused (a LimitRange): back to
+    // the configured size.
+    let first = h
+        .client
+        .register_application(request("run-1", keyed()))
+        .await
+        .expect("registered")
+        .into_inner();
+    let app = AppId::parse("run-1").expect("app id");
+    assert_eq!(next_launch(&mut h.launches).await, (1, 512, 384));
+    h.backend.emit(
+        &app,
+        ExecutorId::new(1),
+        exit(Some(137), ExitReason::OomKilled),
+    );
+    assert_eq!(next_launch(&mut h.launches).await, (2, 512, 832));
+    h.backend.emit(
+        &app,
+        ExecutorId::new(2),
+        exit(None, ExitReason::StartFailed),
+    );
+    assert_eq!(next_launch(&mut h.launches).await, (3, 512, 384));
+    h.client
+        .unregister_application(pb::UnregisterApplicationRequest {
+            app_id: "run-1".into(),
+            token: first.token,
+            ..Default::default()
+        })
+        .await
+        .expect("unregistered");
+
+    // Run 2 is told, and its OOM kill grows nothing: the replacement has the same size and the
+    // failure counts.
+    let second = h
+        .client
+        .register_application(request("run-2", keyed()))
+        .await
+        .expect("registered")
+        .into_inner();
+    let mut stream = h
+        .client
+        .watch_executors(pb::WatchExecutorsRequest {
+            app_id: "run-2".into(),
+            token: second.token,
+            after_seq: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let told = warning_containing(&mut stream, "grows no further").await;
+    assert_eq!(
+        told,
+        "profile 0 grows no further than below 1344 MiB per executor: an earlier run of \
+         spark.stoker.sizing.key \"nightly etl\" could not start an executor of that size (a \
+         LimitRange or an admission policy may cap executor memory in this namespace; tried \
+         again 7 days after)"
+    );
+    let app = AppId::parse("run-2").expect("app id");
+    assert_eq!(next_launch(&mut h.launches).await, (1, 512, 384));
+    h.backend.emit(
+        &app,
+        ExecutorId::new(1),
+        exit(Some(137), ExitReason::OomKilled),
+    );
+    assert_eq!(next_launch(&mut h.launches).await, (2, 512, 384));
+    let counted = warning_containing(&mut stream, "cannot grow past").await;
+    assert!(counted.contains("896 MiB per executor"), "{counted}");
+    h.running.shutdown().await.expect("shutdown");
+}

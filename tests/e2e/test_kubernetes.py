@@ -321,7 +321,7 @@ def test_the_next_run_of_a_sizing_key_starts_at_the_grown_size_after_a_stoker_re
         assert grown_limit > configured_limit and grown_heap == heap, (configured_limit, grown_limit)
         assert grown_limit == int(grown[1]) + int(grown[2]), (grown_limit, grown.groups())
         # The run ended (unregistered): the leader wrote its size to the ConfigMap.
-        line = f"v1\t{key}\t0\t512\t384\t{grown[1]}\t{grown[2]}\t"
+        line = f"v2\t{key}\t0\t512\t384\t{grown[1]}\t{grown[2]}\t"
         wait_until(lambda: line in sizes_document(testbed, path), 30, "the grown size in the ConfigMap")
         wait_until(lambda: not pods_of(testbed, kube.instance), 60, "run 1's pods deleted")
 

@@ -394,6 +394,13 @@ impl Engine {
         self.sizing.start_at(profile, size);
     }
 
+    /// Remembers that an earlier run (at `since_unix_ms`) could not start an executor of
+    /// `profile` with `total_mib` memory: the profile grows no further than below it (see
+    /// [`Sizing::refuse_from`]).
+    pub fn refuse_from(&mut self, profile: ProfileId, total_mib: u64, since_unix_ms: i64) {
+        self.sizing.refuse_from(profile, total_mib, since_unix_ms);
+    }
+
     /// Tells the driver something about the application (an [`EventKind::AppWarning`]).
     pub fn warn(&mut self, message: String) {
         self.push_event(EventKind::AppWarning { message });

@@ -19,7 +19,7 @@ pub use engine::{
 };
 pub use error::{EngineError, InvalidInput};
 pub use sizing::{
-    ExecutorSize, MemoryCause, ProfileUsage, Resize, ResizePolicy, ResizeSettings, Sizing,
+    ExecutorSize, MemoryCause, ProfileUsage, Refused, Resize, ResizePolicy, ResizeSettings, Sizing,
     StepDown, Verdict,
 };
 pub use types::{

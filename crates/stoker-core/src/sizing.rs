@@ -154,6 +154,15 @@ impl MemoryCause {
     }
 }
 
+/// A size the backend refused to start (a LimitRange's maximum, an admission policy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// The executor's total memory (heap + overhead + off-heap + PySpark), in MiB.
+    pub total_mib: u64,
+    /// When an earlier run learnt it (Unix ms); `None`: learnt in this run.
+    pub since_unix_ms: Option<i64>,
+}
+
 /// A change of a profile's size, for the driver, the logs and the metrics.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resize {
@@ -260,6 +269,9 @@ struct ProfileSizing {
     previous: Option<ExecutorSize>,
     /// The backend refused a bigger size: no more growth.
     capped: bool,
+    /// The smallest total memory the backend refused to start, in this run or an earlier one of
+    /// the sizing key: growth never reaches it.
+    refused: Option<Refused>,
     /// Per cause: the size of the failure dimension after the growth that deferred a failure;
     /// a failure at that size or above for the same cause makes the deferred one count.
     deferred: [Option<u64>; 2],
@@ -317,6 +329,7 @@ impl Sizing {
                 current: ExecutorSize::of(profile),
                 previous: None,
                 capped: false,
+                refused: None,
                 deferred: [None; 2],
                 ceiling_warned: [false; 2],
                 grew: false,
@@ -340,6 +353,27 @@ impl Sizing {
     /// The current sizes of every known profile.
     pub fn sizes(&self) -> impl Iterator<Item = (ProfileId, ExecutorSize)> + '_ {
         self.profiles.iter().map(|(&id, p)| (id, p.current))
+    }
+
+    /// Per profile, the smallest total memory the backend refused to start, where one was.
+    pub fn refused(&self) -> impl Iterator<Item = (ProfileId, Refused)> + '_ {
+        self.profiles
+            .iter()
+            .filter_map(|(&id, p)| p.refused.map(|r| (id, r)))
+    }
+
+    /// Remembers that the backend refused to start an executor of `profile` with `total_mib`
+    /// memory in an earlier run, at `since_unix_ms`: growth stops below it. Ignored for an
+    /// unknown profile.
+    pub fn refuse_from(&mut self, profile: ProfileId, total_mib: u64, since_unix_ms: i64) {
+        if let Some(p) = self.profiles.get_mut(&profile) {
+            if p.refused.is_none_or(|r| total_mib < r.total_mib) {
+                p.refused = Some(Refused {
+                    total_mib,
+                    since_unix_ms: Some(since_unix_ms),
+                });
+            }
+        }
     }
 
     /// Applies an executor's exit: `size` is what it was started with.
@@ -382,16 +416,19 @@ impl Sizing {
         } else {
             grow(p, policy, cause)
         };
-        let Some(to) = grown else {
+        // A size the backend refused before (in an earlier run too) is not tried again.
+        let refused = p.capped
+            || grown.is_some_and(|to| p.refused.is_some_and(|r| p.total(to) >= r.total_mib));
+        let Some(to) = grown.filter(|_| !refused) else {
             let first = !p.ceiling_warned[slot];
             p.ceiling_warned[slot] = true;
             return Verdict::AtCeiling {
-                ceiling_mib: if p.capped {
+                ceiling_mib: if refused {
                     p.total(p.current)
                 } else {
                     policy.max_memory_mib
                 },
-                refused_above: p.capped,
+                refused_above: refused,
                 deferred_now_counted,
                 first,
             };
@@ -441,6 +478,13 @@ impl Sizing {
         p.current = to;
         p.previous = None;
         p.capped = true;
+        // Refused now: the cap is confirmed at this run's end, whatever an earlier run said.
+        if p.refused.is_none_or(|r| refused <= r.total_mib) {
+            p.refused = Some(Refused {
+                total_mib: refused,
+                since_unix_ms: None,
+            });
+        }
         let deferred_now_counted = p
             .deferred
             .iter_mut()
@@ -622,6 +666,48 @@ mod tests {
                 first: false
             }
         );
+    }
+
+    #[test]
+    fn a_size_refused_in_an_earlier_run_is_not_tried_again_but_a_smaller_growth_is() {
+        // Configured 1024 + 384 = 1408 MiB; ×1.5 would be 2112, refused in an earlier run.
+        let mut s = sizing(1_500, 8_192);
+        s.refuse_from(0, 2_112, 7);
+        let configured = s.size(0);
+        let oom = s.on_exit(0, id(1), configured, Some(137), ExitReason::OomKilled);
+        assert_eq!(
+            oom,
+            Verdict::AtCeiling {
+                ceiling_mib: 1_408,
+                refused_above: true,
+                deferred_now_counted: 0,
+                first: true
+            }
+        );
+        assert_eq!(
+            oom.counted(ExitReason::OomKilled),
+            1,
+            "no growth answers it"
+        );
+        assert_eq!(s.size(0), configured);
+        let earlier = Refused {
+            total_mib: 2_112,
+            since_unix_ms: Some(7),
+        };
+        assert_eq!(s.refused().collect::<Vec<_>>(), [(0, earlier)]);
+        // With a smaller factor the growth stays below the refused size: it is tried.
+        let mut s = sizing(1_200, 8_192);
+        s.refuse_from(0, 2_112, 7);
+        let grew = s.on_exit(0, id(1), configured, Some(137), ExitReason::OomKilled);
+        assert!(matches!(grew, Verdict::Grew { .. }), "{grew:?}");
+        // A refusal in this run lowers what is remembered, learnt now.
+        let grown = s.size(0);
+        s.on_exit(0, id(2), grown, None, ExitReason::StartFailed);
+        let now = Refused {
+            total_mib: 1_690,
+            since_unix_ms: None,
+        };
+        assert_eq!(s.refused().collect::<Vec<_>>(), [(0, now)]);
     }
 
     #[test]
