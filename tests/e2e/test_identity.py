@@ -90,6 +90,49 @@ def test_pod_security_admission_judges_the_drivers_pods(kube, testbed, driver_fa
     assert ok.wait(timeout=300)["results"]
 
 
+def test_an_admission_policy_on_the_drivers_identity_judges_the_drivers_pods(kube, testbed, driver_factory,
+                                                                               namespaces):
+    """A ValidatingAdmissionPolicy, for the whole cluster, refuses pods created by one team's
+    ServiceAccount. Its driver may create pods by RBAC, yet its executor pods are refused with the
+    policy's message in its log; another team's driver, under the same policy, runs its job. The
+    API server saw each driver's own identity, not stoker's."""
+    ns = namespaces("vap-team")
+    denied = f"system:serviceaccount:{ns}:spark"
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": "stoker-e2e-no-pods-for-vap-team"},
+        "spec": {"failurePolicy": "Fail",
+                 "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
+                                                         "operations": ["CREATE"], "resources": ["pods"]}]},
+                 "validations": [{"expression": f"request.userInfo.username != '{denied}'",
+                                  "message": "vap-team may not start pods today"}]}}
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": "stoker-e2e-no-pods-for-vap-team"},
+        "spec": {"policyName": "stoker-e2e-no-pods-for-vap-team", "validationActions": ["Deny"]}}
+    base = "/apis/admissionregistration.k8s.io/v1"
+    testbed.api.create(f"{base}/validatingadmissionpolicies", policy)
+    testbed.api.create(f"{base}/validatingadmissionpolicybindings", binding)
+    try:
+        driver_service_account(ns)
+        probe = json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe"},
+                            "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+        # The API server enforces a new policy once its informer has it: a server-side dry run as
+        # the team's ServiceAccount says when.
+        wait_until(lambda: "vap-team may not start pods today" in testbed.kubectl(
+            "create", "--dry-run=server", "-n", ns, "--as", denied, "-f", "-", input=probe, check=False).stderr,
+            30, "the policy enforced")
+        driver = driver_factory(kube, "--executors", "1", "--max-failures", "2", *k8s_args(ns))
+        log = refused(driver)
+        assert "vap-team may not start pods today" in log and "ValidatingAdmissionPolicy" in log, log[-4000:]
+        assert not pods_of(testbed, kube.instance)
+        ok = driver_factory(kube, "--executors", "1", *k8s_args())
+        check_result(ok.wait(timeout=300))
+    finally:
+        testbed.api.delete(f"{base}/validatingadmissionpolicybindings/stoker-e2e-no-pods-for-vap-team")
+        testbed.api.delete(f"{base}/validatingadmissionpolicies/stoker-e2e-no-pods-for-vap-team")
+
+
 def test_inspection_is_granted_by_kubernetes_rbac(kube, testbed, driver_factory):
     """`stoker apps` with a Kubernetes token instead of the admin token file: allowed for an
     identity bound to the ClusterRole stoker-viewer (deploy/base), refused otherwise."""
