@@ -1,5 +1,5 @@
 # The two commands: `make demo` runs a real PySpark job through stoker on the local backend;
-# `make test` runs every test. Both install what they need through scripts/setup.sh.
+# `make test` runs every kind of test (`make test-long` adds 8 slower second cases). Both install what they need through scripts/setup.sh.
 SHELL := /bin/bash
 CACHE ?= $(HOME)/.cache/stoker
 VENV := $(CACHE)/venv-pyspark-4.2.0
