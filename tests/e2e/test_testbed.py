@@ -150,6 +150,46 @@ def test_real_oom_kill(testbed, process_kubelet, cleanup_pods):
     assert "survived" not in (process_kubelet.pod_dir(pod) / "main.log").read_text()
 
 
+def test_real_oom_kill_counts_and_kills_children_in_process_groups_of_their_own(
+        testbed, process_kubelet, cleanup_pods):
+    """A cgroup holds every process of a container, whatever its process group: PySpark's daemon
+    calls setpgid(0, 0), and its workers' memory still counts toward the executor container's
+    limit. Here the main process stays small; a child in a group of its own (and its own child)
+    allocates past the 64 MiB limit. The whole container is OOM-killed, both of them too, as
+    with cgroup v2's memory.oom.group=1 (what the kubelet sets since Kubernetes 1.28)."""
+    script = (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setpgid(0, 0)\n"
+        "    if os.fork() == 0:\n"
+        "        print('grandchild', os.getpid(), flush=True)\n"
+        "        time.sleep(600)\n"
+        "    print('child', os.getpid(), flush=True)\n"
+        "    b = []\n"
+        "    for _ in range(40):\n"
+        "        b.append(b'x' * (10 << 20))\n"
+        "        time.sleep(0.05)\n"
+        "    print('survived', flush=True)\n"
+        "    time.sleep(600)\n"
+        "time.sleep(600)\n"
+    )
+    name = uniq("oomtree")
+    cleanup_pods.append(name)
+    testbed.api.create_pod(pod_manifest(name, [sys.executable, "-c", script], PROCESS_NODE,
+                                        memory_limit="64Mi"))
+    pod = testbed.api.wait_pod(name, lambda p: phase(p) in ("Failed", "Succeeded"), 60, "to end")
+    assert phase(pod) == "Failed"
+    t = terminated(pod)
+    assert t["reason"] == "OOMKilled", t
+    assert t["exitCode"] == 137
+    log = (process_kubelet.pod_dir(pod) / "main.log").read_text()
+    assert "survived" not in log, log
+    pids = {w: int(n) for w, n in (line.split() for line in log.splitlines()
+                                   if line.startswith(("child ", "grandchild ")))}
+    assert set(pids) == {"child", "grandchild"}, log
+    wait_until(lambda: not any(alive(p) for p in pids.values()), 10, "the container's children to end")
+
+
 @pytest.mark.parametrize("fault,reason,code", [("exit:42", "Error", 42), ("oom", "OOMKilled", 137)])
 def test_injected_container_fault(testbed, process_kubelet, cleanup_pods, fault, reason, code):
     name = uniq("fault")

@@ -680,22 +680,26 @@ impl Worker {
         let code = forced.0;
         self.ctrs[i].forced = Some(forced);
         match self.ctrs[i].pid {
-            Some(pid) => process::signal_group(pid, Signal::SIGKILL),
+            Some(pid) => process::kill_container(pid),
             None => self.on_exit(i, code).await,
         }
     }
 
+    /// The memory limit covers every process of the container (its group and all descendants,
+    /// as a cgroup does), and going over it kills all of them (`memory.oom.group=1`).
     fn check_oom(&mut self) {
-        let rss = process::rss_by_group();
+        let procs = process::processes();
         for c in &mut self.ctrs {
             let (Some(pid), Some(limit)) = (c.pid, c.memory_limit) else {
                 continue;
             };
-            let used = rss.get(&pid).copied().unwrap_or(0);
+            let members = process::container_members(&procs, pid);
+            let used: u64 = members.iter().map(|p| p.rss).sum();
             if used > limit && c.forced.is_none() {
-                warn!(container = %c.name, used, limit, "memory limit exceeded: OOM kill");
+                let processes: Vec<(i32, u64)> = members.iter().map(|p| (p.pid, p.rss)).collect();
+                warn!(container = %c.name, used, limit, ?processes, "memory limit exceeded: OOM kill");
                 c.forced = Some((137, "OOMKilled".into()));
-                process::signal_group(pid, Signal::SIGKILL);
+                process::kill_container(pid);
             }
         }
     }
@@ -703,7 +707,11 @@ impl Worker {
     fn kill_all(&mut self, signal: Signal) {
         for c in &self.ctrs {
             if let Some(pid) = c.pid {
-                process::signal_group(pid, signal);
+                if signal == Signal::SIGKILL {
+                    process::kill_container(pid);
+                } else {
+                    process::signal_group(pid, signal);
+                }
             }
         }
     }
