@@ -391,6 +391,52 @@ def test_a_heap_bound_out_of_memory_error_grows_the_heap_of_the_replacement_pod(
           f"resizes: {resizes}")
 
 
+PYTHON_HOG_MIB = 650
+
+
+def test_a_container_oom_kill_from_python_memory_grows_the_overhead_of_the_replacement_pod(
+        kube, testbed, driver_factory):
+    """Memory outside the heap, on real executors: each of two tasks holds PYTHON_HOG_MIB MiB in
+    its PySpark Python worker with spark.executor.memory=512m. The worker and the JVM together
+    go over executor 1's 896 MiB limit and the kubelet OOM-kills the container for real (no
+    injected fault): OOMKilled, exit code 137. stoker grows the overhead only (the heap was not
+    what ran out), the driver is told why, the replacement pod has a bigger limit and the same
+    SPARK_EXECUTOR_MEMORY, and the job's answer is right."""
+    mib = PYTHON_HOG_MIB
+    watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
+    try:
+        driver = driver_factory(kube, "--mib", str(mib), "--tasks", "2", *k8s_args(), job="python_hog.py")
+        result = driver.wait(timeout=400)
+        events = watch.objects()
+    finally:
+        watch.close()
+    assert result["lengths"] == [mib << 20] * 2, result
+    log = driver.log()
+    assert re.search(r"stoker: executor 1 exited with code 137 \(OOM_KILLED\)", log), log[-8000:]
+    resizes = re.findall(
+        r"stoker: profile 0 now starts executors with (\d+) MiB heap \+ (\d+) MiB overhead "
+        r"after executor (\d+) was OOM-killed", log)
+    assert 1 <= len(resizes) <= 2 and resizes[0][2] == "1", log[-8000:]
+    assert all(heap == "512" for heap, _, _ in resizes), resizes
+    assert "ran out of heap" not in log, log[-8000:]
+    # What the kubelet reported for executor 1's container: a real OOM kill.
+    ended = [((c.get("state") or {}).get("terminated") or {})
+             for t, o in events if o["metadata"]["labels"]["spark-exec-id"] == "1"
+             for c in (o.get("status") or {}).get("containerStatuses") or []]
+    assert {(t.get("reason"), t.get("exitCode")) for t in ended if t} == {("OOMKilled", 137)}, ended
+    added = {o["metadata"]["labels"]["spark-exec-id"]: o for t, o in events if t == "ADDED"}
+    assert executor_memory(added["1"]) == (896, "512m"), executor_memory(added["1"])
+    later = {i: executor_memory(o) for i, o in added.items() if int(i) > 1}
+    assert later, sorted(added)
+    for limit, heap in later.values():
+        assert limit > 896 and heap == "512m", later
+    # The last replacement has exactly the size the driver was last told of.
+    heap_mib, overhead_mib, _ = resizes[-1]
+    assert later[max(later, key=int)] == (int(heap_mib) + int(overhead_mib), "512m"), (later, resizes)
+    print(f"executor pods (limit MiB, SPARK_EXECUTOR_MEMORY): 1: {executor_memory(added['1'])}, "
+          f"later: {later}; resizes: {resizes}")
+
+
 def test_a_grown_size_the_namespace_limitrange_refuses_is_relayed_and_not_tried_again(
         kube, testbed, driver_factory, namespaces):
     """A LimitRange caps containers at 1 GiB: the configured 896 MiB executor fits, the 1344 MiB
