@@ -2,9 +2,11 @@
 (resizing on, sizes remembered in a ConfigMap) against Spark's built-in Kubernetes backend, on
 the same test bed (issue 14).
 
-The job is tests/e2e/jobs/heap_hog.py: spark.executor.memory=512m, one executor, two tasks that
-each build a 600 MiB string in the executor's heap; a 512m executor dies of OutOfMemoryError
-(exit code 52). Real executor JVMs run on the process kubelet (bench_k8s.py's test bed, image,
+The job (--job heap, the default) is tests/e2e/jobs/heap_hog.py: spark.executor.memory=512m, one
+executor, two tasks that each build a 600 MiB string in the executor's heap; a 512m executor dies
+of OutOfMemoryError (exit code 52). --job python is tests/e2e/jobs/python_hog.py: the same
+executor, two tasks that each hold 650 MiB in a PySpark Python worker, outside the heap; the
+896 MiB container goes over its limit and the kubelet OOM-kills it (137). Real executor JVMs run on the process kubelet (bench_k8s.py's test bed, image,
 namespace-per-system and confs for its "spark" system). Per run:
 
 * executor failures before success: executor pods of the application whose container ended
@@ -14,7 +16,7 @@ namespace-per-system and confs for its "spark" system). Per run:
 * memory GiB-seconds provisioned: over the application's executor pods, the pod's memory limit
   (sum over its containers) times its lifetime (ADDED to DELETED, as one pod watch receives them).
 
-Usage: bench_sizing.py --out DIR [--runs N] [--quick]   (--quick: 3 runs per system)
+Usage: bench_sizing.py --out DIR [--runs N] [--quick] [--job heap|python]   (--quick: 3 runs per system)
 Writes DIR/sizing.md (the table) and DIR/sizing-samples.json; drivers' logs under DIR/logs.
 Prints the table. Asserts nothing about the figures.
 """
@@ -33,8 +35,12 @@ from bench_k8s import IMAGE, PROC, Bench, TimedWatch, machine, stoker_binary  # 
 from testbed import wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAP_HOG = ROOT / "tests" / "e2e" / "jobs" / "heap_hog.py"
-MIB = 600
+JOBS_DIR = ROOT / "tests" / "e2e" / "jobs"
+# --job: (script, MiB per task, what each task holds, for the table's header).
+JOBS = {
+    "heap": (JOBS_DIR / "heap_hog.py", 600, "MiB string in the heap"),
+    "python": (JOBS_DIR / "python_hog.py", 650, "MiB in a PySpark Python worker (outside the heap)"),
+}
 TASKS = 2
 SIZES_CONFIGMAP = "default/stoker-sizes-bench"
 SYSTEMS = (("stoker", "stoker"), ("spark", "Spark built-in"))
@@ -87,9 +93,11 @@ def failed_on_its_own(events):
 
 
 class SizingBench(Bench):
-    def __init__(self, out, runs):
+    def __init__(self, out, runs, job="heap"):
         super().__init__(out, quick=False)
         self.runs = runs
+        self.job = job
+        self.script, self.mib, _ = JOBS[job]
         self.logs = self.out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.results = {system: [] for system, _ in SYSTEMS}
@@ -106,7 +114,7 @@ class SizingBench(Bench):
         t0 = time.time()
         try:
             out = subprocess.run(
-                [sys.executable, str(HEAP_HOG), self.master(system), "--mib", str(MIB), "--tasks", str(TASKS),
+                [sys.executable, str(self.script), self.master(system), "--mib", str(self.mib), "--tasks", str(TASKS),
                  *self.conf(ns, PROC), *sizing],
                 stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=self.env(), timeout=900)
             code, stdout = out.returncode, out.stdout
@@ -120,7 +128,7 @@ class SizingBench(Bench):
             ids = {(o["metadata"].get("labels") or {}).get("spark-app-selector")
                    for t, _, o in watch.pods if t >= t0}
             app_id = next(iter(ids - {None}), None)
-        ok = code == 0 and bool(result) and result["lengths"] == [MIB * 2 ** 20] * TASKS
+        ok = code == 0 and bool(result) and result["lengths"] == [self.mib * 2 ** 20] * TASKS
         # Every pod of the application gone (as the watch saw it), or 120 s; leftovers are deleted
         # and counted up to now.
         def gone():
@@ -158,7 +166,7 @@ class SizingBench(Bench):
         for system, _ in SYSTEMS:
             ns = self.namespace(f"sizing-{system}")
             watch = PodWatch(self.testbed.api, ns)
-            key = f"heap-hog-{int(time.time())}"
+            key = f"{self.job}-hog-{int(time.time())}"
             try:
                 for i in range(1, self.runs + 1):
                     print(f"[bench-sizing] {system} run {i}/{self.runs}", file=sys.stderr, flush=True)
@@ -215,11 +223,13 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--runs", type=int, help="runs per system (default 5; --quick: 3)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--job", choices=sorted(JOBS), default="heap",
+                    help="heap: heap_hog.py (OutOfMemoryError); python: python_hog.py (container OOM kill)")
     a = ap.parse_args()
     runs = a.runs or (3 if a.quick else 5)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    bench = SizingBench(out, runs)
+    bench = SizingBench(out, runs, a.job)
     started = time.time()
     try:
         bench.start()
@@ -231,7 +241,7 @@ def main():
               f"machine: {machine()}; stoker binary: {stoker_binary().relative_to(ROOT)} (resize defaults: "
               f"factor 1.5; sizes in ConfigMap {SIZES_CONFIGMAP}); process kubelet: "
               f"{os.environ['STOKER_KUBELET_BIN']}; Spark {IMAGE} defaults for the built-in backend; job: "
-              f"heap_hog.py, spark.executor.memory=512m, 1 executor, {TASKS} tasks × {MIB} MiB string in the heap.")
+              f"{bench.script.name}, spark.executor.memory=512m, 1 executor, {TASKS} tasks × {bench.mib} {JOBS[a.job][2]}.")
     text = header + "\n\n" + bench.table() + "\n"
     (out / "sizing.md").write_text(text)
     (out / "sizing-samples.json").write_text(json.dumps(bench.results, indent=1))
