@@ -9,10 +9,8 @@ MASTER: HOST:PORT of a stoker, or a full Spark master URL (k8s://... for Spark's
 """
 import argparse
 import json
-import os
 
-from job_common import start, with_confs
-from pyspark.sql import SparkSession
+from job_common import one_small_executor
 from pyspark.sql import functions as F
 
 
@@ -24,21 +22,7 @@ def main():
     p.add_argument("--conf", action="append", default=[], help="extra Spark setting KEY=VALUE")
     a = p.parse_args()
 
-    master = a.master if "://" in a.master else f"spark+stoker://{a.master}"
-    b = SparkSession.builder.master(master).appName("stoker-e2e-heap-hog")
-    if master.startswith("spark+stoker://"):
-        b = b.config("spark.driver.extraClassPath", os.environ["STOKER_PLUGIN_JAR"])
-    b = (
-        b.config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .config("spark.executor.memory", "512m")
-        .config("spark.executor.cores", "1")
-        .config("spark.executor.instances", "1")
-        .config("spark.ui.enabled", "false")
-        .config("spark.scheduler.minRegisteredResourcesRatio", "1.0")
-        .config("spark.scheduler.maxRegisteredResourcesWaitingTime", "120s")
-    )
-    spark = start(with_confs(b, a.conf, p))
+    spark = one_small_executor(a.master, "stoker-e2e-heap-hog", a.conf, p)
     sc = spark.sparkContext
 
     size = a.mib * 1024 * 1024

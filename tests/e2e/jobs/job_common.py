@@ -1,6 +1,8 @@
-"""What the jobs here share: the `--conf KEY=VALUE` settings a test adds to a session, and the
-session start that prints the `started` event (with the application id) the tests wait for."""
+"""What the jobs here share: the `--conf KEY=VALUE` settings a test adds to a session, the
+session start that prints the `started` event (with the application id) the tests wait for, and
+the one-small-executor session of the memory-hungry jobs."""
 import json
+import os
 
 
 def with_confs(builder, confs, parser):
@@ -18,3 +20,26 @@ def start(builder):
     spark = builder.getOrCreate()
     print(json.dumps({"event": "started", "app_id": spark.sparkContext.applicationId}), flush=True)
     return spark
+
+
+def one_small_executor(master, app_name, confs, parser):
+    """A started session with one executor of spark.executor.memory=512m and 1 core, waiting
+    for it before the job. `master`: HOST:PORT of a stoker (the plugin jar comes from
+    $STOKER_PLUGIN_JAR) or a full Spark master URL (k8s://... for Spark's own backend)."""
+    from pyspark.sql import SparkSession
+
+    master = master if "://" in master else f"spark+stoker://{master}"
+    b = SparkSession.builder.master(master).appName(app_name)
+    if master.startswith("spark+stoker://"):
+        b = b.config("spark.driver.extraClassPath", os.environ["STOKER_PLUGIN_JAR"])
+    b = (
+        b.config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.executor.memory", "512m")
+        .config("spark.executor.cores", "1")
+        .config("spark.executor.instances", "1")
+        .config("spark.ui.enabled", "false")
+        .config("spark.scheduler.minRegisteredResourcesRatio", "1.0")
+        .config("spark.scheduler.maxRegisteredResourcesWaitingTime", "120s")
+    )
+    return start(with_confs(b, confs, parser))
