@@ -86,6 +86,37 @@ struct Harness {
     client: ExecutorAllocatorClient<Channel>,
 }
 
+impl Harness {
+    /// Registers run `app` of the sizing key `nightly etl`; its token.
+    async fn register_keyed(&mut self, app: &str) -> String {
+        self.client
+            .register_application(request(app, keyed()))
+            .await
+            .expect("registered")
+            .into_inner()
+            .token
+    }
+
+    /// Unregisters `app`, reporting `usage`; the notes for the driver.
+    async fn unregister(
+        &mut self,
+        app: &str,
+        token: String,
+        usage: Vec<pb::ProfileUsage>,
+    ) -> Vec<String> {
+        self.client
+            .unregister_application(pb::UnregisterApplicationRequest {
+                app_id: app.into(),
+                token,
+                usage,
+            })
+            .await
+            .expect("unregistered")
+            .into_inner()
+            .notes
+    }
+}
+
 async fn start(honours_size: bool, max_executor_memory_mib: u64) -> Harness {
     start_with(
         honours_size,
@@ -375,12 +406,7 @@ async fn a_backend_that_ignores_sizes_keeps_them_and_says_so() {
 async fn the_next_run_of_a_sizing_key_starts_at_the_size_the_last_one_ended_with() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut h = start_remembering(&dir).await;
-    let first = h
-        .client
-        .register_application(request("run-1", keyed()))
-        .await
-        .expect("registered")
-        .into_inner();
+    let first = h.register_keyed("run-1").await;
     assert_eq!(next_launch(&mut h.launches).await, (1, 512, 384));
     let app = AppId::parse("run-1").expect("app id");
     h.backend.emit(
@@ -393,21 +419,9 @@ async fn the_next_run_of_a_sizing_key_starts_at_the_size_the_last_one_ended_with
         },
     );
     assert_eq!(next_launch(&mut h.launches).await, (2, 512, 832));
-    h.client
-        .unregister_application(pb::UnregisterApplicationRequest {
-            app_id: "run-1".into(),
-            token: first.token,
-            ..Default::default()
-        })
-        .await
-        .expect("unregistered");
+    h.unregister("run-1", first, Vec::new()).await;
 
-    let second = h
-        .client
-        .register_application(request("run-2", keyed()))
-        .await
-        .expect("registered")
-        .into_inner();
+    let second = h.register_keyed("run-2").await;
     assert_eq!(
         next_launch(&mut h.launches).await,
         (1, 512, 832),
@@ -417,7 +431,7 @@ async fn the_next_run_of_a_sizing_key_starts_at_the_size_the_last_one_ended_with
         .client
         .watch_executors(pb::WatchExecutorsRequest {
             app_id: "run-2".into(),
-            token: second.token,
+            token: second,
             after_seq: 0,
         })
         .await
@@ -442,21 +456,10 @@ async fn a_run_that_used_far_less_steps_the_remembered_size_down_one_notch() {
             executors_measured: executors,
         }]
     };
-    let unregister =
-        |app: &str, token: String, usage: Vec<pb::ProfileUsage>| pb::UnregisterApplicationRequest {
-            app_id: app.into(),
-            token,
-            usage,
-        };
 
     // Run 1 runs out of heap and grows; it needed the grown size, so it keeps it whatever it
     // reports.
-    let first = h
-        .client
-        .register_application(request("run-1", keyed()))
-        .await
-        .expect("registered")
-        .into_inner();
+    let first = h.register_keyed("run-1").await;
     assert_eq!(next_launch(&mut h.launches).await, (1, 512, 384));
     let app = AppId::parse("run-1").expect("app id");
     h.backend.emit(
@@ -469,29 +472,22 @@ async fn a_run_that_used_far_less_steps_the_remembered_size_down_one_notch() {
         },
     );
     assert_eq!(next_launch(&mut h.launches).await, (2, 768, 576));
-    let notes = h
-        .client
-        .unregister_application(unregister("run-1", first.token, small(2)))
-        .await
-        .expect("unregistered")
-        .into_inner()
-        .notes;
+    let notes = h.unregister("run-1", first, small(2)).await;
     assert!(notes.is_empty(), "{notes:?}");
 
     // Run 2 starts at the grown size. A usage report that does not add up is refused by name
     // and changes nothing; the right one steps the heap down one notch.
-    let second = h
-        .client
-        .register_application(request("run-2", keyed()))
-        .await
-        .expect("registered")
-        .into_inner();
+    let second = h.register_keyed("run-2").await;
     assert_eq!(next_launch(&mut h.launches).await, (1, 768, 576));
     let mut wrong = small(1);
     wrong[0].executors_measured = 2;
     let refused = h
         .client
-        .unregister_application(unregister("run-2", second.token.clone(), wrong))
+        .unregister_application(pb::UnregisterApplicationRequest {
+            app_id: "run-2".into(),
+            token: second.clone(),
+            usage: wrong,
+        })
         .await
         .expect_err("more executors measured than ran");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
@@ -503,18 +499,12 @@ async fn a_run_that_used_far_less_steps_the_remembered_size_down_one_notch() {
     h.client
         .heartbeat(pb::HeartbeatRequest {
             app_id: "run-2".into(),
-            token: second.token.clone(),
+            token: second.clone(),
             acked_seq: 0,
         })
         .await
         .expect("still registered");
-    let notes = h
-        .client
-        .unregister_application(unregister("run-2", second.token, small(1)))
-        .await
-        .expect("unregistered")
-        .into_inner()
-        .notes;
+    let notes = h.unregister("run-2", second, small(1)).await;
     assert_eq!(
         notes,
         [
@@ -526,21 +516,10 @@ async fn a_run_that_used_far_less_steps_the_remembered_size_down_one_notch() {
 
     // Run 3 starts one notch smaller: the heap is back at its configured size; the overhead
     // stays (no resident memory was measured).
-    let third = h
-        .client
-        .register_application(request("run-3", keyed()))
-        .await
-        .expect("registered")
-        .into_inner();
+    let third = h.register_keyed("run-3").await;
     assert_eq!(next_launch(&mut h.launches).await, (1, 512, 576));
     // Without a usage report nothing steps down.
-    let notes = h
-        .client
-        .unregister_application(unregister("run-3", third.token, Vec::new()))
-        .await
-        .expect("unregistered")
-        .into_inner()
-        .notes;
+    let notes = h.unregister("run-3", third, Vec::new()).await;
     assert!(notes.is_empty(), "{notes:?}");
     h.running.shutdown().await.expect("shutdown");
 }
@@ -557,12 +536,7 @@ async fn a_size_the_backend_refused_is_not_tried_again_by_the_next_run_of_the_ke
 
     // Run 1: OOM-killed, grown to 512 + 832 MiB, and that size refused (a LimitRange): back to
     // the configured size.
-    let first = h
-        .client
-        .register_application(request("run-1", keyed()))
-        .await
-        .expect("registered")
-        .into_inner();
+    let first = h.register_keyed("run-1").await;
     let app = AppId::parse("run-1").expect("app id");
     assert_eq!(next_launch(&mut h.launches).await, (1, 512, 384));
     h.backend.emit(
@@ -577,28 +551,16 @@ async fn a_size_the_backend_refused_is_not_tried_again_by_the_next_run_of_the_ke
         exit(None, ExitReason::StartFailed),
     );
     assert_eq!(next_launch(&mut h.launches).await, (3, 512, 384));
-    h.client
-        .unregister_application(pb::UnregisterApplicationRequest {
-            app_id: "run-1".into(),
-            token: first.token,
-            ..Default::default()
-        })
-        .await
-        .expect("unregistered");
+    h.unregister("run-1", first, Vec::new()).await;
 
     // Run 2 is told, and its OOM kill grows nothing: the replacement has the same size and the
     // failure counts.
-    let second = h
-        .client
-        .register_application(request("run-2", keyed()))
-        .await
-        .expect("registered")
-        .into_inner();
+    let second = h.register_keyed("run-2").await;
     let mut stream = h
         .client
         .watch_executors(pb::WatchExecutorsRequest {
             app_id: "run-2".into(),
-            token: second.token,
+            token: second,
             after_seq: 0,
         })
         .await
