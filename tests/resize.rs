@@ -67,15 +67,8 @@ impl ExecutorBackend for Shared {
     }
 
     fn terminate(&self, app: &AppId, executor_id: ExecutorId, _grace: Millis) {
-        self.0.emit(
-            app,
-            executor_id,
-            Observation::Exited {
-                code: Some(143),
-                reason: ExitReason::Signaled,
-                message: String::new(),
-            },
-        );
+        self.0
+            .emit(app, executor_id, exited(Some(143), ExitReason::Signaled));
     }
 }
 
@@ -201,6 +194,15 @@ fn policy(factor: f64, max_memory_mib: u64) -> Option<pb::ResizePolicy> {
     })
 }
 
+/// An executor's exit with no message.
+fn exited(code: Option<i32>, reason: ExitReason) -> Observation {
+    Observation::Exited {
+        code,
+        reason,
+        message: String::new(),
+    }
+}
+
 /// A server whose sizes across runs are kept in `dir`.
 async fn start_remembering(dir: &tempfile::TempDir) -> Harness {
     start_with(
@@ -289,11 +291,7 @@ async fn jvm_out_of_memory_replaces_the_executor_with_a_bigger_heap() {
     h.backend.emit(
         &app,
         ExecutorId::new(1),
-        Observation::Exited {
-            code: Some(52),
-            reason: ExitReason::Error,
-            message: String::new(),
-        },
+        exited(Some(52), ExitReason::Error),
     );
     // 896 MiB × 1.5 = 1344 MiB, shared by heap and overhead in proportion.
     assert_eq!(next_launch(&mut h.launches).await, (2, 768, 576));
@@ -356,11 +354,7 @@ async fn the_servers_ceiling_bounds_the_applications() {
     h.backend.emit(
         &app,
         ExecutorId::new(1),
-        Observation::Exited {
-            code: Some(137),
-            reason: ExitReason::OomKilled,
-            message: String::new(),
-        },
+        exited(Some(137), ExitReason::OomKilled),
     );
     assert_eq!(next_launch(&mut h.launches).await, (2, 512, 488));
     h.running.shutdown().await.expect("shutdown");
@@ -392,11 +386,7 @@ async fn a_backend_that_ignores_sizes_keeps_them_and_says_so() {
     h.backend.emit(
         &app,
         ExecutorId::new(1),
-        Observation::Exited {
-            code: Some(137),
-            reason: ExitReason::OomKilled,
-            message: String::new(),
-        },
+        exited(Some(137), ExitReason::OomKilled),
     );
     assert_eq!(next_launch(&mut h.launches).await, (2, 512, 384));
     h.running.shutdown().await.expect("shutdown");
@@ -412,11 +402,7 @@ async fn the_next_run_of_a_sizing_key_starts_at_the_size_the_last_one_ended_with
     h.backend.emit(
         &app,
         ExecutorId::new(1),
-        Observation::Exited {
-            code: Some(137),
-            reason: ExitReason::OomKilled,
-            message: String::new(),
-        },
+        exited(Some(137), ExitReason::OomKilled),
     );
     assert_eq!(next_launch(&mut h.launches).await, (2, 512, 832));
     h.unregister("run-1", first, Vec::new()).await;
@@ -465,11 +451,7 @@ async fn a_run_that_used_far_less_steps_the_remembered_size_down_one_notch() {
     h.backend.emit(
         &app,
         ExecutorId::new(1),
-        Observation::Exited {
-            code: Some(52),
-            reason: ExitReason::Error,
-            message: String::new(),
-        },
+        exited(Some(52), ExitReason::Error),
     );
     assert_eq!(next_launch(&mut h.launches).await, (2, 768, 576));
     let notes = h.unregister("run-1", first, small(2)).await;
@@ -528,11 +510,6 @@ async fn a_run_that_used_far_less_steps_the_remembered_size_down_one_notch() {
 async fn a_size_the_backend_refused_is_not_tried_again_by_the_next_run_of_the_key() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut h = start_remembering(&dir).await;
-    let exit = |code, reason| Observation::Exited {
-        code,
-        reason,
-        message: String::new(),
-    };
 
     // Run 1: OOM-killed, grown to 512 + 832 MiB, and that size refused (a LimitRange): back to
     // the configured size.
@@ -542,13 +519,13 @@ async fn a_size_the_backend_refused_is_not_tried_again_by_the_next_run_of_the_ke
     h.backend.emit(
         &app,
         ExecutorId::new(1),
-        exit(Some(137), ExitReason::OomKilled),
+        exited(Some(137), ExitReason::OomKilled),
     );
     assert_eq!(next_launch(&mut h.launches).await, (2, 512, 832));
     h.backend.emit(
         &app,
         ExecutorId::new(2),
-        exit(None, ExitReason::StartFailed),
+        exited(None, ExitReason::StartFailed),
     );
     assert_eq!(next_launch(&mut h.launches).await, (3, 512, 384));
     h.unregister("run-1", first, Vec::new()).await;
@@ -579,7 +556,7 @@ async fn a_size_the_backend_refused_is_not_tried_again_by_the_next_run_of_the_ke
     h.backend.emit(
         &app,
         ExecutorId::new(1),
-        exit(Some(137), ExitReason::OomKilled),
+        exited(Some(137), ExitReason::OomKilled),
     );
     assert_eq!(next_launch(&mut h.launches).await, (2, 512, 384));
     let counted = warning_containing(&mut stream, "cannot grow past").await;
