@@ -19,6 +19,7 @@
 //! blocks); deletions run in tasks of their own.
 
 pub mod auth;
+pub mod claims;
 pub mod client;
 mod fair;
 pub mod index;
@@ -260,7 +261,8 @@ impl KubernetesBackend {
             Observation::Exited {
                 reason, message, ..
             } => {
-                info!(app = %key.0, executor = %key.1, %reason, message = %message, "executor pod ended")
+                info!(app = %key.0, executor = %key.1, %reason, message = %message, "executor pod ended");
+                self.executor_ended(key);
             }
             // Quota refusals are logged where they happen (writer.rs); the index reports pods
             // the scheduler cannot place.

@@ -30,6 +30,7 @@ use stoker_core::{AppId, DriverIdentity, ExecutorTemplate, LaunchRequest};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::claims::ClaimPool;
 use crate::index::Key;
 use crate::pod::{self, DriverPod};
 use crate::spark_pod::SparkApp;
@@ -49,11 +50,13 @@ struct AppEntry {
     ready: watch::Receiver<bool>,
 }
 
-/// The applications that use Spark-built pods, and the claims of pods being created.
+/// The applications that use Spark-built pods, the claims of pods being created, and each
+/// application's claims that a later executor may take over.
 #[derive(Default)]
 pub(crate) struct SparkApps {
     apps: DashMap<AppId, AppEntry>,
     claims: DashMap<Key, Vec<PersistentVolumeClaim>>,
+    pools: DashMap<AppId, ClaimPool>,
 }
 
 fn owner(kind: &str, name: String, uid: String, controller: bool) -> OwnerReference {
@@ -216,7 +219,7 @@ impl KubernetesBackend {
             }
             Some(app) => app?,
         };
-        let objects = app
+        let mut objects = app
             .executor(
                 &request.app_id,
                 request.executor_id,
@@ -224,6 +227,17 @@ impl KubernetesBackend {
                 digest,
             )
             .map_err(|e| e.to_string())?;
+        if app.reuse_claims && !objects.claims.is_empty() {
+            // Only claims the driver pod owns are ever in the pool (see pod_created).
+            let swaps = match self.inner.spark.pools.get_mut(&request.app_id) {
+                Some(mut pool) => objects.take_over(&mut pool, request.executor_id),
+                None => Vec::new(),
+            };
+            for (instead_of, reused) in swaps {
+                info!(app = %request.app_id, executor = %request.executor_id, claim = %reused, instead_of = %instead_of,
+                    "the executor takes over the on-demand claim of an executor that ended");
+            }
+        }
         if !objects.claims.is_empty() {
             let key = (request.app_id.clone(), request.executor_id);
             self.inner.spark.claims.insert(key, objects.claims);
@@ -306,7 +320,10 @@ impl KubernetesBackend {
         let this = self.clone();
         let key = key.clone();
         tokio::spawn(async move {
-            let owner_ref = match this.claim_owner(&app, &template, pod_ref, &key).await {
+            let (owner_ref, by_driver) = match this
+                .claim_owner(&app, &template, pod_ref, &key)
+                .await
+            {
                 Some(o) => o,
                 None => {
                     warn!(app = %key.0, executor = %key.1, "no owner for the executor's claims; not creating them");
@@ -318,7 +335,10 @@ impl KubernetesBackend {
                 claim.metadata.owner_references = Some(vec![owner_ref.clone()]);
                 match create(&this, template.identity.as_ref(), &app.namespace, &claim).await {
                     Ok(()) => {
-                        debug!(app = %key.0, executor = %key.1, claim = %name, "on-demand claim created")
+                        debug!(app = %key.0, executor = %key.1, claim = %name, "on-demand claim created");
+                        if by_driver && app.reuse_claims {
+                            this.claim_outlives_its_executor(&key, name, &claim);
+                        }
                     }
                     Err(err) => {
                         warn!(app = %key.0, executor = %key.1, claim = %name, error = %err, "cannot create an on-demand claim; the executor's pod cannot start")
@@ -328,16 +348,41 @@ impl KubernetesBackend {
         });
     }
 
+    /// Claim `name` of executor `key` is owned by the driver pod, so it outlives the
+    /// executor: a later executor may take it over once `key` has ended.
+    fn claim_outlives_its_executor(&self, key: &Key, name: String, claim: &PersistentVolumeClaim) {
+        // Under the index lock: either `key` has ended already (its end was reported before we
+        // looked, so the claim is free now) or its end is reported later and frees it then
+        // (`executor_ended`, called from the report, takes the index lock's holder path).
+        let index = self.index();
+        let mut pool = self.inner.spark.pools.entry(key.0.clone()).or_default();
+        pool.created(name, crate::spark_pod::shape_of(claim), key.1);
+        if !index.knows(key) {
+            pool.released(key.1);
+        }
+    }
+
+    /// Executor `key` ended (any reason, reported once): the claims it held are free.
+    pub(crate) fn executor_ended(&self, key: &Key) {
+        if let Some(mut pool) = self.inner.spark.pools.get_mut(&key.0) {
+            let freed = pool.released(key.1);
+            if freed > 0 {
+                debug!(app = %key.0, executor = %key.1, claims = freed, free = pool.free(), "claims free for a later executor");
+            }
+        }
+    }
+
+    /// Who owns an executor's on-demand claims, and whether that is the driver pod.
     async fn claim_owner(
         &self,
         app: &SparkApp,
         template: &ExecutorTemplate,
         pod_ref: Option<(String, String)>,
         key: &Key,
-    ) -> Option<OwnerReference> {
+    ) -> Option<(OwnerReference, bool)> {
         if app.driver_owns_claims {
             if let Some(driver) = self.driver_owner(template, &app.namespace).await {
-                return Some(driver_owner(&driver));
+                return Some((driver_owner(&driver), true));
             }
         }
         let (name, uid) = match pod_ref {
@@ -350,13 +395,14 @@ impl KubernetesBackend {
                 (name, uid)
             }
         };
-        Some(owner("Pod", name, uid, true))
+        Some((owner("Pod", name, uid, true), false))
     }
 
     /// The application ended: delete its ConfigMaps, and its claims when the driver owned them
     /// (claims owned by pods go with their pods).
     pub(crate) fn end_app(&self, app_id: &AppId) {
         self.inner.spark.claims.retain(|key, _| &key.0 != app_id);
+        self.inner.spark.pools.remove(app_id);
         let Some((_, entry)) = self.inner.spark.apps.remove(app_id) else {
             return;
         };

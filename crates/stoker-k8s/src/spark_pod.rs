@@ -22,10 +22,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::serde::de::DeserializeOwned;
 use stoker_core::{AppId, ExecutorId, ExecutorTemplate, ProfileId, SparkPods};
 
+use crate::claims::{ClaimPool, Shape, Wanted};
 use crate::pod::{self, PodDefaults};
 
 /// Spark's key: on-demand claims are owned by the driver pod (Spark's default: true).
 pub const OWN_PVC_KEY: &str = "spark.kubernetes.driver.ownPersistentVolumeClaim";
+/// Spark's key: a new executor takes over a free on-demand claim of an executor that ended
+/// (Spark's default: true; only claims the driver pod owns, see [`crate::claims`]).
+pub const REUSE_PVC_KEY: &str = "spark.kubernetes.driver.reusePersistentVolumeClaim";
 /// The plugin's key that turns warnings about keys stoker does not honour into refusals.
 pub const STRICT_KEY: &str = "spark.stoker.strictConf";
 
@@ -103,6 +107,54 @@ pub struct ExecutorObjects {
     pub claims: Vec<PersistentVolumeClaim>,
 }
 
+impl ExecutorObjects {
+    /// The on-demand claims this executor takes over from `pool` instead of creating them
+    /// (Spark's `replacePVCsIfNeeded`): its pod mounts the reused claim in their place and they
+    /// leave [`Self::claims`]. Returns `(claim it would have created, claim it takes over)`.
+    pub fn take_over(
+        &mut self,
+        pool: &mut ClaimPool,
+        executor: ExecutorId,
+    ) -> Vec<(String, String)> {
+        let wanted: Vec<Wanted> = self
+            .claims
+            .iter()
+            .filter_map(|c| {
+                Some(Wanted {
+                    name: c.metadata.name.clone()?,
+                    shape: shape_of(c),
+                })
+            })
+            .collect();
+        let swaps = pool.reuse(executor, &wanted);
+        for (wanted, reused) in &swaps {
+            for volume in pod_spec(&mut self.pod).volumes.iter_mut().flatten() {
+                if let Some(claim) = volume.persistent_volume_claim.as_mut() {
+                    if &claim.claim_name == wanted {
+                        claim.claim_name = reused.clone();
+                    }
+                }
+            }
+            self.claims
+                .retain(|c| c.metadata.name.as_deref() != Some(wanted.as_str()));
+        }
+        swaps
+    }
+}
+
+/// What makes two on-demand claims interchangeable: storage class and requested size.
+pub fn shape_of(claim: &PersistentVolumeClaim) -> Shape {
+    let spec = claim.spec.as_ref();
+    Shape {
+        storage_class: spec.and_then(|s| s.storage_class_name.clone()),
+        size: spec
+            .and_then(|s| s.resources.as_ref())
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("storage"))
+            .map(|q| q.0.clone()),
+    }
+}
+
 /// An application's Spark-built pods, parsed once (at registration, and again when a new
 /// resource profile arrives), and what it shares.
 #[derive(Clone, Debug)]
@@ -115,6 +167,8 @@ pub struct SparkApp {
     pub namespace: String,
     /// On-demand claims are owned by the driver pod (when there is one), not by their pod.
     pub driver_owns_claims: bool,
+    /// A new executor takes over free claims of ended executors (those the driver pod owns).
+    pub reuse_claims: bool,
     /// `spark.kubernetes.executor.deleteOnTermination=false`.
     keep_on_exit: bool,
     /// `--kube-instance`.
@@ -226,6 +280,7 @@ impl SparkApp {
             config_maps,
             namespace,
             driver_owns_claims: !is_false(other.get(OWN_PVC_KEY)),
+            reuse_claims: !is_false(other.get(OWN_PVC_KEY)) && !is_false(other.get(REUSE_PVC_KEY)),
             keep_on_exit: is_false(other.get(pod::DELETE_ON_TERMINATION_KEY)),
             instance: defaults.instance.clone(),
         };

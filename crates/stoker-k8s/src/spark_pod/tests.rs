@@ -345,7 +345,7 @@ fn refusals_name_what_is_wrong() {
         let mut p = spark_pods();
         p.strict = true;
         p.unsupported_keys.insert(
-            "spark.kubernetes.driver.reusePersistentVolumeClaim".into(),
+            "spark.kubernetes.driver.waitToReusePersistentVolumeClaim".into(),
             "not reused".into(),
         );
         p
@@ -367,7 +367,10 @@ fn refusals_name_what_is_wrong() {
             builder_error,
             "spark.kubernetes.executor.volumes.hostPath.data.mount.path",
         ),
-        (strict, "spark.kubernetes.driver.reusePersistentVolumeClaim"),
+        (
+            strict,
+            "spark.kubernetes.driver.waitToReusePersistentVolumeClaim",
+        ),
         (
             wrong_kind,
             "app_resources_json[0]: kind \"PersistentVolumeClaim\", expected ConfigMap",
@@ -486,4 +489,73 @@ fn an_unknown_profile_is_an_error_not_a_panic() {
     assert_eq!(app.profiles().collect::<Vec<_>>(), vec![0]);
     assert!(app.has_claims());
     assert_eq!(SPARK_NAME, app.profiles[&0].spark_name);
+}
+
+#[test]
+fn a_new_executor_mounts_a_free_claim_of_the_same_shape_instead_of_creating_one() {
+    let shape = shape_of(&executor(7).claims[0]);
+    assert_eq!(
+        (shape.storage_class.as_deref(), shape.size.as_deref()),
+        (Some("fast-ssd"), Some("100Gi"))
+    );
+    let mut pool = ClaimPool::new();
+    pool.created("from-executor-7".into(), shape.clone(), ExecutorId::new(7));
+    // Executor 7 still runs: executor 8 creates its own claim.
+    let mut eighth = executor(8);
+    assert!(eighth.take_over(&mut pool, ExecutorId::new(8)).is_empty());
+    assert_eq!(eighth.claims.len(), 1);
+    pool.released(ExecutorId::new(7));
+    let mut ninth = executor(9);
+    let own = pod::pod_name(&app_id(), ExecutorId::new(9)) + "-pvc-4";
+    assert_eq!(
+        ninth.take_over(&mut pool, ExecutorId::new(9)),
+        vec![(own, "from-executor-7".to_string())]
+    );
+    assert!(
+        ninth.claims.is_empty(),
+        "the taken-over claim is not created"
+    );
+    let pod = json(&ninth.pod);
+    assert_eq!(
+        volume(&pod, "data")["persistentVolumeClaim"]["claimName"],
+        "from-executor-7"
+    );
+    // The other claims of the pod (not on-demand) are untouched.
+    assert_eq!(
+        volume(&pod, "ckpt")["persistentVolumeClaim"]["claimName"],
+        "ckpt-9"
+    );
+    // A claim of another size is not taken.
+    let mut pool = ClaimPool::new();
+    let other = crate::claims::Shape {
+        size: Some("50Gi".into()),
+        ..shape
+    };
+    pool.created("small".into(), other, ExecutorId::new(1));
+    pool.released(ExecutorId::new(1));
+    assert!(executor(10)
+        .take_over(&mut pool, ExecutorId::new(10))
+        .is_empty());
+}
+
+#[test]
+fn claims_are_reused_only_when_the_driver_owns_them_and_reuse_is_on() {
+    let cases = [
+        (None, None, true),
+        (Some("false"), None, false),
+        (None, Some("false"), false),
+        (Some("true"), Some("true"), true),
+    ];
+    for (own, reuse, reused) in cases {
+        let pods = spark_pods();
+        let mut t = template(pods.clone());
+        if let Some(v) = own {
+            t.kubernetes.other.insert(OWN_PVC_KEY.into(), v.into());
+        }
+        if let Some(v) = reuse {
+            t.kubernetes.other.insert(REUSE_PVC_KEY.into(), v.into());
+        }
+        let app = SparkApp::parse(&t, &pods, &defaults()).expect("parses");
+        assert_eq!(app.reuse_claims, reused, "own {own:?} reuse {reuse:?}");
+    }
 }

@@ -96,13 +96,10 @@ private[spark] object KeyCoverage {
   private def isTrue(conf: SparkConf, key: String) =
     conf.getOption(key).exists(_.trim.equalsIgnoreCase("true"))
   private def isSet(key: String): SparkConf => Boolean = _.contains(key)
-  private def hasOnDemandClaims(conf: SparkConf): Boolean =
-    conf.getAllWithPrefix(V + "persistentVolumeClaim.").exists { case (k, v) =>
-      k.endsWith(".options.claimName") && v.trim == "OnDemand"
-    }
 
-  private val Reuse = "stoker does not reuse persistent volume claims: every executor gets new " +
-    "on-demand claims, deleted with their owner"
+  private val Reuse = "stoker does not hold an executor back until a claim is free: when " +
+    "no claim can be taken over, the new executor gets new on-demand claims (stoker's queues " +
+    "and the driver's own executor count bound how many there are)"
   private val Roll = "read by Spark's ExecutorRollPlugin, which works only under Spark's own " +
     "Kubernetes scheduler backend (it disables itself with a warning under stoker's)"
   private val Resize = "read by Spark's executor resize plugins, which work only under Spark's " +
@@ -248,15 +245,17 @@ private[spark] object KeyCoverage {
     Row(K + "driver.ownPersistentVolumeClaim", ByStoker, "on-demand claims are owned by the " +
       "driver pod (default) or by their executor pod",
       StokerReads("crates/stoker-k8s/src/spark_pod.rs", "spark.kubernetes.driver.ownPersistentVolumeClaim")),
+    Row(K + "driver.reusePersistentVolumeClaim", ByStoker, "`true` (Spark's default) with " +
+      "claims the driver pod owns: a new executor's OnDemand claim is replaced by a claim of " +
+      "the same storage class and size that no live executor mounts, as Spark's allocator does " +
+      "(the replacement of a lost executor finds its shuffle files there with " +
+      "KubernetesLocalDiskShuffleDataIO)",
+      StokerReads("crates/stoker-k8s/src/spark_pod.rs",
+        "spark.kubernetes.driver.reusePersistentVolumeClaim")),
     Row(E + "deleteOnTermination", ByStoker, "`false`: the pods of executors that exit on their " +
       "own are kept", StokerReads("crates/stoker-k8s/src/pod.rs",
         "spark.kubernetes.executor.deleteOnTermination")),
     // ---- Not honoured. ------------------------------------------------------------------------
-    Row(K + "driver.reusePersistentVolumeClaim", Refused, Reuse + " (Spark 4.2 reuses by " +
-      "default: warned when true, or left at its default with an OnDemand claim configured)",
-      Warned(Seq(K + "driver.reusePersistentVolumeClaim" -> "true")),
-      c => isTrue(c, K + "driver.reusePersistentVolumeClaim") ||
-        (!c.contains(K + "driver.reusePersistentVolumeClaim") && hasOnDemandClaims(c))),
     Row(K + "driver.waitToReusePersistentVolumeClaim", Refused, Reuse,
       Warned(Seq(K + "driver.waitToReusePersistentVolumeClaim" -> "true")),
       c => isTrue(c, K + "driver.waitToReusePersistentVolumeClaim")),

@@ -1,0 +1,290 @@
+//! Which on-demand claims of an application a new executor may take over: Spark's
+//! `spark.kubernetes.driver.reusePersistentVolumeClaim`, as its `ExecutorPodsAllocator`
+//! (`getReusablePVCs`, `replacePVCsIfNeeded`) does it, kept in memory instead of listed from
+//! the API server before every batch. Pure: no I/O, no clock.
+//!
+//! Spark's rule, kept here:
+//! * only claims that outlive their executor can be reused, that is claims owned by the driver
+//!   pod (`ownPersistentVolumeClaim`, the default, with a driver pod); the shell adds only those;
+//! * a claim is free when no live executor pod of the application mounts it (Spark: no pod of
+//!   the snapshot that is not failed, succeeded or deleted has it in its volumes);
+//! * a new executor's on-demand claim is replaced by a free one of the **same storage class and
+//!   the same requested size**, each free claim used once; the claims it replaces are not
+//!   created.
+//!
+//! Where stoker differs: a claim is held from the moment stoker builds the executor's pod (not
+//! from the pod's appearance in a snapshot), so Spark's guard against reusing a claim created less
+//! than `spark.kubernetes.allocation.batch.delay` ago is not needed: nothing is reused twice.
+
+use std::collections::BTreeMap;
+
+use stoker_core::ExecutorId;
+
+/// What makes two on-demand claims interchangeable (Spark compares exactly these).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Shape {
+    /// `spec.storageClassName`.
+    pub storage_class: Option<String>,
+    /// `spec.resources.requests.storage`, as written.
+    pub size: Option<String>,
+}
+
+/// One claim the pool knows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    shape: Shape,
+    /// The executor whose pod mounts it; `None`: free.
+    holder: Option<ExecutorId>,
+}
+
+/// A claim a new executor's pod asks for: the name it would be created under, and its shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    /// The on-demand claim's own name (`<pod>-pvc-<n>`).
+    pub name: String,
+    /// Its storage class and size.
+    pub shape: Shape,
+}
+
+/// One application's reusable claims.
+#[derive(Clone, Debug, Default)]
+pub struct ClaimPool {
+    claims: BTreeMap<String, Entry>,
+}
+
+impl ClaimPool {
+    /// An empty pool.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// For a new `executor` whose pod asks for `wanted`: the claims it takes over, as
+    /// `(wanted name, reused claim name)`; those claims are held by `executor` from now on.
+    /// A wanted claim without a free match is not in the answer (it is to be created).
+    pub fn reuse(&mut self, executor: ExecutorId, wanted: &[Wanted]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for want in wanted {
+            let free = self
+                .claims
+                .iter_mut()
+                .find(|(_, e)| e.holder.is_none() && e.shape == want.shape);
+            if let Some((name, entry)) = free {
+                entry.holder = Some(executor);
+                out.push((want.name.clone(), name.clone()));
+            }
+        }
+        out
+    }
+
+    /// Claim `name` was created for `executor`, whose pod mounts it.
+    pub fn created(&mut self, name: String, shape: Shape, executor: ExecutorId) {
+        self.claims.insert(
+            name,
+            Entry {
+                shape,
+                holder: Some(executor),
+            },
+        );
+    }
+
+    /// `executor` has ended (its pod failed, succeeded, was deleted, or was never created):
+    /// the claims it held are free. Returns how many.
+    pub fn released(&mut self, executor: ExecutorId) -> usize {
+        let mut freed = 0;
+        for entry in self.claims.values_mut() {
+            if entry.holder == Some(executor) {
+                entry.holder = None;
+                freed += 1;
+            }
+        }
+        freed
+    }
+
+    /// Claims known, free or held.
+    pub fn len(&self) -> usize {
+        self.claims.len()
+    }
+
+    /// True when the pool knows no claim.
+    pub fn is_empty(&self) -> bool {
+        self.claims.is_empty()
+    }
+
+    /// Claims no executor holds.
+    pub fn free(&self) -> usize {
+        self.claims.values().filter(|e| e.holder.is_none()).count()
+    }
+
+    /// The executor holding claim `name`, if any.
+    pub fn holder(&self, name: &str) -> Option<ExecutorId> {
+        self.claims.get(name).and_then(|e| e.holder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, HashMap};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn shape(class: &str, size: &str) -> Shape {
+        Shape {
+            storage_class: Some(class.into()),
+            size: Some(size.into()),
+        }
+    }
+
+    fn want(name: &str, class: &str, size: &str) -> Wanted {
+        Wanted {
+            name: name.into(),
+            shape: shape(class, size),
+        }
+    }
+
+    #[test]
+    fn a_replacement_takes_over_the_claim_of_the_executor_that_ended() {
+        let mut pool = ClaimPool::new();
+        pool.created("e1-pvc-0".into(), shape("fast", "1Gi"), ExecutorId::new(1));
+        pool.created("e2-pvc-0".into(), shape("fast", "1Gi"), ExecutorId::new(2));
+        assert!(pool
+            .reuse(ExecutorId::new(3), &[want("e3-pvc-0", "fast", "1Gi")])
+            .is_empty());
+        assert_eq!(pool.released(ExecutorId::new(1)), 1);
+        assert_eq!(
+            pool.reuse(ExecutorId::new(4), &[want("e4-pvc-0", "fast", "1Gi")]),
+            vec![("e4-pvc-0".to_string(), "e1-pvc-0".to_string())]
+        );
+        assert_eq!(pool.holder("e1-pvc-0"), Some(ExecutorId::new(4)));
+        // Taken: a second newcomer gets nothing.
+        assert!(pool
+            .reuse(ExecutorId::new(5), &[want("e5-pvc-0", "fast", "1Gi")])
+            .is_empty());
+    }
+
+    #[test]
+    fn only_a_claim_of_the_same_class_and_size_is_reused() {
+        let mut pool = ClaimPool::new();
+        pool.created("a".into(), shape("fast", "1Gi"), ExecutorId::new(1));
+        pool.released(ExecutorId::new(1));
+        assert!(pool
+            .reuse(ExecutorId::new(2), &[want("x", "slow", "1Gi")])
+            .is_empty());
+        assert!(pool
+            .reuse(ExecutorId::new(2), &[want("x", "fast", "2Gi")])
+            .is_empty());
+        let no_class = Wanted {
+            name: "x".into(),
+            shape: Shape {
+                storage_class: None,
+                size: Some("1Gi".into()),
+            },
+        };
+        assert!(pool.reuse(ExecutorId::new(2), &[no_class]).is_empty());
+        assert_eq!(pool.free(), 1);
+    }
+
+    #[test]
+    fn an_executor_with_two_claims_takes_two_and_gives_back_two() {
+        let mut pool = ClaimPool::new();
+        pool.created("e1-pvc-0".into(), shape("fast", "1Gi"), ExecutorId::new(1));
+        pool.created("e1-pvc-1".into(), shape("big", "10Gi"), ExecutorId::new(1));
+        assert_eq!(pool.released(ExecutorId::new(1)), 2);
+        let got = pool.reuse(
+            ExecutorId::new(2),
+            &[
+                want("e2-pvc-0", "fast", "1Gi"),
+                want("e2-pvc-1", "big", "10Gi"),
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![
+                ("e2-pvc-0".to_string(), "e1-pvc-0".to_string()),
+                ("e2-pvc-1".to_string(), "e1-pvc-1".to_string())
+            ]
+        );
+        assert_eq!(pool.free(), 0);
+        assert_eq!(pool.released(ExecutorId::new(2)), 2);
+    }
+
+    #[test]
+    fn releasing_an_executor_that_holds_nothing_frees_nothing() {
+        let mut pool = ClaimPool::new();
+        pool.created("a".into(), shape("fast", "1Gi"), ExecutorId::new(1));
+        assert_eq!(pool.released(ExecutorId::new(7)), 0);
+        assert_eq!(pool.free(), 0);
+        assert_eq!(pool.len(), 1);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        /// A new executor asks for `n` claims of shape `s`.
+        Launch { n: usize, s: u8 },
+        /// The executor launched `k` steps ago (mod live count) ends.
+        End(usize),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (1usize..3, 0u8..2).prop_map(|(n, s)| Step::Launch { n, s }),
+            any::<usize>().prop_map(Step::End),
+        ]
+    }
+
+    proptest! {
+        /// Over any sequence of launches and ends: a claim is never held by two live executors,
+        /// a live executor holds exactly the claims it asked for (reused or created), an ended
+        /// executor holds none, and no claim is created while a free one of its shape exists.
+        #[test]
+        fn no_claim_is_ever_held_twice_and_none_is_created_when_one_is_free(
+            steps in proptest::collection::vec(step(), 1..60)
+        ) {
+            let mut pool = ClaimPool::new();
+            let mut live: Vec<(ExecutorId, usize)> = Vec::new();
+            let mut next_id: u64 = 1;
+            for s in steps {
+                match s {
+                    Step::Launch { n, s } => {
+                        let id = ExecutorId::new(next_id);
+                        next_id += 1;
+                        let class = if s == 0 { "fast" } else { "slow" };
+                        let wanted: Vec<Wanted> = (0..n)
+                            .map(|i| want(&format!("e{next_id}-pvc-{i}"), class, "1Gi"))
+                            .collect();
+                        let free_before = pool
+                            .claims
+                            .values()
+                            .filter(|e| e.holder.is_none() && e.shape == shape(class, "1Gi"))
+                            .count();
+                        let reused = pool.reuse(id, &wanted);
+                        prop_assert_eq!(reused.len(), n.min(free_before));
+                        let reused_names: BTreeSet<&String> = reused.iter().map(|(w, _)| w).collect();
+                        for w in &wanted {
+                            if !reused_names.contains(&w.name) {
+                                pool.created(w.name.clone(), w.shape.clone(), id);
+                            }
+                        }
+                        live.push((id, n));
+                    }
+                    Step::End(k) => {
+                        if live.is_empty() {
+                            continue;
+                        }
+                        let (id, n) = live.remove(k % live.len());
+                        prop_assert_eq!(pool.released(id), n);
+                    }
+                }
+                let mut held: HashMap<ExecutorId, usize> = HashMap::new();
+                for e in pool.claims.values() {
+                    if let Some(h) = e.holder {
+                        *held.entry(h).or_default() += 1;
+                    }
+                }
+                let expected: HashMap<ExecutorId, usize> = live.iter().copied().collect();
+                prop_assert_eq!(held, expected);
+            }
+        }
+    }
+}
