@@ -3,6 +3,7 @@
 //! local processes (or, with `--mode no-process`, just reports them Running). See
 //! tests/testbed/README.md.
 
+mod mounts;
 mod node;
 mod pod;
 mod process;
@@ -93,6 +94,10 @@ struct RunArgs {
     /// Delete this kubelet's Node objects on exit.
     #[arg(long)]
     delete_nodes_on_exit: bool,
+    /// How long a pod's persistentVolumeClaim may take to be Bound before its containers fail
+    /// with CreateContainerConfigError (seconds).
+    #[arg(long, default_value_t = 60)]
+    claim_wait_secs: u64,
 }
 
 /// Node capacity as reported.
@@ -122,6 +127,8 @@ pub struct Shared {
     base_env: BTreeMap<String, String>,
     api_limit: tokio::sync::Semaphore,
     oom_check: Duration,
+    /// How long to wait for a persistentVolumeClaim to be Bound.
+    claim_wait: Duration,
     lost: tokio::sync::watch::Sender<BTreeSet<String>>,
 }
 
@@ -222,6 +229,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         base_env,
         api_limit: tokio::sync::Semaphore::new(args.api_concurrency.max(1)),
         oom_check: Duration::from_millis(args.oom_check_ms.max(50)),
+        claim_wait: Duration::from_secs(args.claim_wait_secs),
         lost,
     });
     node::register(&shared)

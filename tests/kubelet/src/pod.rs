@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, PersistentVolume, PersistentVolumeClaim, Pod, Secret, ServiceAccount,
+};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
@@ -19,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::mounts::{self, Mapping};
 use crate::process;
 use crate::spec::{self, PathMap};
 use crate::{now, Mode, Shared, FAULT_ANNOTATION};
@@ -404,7 +407,11 @@ impl Worker {
         if let Err(err) = std::fs::create_dir_all(self.dir.join("volumes")) {
             warn!(error = %err, "cannot create the pod folder");
         }
-        let volumes = match self.prepare_volumes().await {
+        let volumes = match self.claim_dirs().await {
+            Ok(claims) => self.prepare_volumes(claims).await,
+            Err(err) => Err(err),
+        };
+        let volumes = match volumes {
             Ok(v) => v,
             Err(err) => {
                 warn!(error = %err, "volume setup failed");
@@ -449,26 +456,44 @@ impl Worker {
         }
     }
 
-    fn path_map(&self, c: &Container) -> PathMap {
-        let mut paths = PathMap::default();
+    /// Where the container's paths are: `/opt/spark` of a Spark image is the local Spark; each
+    /// volume mount is a symlink `<pod dir>/root/<mountPath>` to the volume's folder (see
+    /// [`mounts::materialise`]).
+    fn path_map(&self, c: &Container) -> std::io::Result<PathMap> {
+        let mut fixed = Vec::new();
         if spec::is_spark_image(c.image.as_deref().unwrap_or_default()) {
-            paths.add("/opt/spark", &self.shared.host.spark_home);
+            fixed.push(Mapping {
+                path: "/opt/spark".into(),
+                local: self.shared.host.spark_home.clone(),
+            });
         }
+        let mut mounts = Vec::new();
         for m in c.volume_mounts.iter().flatten() {
             if let Some(local) = self.volumes.get(&m.name) {
                 let local = match m.sub_path.as_deref() {
                     Some(sub) if !sub.is_empty() => local.join(sub),
                     _ => local.clone(),
                 };
-                paths.add(&m.mount_path, &local);
+                mounts.push(Mapping {
+                    path: m.mount_path.clone(),
+                    local,
+                });
             }
         }
-        paths
+        mounts::materialise(
+            &self.dir.join("root"),
+            &self.dir.join(format!("root-{}", c.name)),
+            &fixed,
+            &mounts,
+        )
     }
 
     /// Starts container `c`; stdout and stderr go to `<pod dir>/<name>.log`.
     async fn launch(&self, c: &Container) -> Result<process::Started, StartFailure> {
-        let paths = self.path_map(c);
+        let paths = self.path_map(c).map_err(|e| StartFailure {
+            reason: "CreateContainerConfigError",
+            message: format!("cannot create the mount points: {e}"),
+        })?;
         let env = self
             .container_env(c, &paths)
             .await
@@ -891,7 +916,113 @@ impl Worker {
 
     // ---- volumes and environment ----
 
-    async fn prepare_volumes(&self) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+    /// The local folder of every persistentVolumeClaim volume: the hostPath of the
+    /// PersistentVolume its claim is bound to. Waits up to `claim_wait` for each claim to be
+    /// Bound, reporting the containers waiting (ContainerCreating) with what it waits for.
+    async fn claim_dirs(&mut self) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+        let volumes = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .unwrap_or_default();
+        let mut out = BTreeMap::new();
+        for v in volumes {
+            if let Some(pvc) = &v.persistent_volume_claim {
+                let dir = self.claim_dir(&pvc.claim_name).await?;
+                out.insert(v.name.clone(), dir);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn claim_dir(&mut self, claim: &str) -> anyhow::Result<PathBuf> {
+        let claims: Api<PersistentVolumeClaim> =
+            Api::namespaced(self.shared.client.clone(), &self.namespace);
+        let deadline = Instant::now() + self.shared.claim_wait;
+        let mut reported = String::new();
+        loop {
+            let why = match claims.get_opt(claim).await {
+                Ok(None) => "not found".to_string(),
+                Ok(Some(pvc)) => {
+                    let phase = pvc
+                        .status
+                        .and_then(|s| s.phase)
+                        .unwrap_or_else(|| "Pending".into());
+                    let volume = pvc
+                        .spec
+                        .and_then(|s| s.volume_name)
+                        .filter(|v| !v.is_empty());
+                    match (phase.as_str(), volume) {
+                        ("Bound", Some(pv)) => return self.volume_dir(claim, &pv).await,
+                        _ => format!("it is {phase}"),
+                    }
+                }
+                Err(err) => format!("cannot read it: {err}"),
+            };
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "persistentvolumeclaim \"{claim}\" (namespace {}) is not bound after {} s: {why}",
+                    self.namespace,
+                    self.shared.claim_wait.as_secs()
+                );
+            }
+            let message =
+                format!("waiting for persistentvolumeclaim \"{claim}\" to be bound: {why}");
+            if message != reported {
+                info!(claim, why = %why, "waiting for the claim to be bound");
+                for c in &mut self.ctrs {
+                    c.state = State::Waiting {
+                        reason: "ContainerCreating".into(),
+                        message: message.clone(),
+                    };
+                }
+                self.write_status().await;
+                reported = message;
+            }
+            // No longer wanted: the worker handles the deletion once start() returns.
+            match self.api.get_opt(&self.name).await {
+                Ok(Some(p))
+                    if p.metadata.deletion_timestamp.is_none()
+                        && p.metadata.uid.as_deref() == Some(self.uid.as_str()) => {}
+                Ok(_) => anyhow::bail!(
+                    "the pod was deleted while waiting for persistentvolumeclaim \"{claim}\""
+                ),
+                Err(err) => debug!(error = %err, "cannot re-read the pod"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The local folder of PersistentVolume `pv` (bound to `claim`): its hostPath, created if
+    /// missing. Other kinds of volume cannot be mounted here.
+    async fn volume_dir(&self, claim: &str, pv: &str) -> anyhow::Result<PathBuf> {
+        let api: Api<PersistentVolume> = Api::all(self.shared.client.clone());
+        let volume = api.get(pv).await.map_err(|e| {
+            anyhow::anyhow!(
+                "persistentvolumeclaim \"{claim}\": cannot read persistentvolume \"{pv}\": {e}"
+            )
+        })?;
+        let Some(path) = volume.spec.and_then(|s| s.host_path).map(|h| h.path) else {
+            anyhow::bail!(
+                "persistentvolumeclaim \"{claim}\" is bound to persistentvolume \"{pv}\", which is not a hostPath volume: the test-bed kubelet mounts only hostPath persistent volumes"
+            );
+        };
+        let path = PathBuf::from(path);
+        std::fs::create_dir_all(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "persistentvolumeclaim \"{claim}\": cannot create {}: {e}",
+                path.display()
+            )
+        })?;
+        info!(claim, volume = pv, path = %path.display(), "claim mounted");
+        Ok(path)
+    }
+
+    async fn prepare_volumes(
+        &self,
+        mut claims: BTreeMap<String, PathBuf>,
+    ) -> anyhow::Result<BTreeMap<String, PathBuf>> {
         let mut out = BTreeMap::new();
         let volumes = self
             .pod
@@ -902,6 +1033,10 @@ impl Worker {
         for v in volumes {
             if let Some(hp) = &v.host_path {
                 out.insert(v.name.clone(), PathBuf::from(&hp.path));
+                continue;
+            }
+            if let Some(dir) = claims.remove(&v.name) {
+                out.insert(v.name.clone(), dir);
                 continue;
             }
             let local = self.dir.join("volumes").join(&v.name);
