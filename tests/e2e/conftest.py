@@ -275,7 +275,7 @@ def driver_factory(work_dir):
 
 # ---- Kubernetes test bed (tests/testbed) and process kubelets (tests/kubelet) ----------------
 
-from testbed import Kubelet, Testbed, processes_under  # noqa: E402
+from testbed import Kubelet, Testbed, ensure_hostpath_storage_class, processes_under  # noqa: E402
 
 PROCESS_NODE = "testbed-node"
 
@@ -295,6 +295,13 @@ def testbed(tmp_path_factory):
         yield plane
     finally:
         plane.stop()
+
+
+@pytest.fixture(scope="session")
+def hostpath_storage_class(testbed):
+    """Name of the StorageClass stoker-e2e-hostpath: claims get a hostPath PV under
+    /tmp/hostpath_pv at once, removed with the claim; the process kubelet mounts them."""
+    return ensure_hostpath_storage_class(testbed.api)
 
 
 @pytest.fixture(scope="session")

@@ -321,6 +321,30 @@ class Watch:
         self._thread.join(timeout=10)
 
 
+# ---- storage ---------------------------------------------------------------------------------
+
+HOSTPATH_STORAGE_CLASS = "stoker-e2e-hostpath"
+
+
+def ensure_hostpath_storage_class(api, name=HOSTPATH_STORAGE_CLASS):
+    """A StorageClass whose claims the test bed's kube-controller-manager provisions at once
+    (Immediate) as hostPath PVs under /tmp/hostpath_pv, deleted with their claim (Delete).
+    Idempotent; one that exists with other settings is an error (those fields are immutable)."""
+    want = {"provisioner": "kubernetes.io/host-path", "reclaimPolicy": "Delete",
+            "volumeBindingMode": "Immediate"}
+    path = "/apis/storage.k8s.io/v1/storageclasses"
+    try:
+        api.create(path, {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+                          "metadata": {"name": name}, **want})
+    except ApiError as e:
+        if e.code != 409:
+            raise
+    sc = api.get(f"{path}/{name}")
+    got = {k: sc.get(k) for k in want}
+    assert got == want, f"StorageClass {name} exists with other settings: {got}"
+    return name
+
+
 # ---- the control plane -------------------------------------------------------------------------
 
 class Testbed:
@@ -338,6 +362,10 @@ class Testbed:
         self.proc = subprocess.Popen(
             # STOKER_TESTBED_ARGS: extra `testbed up` flags, e.g. --apiserver-arg=--profiling=true
             [str(TESTBED_DIR / "start.sh"), "--foreground", str(self.rundir), "--",
+             # Claims of StorageClasses with provisioner kubernetes.io/host-path get a PV at
+             # /tmp/hostpath_pv/<uuid> (the process kubelet mounts hostPath PVs); a flag, not a
+             # change to the test bed's Go code, so its cached build stays valid.
+             "--controller-manager-arg=--enable-hostpath-provisioner=true",
              *os.environ.get("STOKER_TESTBED_ARGS", "").split()],
             stdin=subprocess.DEVNULL, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent(signal.SIGTERM),
