@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -376,3 +377,162 @@ def test_sigkilled_kubelet_leaves_no_processes(testbed, kubelet_factory, cleanup
     wait_until(lambda: not any(group_members(p) for p in pids), 15,
                "the container processes to die with the kubelet")
     assert not processes_under(kubelet.work_dir)
+
+
+# ---- f. persistent volume claims --------------------------------------------------------------
+
+CLAIMS = "/api/v1/namespaces/default/persistentvolumeclaims"
+
+
+def claim_manifest(name, storage_class, size="16Mi", volume=None):
+    spec = {"accessModes": ["ReadWriteOnce"], "storageClassName": storage_class,
+            "resources": {"requests": {"storage": size}}}
+    if volume:
+        spec["volumeName"] = volume
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name}, "spec": spec}
+
+
+def bound_claim(api, name, timeout=60):
+    def check():
+        c = api.get_opt(f"{CLAIMS}/{name}")
+        return c if c and (c.get("status") or {}).get("phase") == "Bound" else None
+    return wait_until(check, timeout, f"claim {name} to be Bound")
+
+
+def waiting(pod):
+    """The waiting state of the pod's container, or {}."""
+    cs = (pod.get("status") or {}).get("containerStatuses") or []
+    return (cs[0].get("state") or {}).get("waiting") or {} if cs else {}
+
+
+def test_claim_is_provisioned_mounted_and_outlives_its_pods(testbed, process_kubelet, hostpath_storage_class,
+                                                            cleanup_pods):
+    """A claim of the host-path StorageClass gets a PV under /tmp/hostpath_pv; a pod mounts it
+    at /data/spark-x/executor-x (as Spark mounts a local-dir claim) and writes a block file; the
+    next pod with the same claim finds it the way Spark's KubernetesLocalDiskShuffleDataIO
+    recovers shuffle files: two parents up from SPARK_LOCAL_DIRS, then
+    spark-*/*/blockmgr-*/*/*. Deleting the claim deletes the PV and its folder."""
+    api = testbed.api
+    claim = uniq("claim")
+    mount = "/data/spark-x/executor-x"
+    api.create(CLAIMS, claim_manifest(claim, hostpath_storage_class))
+    try:
+        pvc = bound_claim(api, claim)
+        pv_name = pvc["spec"]["volumeName"]
+        pv = api.get(f"/api/v1/persistentvolumes/{pv_name}")
+        host_dir = Path(pv["spec"]["hostPath"]["path"])
+        assert host_dir.parent == Path("/tmp/hostpath_pv") and host_dir.is_dir(), host_dir
+        volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}]
+        mounts = [{"name": "data", "mountPath": mount}]
+        # The kubelet rewrites container paths in the environment, as SPARK_LOCAL_DIRS is.
+        env = [{"name": "LOCAL_DIRS", "value": mount}]
+
+        writer = uniq("pvc-writer")
+        cleanup_pods.append(writer)
+        write = ("mkdir -p $LOCAL_DIRS/blockmgr-1/0c && "
+                 "echo shuffle-data > $LOCAL_DIRS/blockmgr-1/0c/shuffle_0_0_0.data && echo written")
+        api.create_pod(pod_manifest(writer, ["sh", "-c", write], PROCESS_NODE, env=env, volumes=volumes,
+                                    mounts=mounts))
+        pod = api.wait_pod(writer, lambda p: phase(p) in ("Succeeded", "Failed"), 60, "to end")
+        log = (process_kubelet.pod_dir(pod) / "main.log").read_text()
+        assert phase(pod) == "Succeeded", log
+        # The mount path is a link to the PV's folder, below real folders of the pod.
+        link = process_kubelet.pod_dir(pod) / "root" / mount.lstrip("/")
+        assert link.is_symlink() and os.readlink(link) == str(host_dir), link
+        assert link.parent.is_dir() and not link.parent.is_symlink()
+        assert (host_dir / "blockmgr-1" / "0c" / "shuffle_0_0_0.data").read_text() == "shuffle-data\n"
+        api.delete_pod(writer)
+        api.wait_pod_gone(writer, 60)
+
+        reader = uniq("pvc-reader")
+        cleanup_pods.append(reader)
+        read = ("top=$(dirname $(dirname $LOCAL_DIRS)); echo \"top: $(ls $top)\"; "
+                "echo \"parent: $(ls $(dirname $LOCAL_DIRS))\"; "
+                "for f in $top/spark-*/*/blockmgr-*/*/*; do echo \"found ${f#$top/}: $(cat $f)\"; done")
+        api.create_pod(pod_manifest(reader, ["sh", "-c", read], PROCESS_NODE, env=env, volumes=volumes,
+                                    mounts=mounts))
+        pod = api.wait_pod(reader, lambda p: phase(p) in ("Succeeded", "Failed"), 60, "to end")
+        log = (process_kubelet.pod_dir(pod) / "main.log").read_text()
+        assert phase(pod) == "Succeeded", log
+        assert "top: spark-x\n" in log, log
+        assert "parent: executor-x\n" in log, log
+        assert "found spark-x/executor-x/blockmgr-1/0c/shuffle_0_0_0.data: shuffle-data\n" in log, log
+        api.delete_pod(reader)
+        api.wait_pod_gone(reader, 60)
+
+        api.delete(f"{CLAIMS}/{claim}")
+        wait_until(lambda: api.get_opt(f"{CLAIMS}/{claim}") is None, 60, "the claim to be removed")
+        wait_until(lambda: api.get_opt(f"/api/v1/persistentvolumes/{pv_name}") is None, 60,
+                   f"PV {pv_name} to be deleted with its claim")
+        wait_until(lambda: not host_dir.exists(), 30, f"{host_dir} to be removed")
+    finally:
+        api.delete(f"{CLAIMS}/{claim}")
+
+
+def test_a_claim_that_is_missing_unbound_or_not_hostpath_is_named(testbed, process_kubelet, kubelet_factory,
+                                                                  cleanup_pods):
+    """Through the scheduler a pod whose claim does not exist is never scheduled (the scheduler
+    says why, naming the claim); so the kubelet's own handling is seen with pods bound to its
+    node directly (spec.nodeName), on a kubelet that gives claims 4 s to be bound: it reports
+    the container waiting (ContainerCreating) for the claim, then CreateContainerConfigError
+    naming it; a claim bound to a PV that is not hostPath fails at once."""
+    api = testbed.api
+    missing = uniq("no-claim")
+    scheduled = uniq("pvc-sched")
+    cleanup_pods.append(scheduled)
+    api.create_pod(pod_manifest(scheduled, SLEEPER, PROCESS_NODE,
+                                volumes=[{"name": "d", "persistentVolumeClaim": {"claimName": missing}}],
+                                mounts=[{"name": "d", "mountPath": "/d"}]))
+
+    def unschedulable(p):
+        return any(c["type"] == "PodScheduled" and c["status"] == "False"
+                   and f'persistentvolumeclaim "{missing}" not found' in c.get("message", "")
+                   for c in (p.get("status") or {}).get("conditions") or [])
+    api.wait_pod(scheduled, unschedulable, 30, "unschedulable, naming the claim")
+
+    kubelet = kubelet_factory("claim-node", extra=("--claim-wait-secs", "4"))
+    unbound = uniq("unbound")
+    static_claim, static_pv = uniq("nfs-claim"), uniq("nfs-pv")
+    api.create(CLAIMS, claim_manifest(unbound, "stoker-e2e-none"))
+    api.create("/api/v1/persistentvolumes", {
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": static_pv},
+        "spec": {"capacity": {"storage": "16Mi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                 "persistentVolumeReclaimPolicy": "Retain", "nfs": {"server": "127.0.0.1", "path": "/nowhere"}}})
+    api.create(CLAIMS, claim_manifest(static_claim, "", volume=static_pv))
+    try:
+        bound_claim(api, static_claim)
+        pods = {}
+        for claim in (missing, unbound, static_claim):
+            name = uniq("pvc-direct")
+            manifest = pod_manifest(name, SLEEPER, kubelet.node,
+                                    volumes=[{"name": "d", "persistentVolumeClaim": {"claimName": claim}}],
+                                    mounts=[{"name": "d", "mountPath": "/d"}])
+            del manifest["spec"]["nodeSelector"]
+            manifest["spec"]["nodeName"] = kubelet.node
+            cleanup_pods.append(name)
+            pods[claim] = (name, api.watch("/api/v1/namespaces/default/pods",
+                                           fieldSelector=f"metadata.name={name}"))
+            api.create_pod(manifest)
+        for claim, why in ((missing, "not found"), (unbound, "it is Pending")):
+            name, watch = pods[claim]
+            watch.wait_for(lambda t, o: waiting(o).get("reason") == "ContainerCreating"
+                           and waiting(o).get("message") == f'waiting for persistentvolumeclaim "{claim}" '
+                                                            f"to be bound: {why}",
+                           30, f"{name} waiting for claim {claim}")
+            _, pod = watch.wait_for(lambda t, o: waiting(o).get("reason") == "CreateContainerConfigError",
+                                    30, f"{name}: CreateContainerConfigError")
+            assert waiting(pod)["message"] == (f'persistentvolumeclaim "{claim}" (namespace default) is not bound '
+                                               f"after 4 s: {why}"), waiting(pod)
+            assert phase(pod) == "Pending" and container_pid(pod) is None
+        name, watch = pods[static_claim]
+        _, pod = watch.wait_for(lambda t, o: waiting(o).get("reason") == "CreateContainerConfigError",
+                                30, f"{name}: CreateContainerConfigError")
+        assert waiting(pod)["message"] == (
+            f'persistentvolumeclaim "{static_claim}" is bound to persistentvolume "{static_pv}", which is not '
+            "a hostPath volume: the test-bed kubelet mounts only hostPath persistent volumes"), waiting(pod)
+        for _, watch in pods.values():
+            watch.close()
+    finally:
+        for claim in (unbound, static_claim):
+            api.delete(f"{CLAIMS}/{claim}")
+        api.delete(f"/api/v1/persistentvolumes/{static_pv}")
