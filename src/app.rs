@@ -702,6 +702,13 @@ impl Actor {
                     .engine
                     .decommission(&ids, adjust_target, now)
                     .map_err(ApiError::from);
+                if let Ok(affected) = &result {
+                    if !affected.is_empty() {
+                        self.apps
+                            .backend
+                            .decommissioning(&self.app_id, &self.template, affected);
+                    }
+                }
                 self.settle();
                 let _ = reply.send(result);
             }

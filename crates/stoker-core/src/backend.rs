@@ -71,6 +71,16 @@ pub trait ExecutorBackend: Send + Sync {
     /// Stops an executor: a graceful signal, then a hard kill after `grace` milliseconds. The
     /// backend reports `Exited` when it is gone, also if it was never started.
     fn terminate(&self, app_id: &AppId, executor_id: ExecutorId, grace: Millis);
+    /// The driver is decommissioning these executors (they leave on their own once their
+    /// blocks are migrated): the backend may mark them (the Kubernetes backend applies Spark's
+    /// `spark.kubernetes.executor.decommissionLabel`). Must not block.
+    fn decommissioning(
+        &self,
+        _app_id: &AppId,
+        _template: &Arc<ExecutorTemplate>,
+        _executors: &[ExecutorId],
+    ) {
+    }
     /// Checks an application's template at registration, before anything is created. The error
     /// names the field that is wrong.
     fn check_template(&self, _template: &ExecutorTemplate) -> Result<(), String> {

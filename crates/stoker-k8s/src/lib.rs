@@ -21,6 +21,7 @@
 pub mod auth;
 pub mod claims;
 pub mod client;
+pub mod decommission;
 mod fair;
 pub mod index;
 pub mod lease;
@@ -372,6 +373,15 @@ impl ExecutorBackend for KubernetesBackend {
 
     fn check_template(&self, template: &ExecutorTemplate) -> Result<(), String> {
         self.check_app_template(template)
+    }
+
+    fn decommissioning(
+        &self,
+        app_id: &AppId,
+        template: &Arc<ExecutorTemplate>,
+        executors: &[ExecutorId],
+    ) {
+        self.label_decommissioning(app_id, template, executors);
     }
 
     fn registered(&self, app_id: &AppId, template: &Arc<ExecutorTemplate>) {

@@ -387,7 +387,7 @@ fn refusals_name_what_is_wrong() {
 fn unsupported_keys_without_strict_are_only_warned_about() {
     let mut p = spark_pods();
     p.unsupported_keys.insert(
-        "spark.kubernetes.executor.decommissionLabel".into(),
+        "spark.kubernetes.executor.podDeletionCost".into(),
         "x".into(),
     );
     assert!(parsed(p).is_ok());

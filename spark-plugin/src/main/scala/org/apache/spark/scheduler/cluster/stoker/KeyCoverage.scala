@@ -252,6 +252,13 @@ private[spark] object KeyCoverage {
       "KubernetesLocalDiskShuffleDataIO)",
       StokerReads("crates/stoker-k8s/src/spark_pod.rs",
         "spark.kubernetes.driver.reusePersistentVolumeClaim")),
+    Row(E + "decommissionLabel", ByStoker, "when the driver decommissions executors (dynamic " +
+      "allocation, a fair-share reclaim), stoker puts this label on their pods, as Spark's " +
+      "backend does", StokerReads("crates/stoker-k8s/src/decommission.rs",
+        "spark.kubernetes.executor.decommissionLabel")),
+    Row(E + "decommissionLabelValue", ByStoker, "the value of that label (default: empty)",
+      StokerReads("crates/stoker-k8s/src/decommission.rs",
+        "spark.kubernetes.executor.decommissionLabelValue")),
     Row(E + "deleteOnTermination", ByStoker, "`false`: the pods of executors that exit on their " +
       "own are kept", StokerReads("crates/stoker-k8s/src/pod.rs",
         "spark.kubernetes.executor.deleteOnTermination")),
@@ -259,12 +266,6 @@ private[spark] object KeyCoverage {
     Row(K + "driver.waitToReusePersistentVolumeClaim", Refused, Reuse,
       Warned(Seq(K + "driver.waitToReusePersistentVolumeClaim" -> "true")),
       c => isTrue(c, K + "driver.waitToReusePersistentVolumeClaim")),
-    Row(E + "decommissionLabel", Refused,
-      "stoker does not label the pods of executors it decommissions or kills",
-      Warned(Seq(E + "decommissionLabel" -> "draining")), isSet(E + "decommissionLabel")),
-    Row(E + "decommissionLabelValue", Refused,
-      "stoker does not label the pods of executors it decommissions or kills",
-      Warned(Seq(E + "decommissionLabelValue" -> "yes")), isSet(E + "decommissionLabelValue")),
     Row(E + "podDeletionCost", Refused,
       "stoker creates bare pods (no Deployment): no deletion cost is applied",
       Warned(Seq(E + "podDeletionCost" -> "5")), isSet(E + "podDeletionCost")),

@@ -75,12 +75,12 @@ class StokerSparkPodsTest extends Checks {
   @Test def keysStokerDoesNotHonourAreListedWithStrictness(): Unit = {
     val c = conf()
       .set("spark.kubernetes.driver.waitToReusePersistentVolumeClaim", "true")
-      .set("spark.kubernetes.executor.decommissionLabel", "draining")
+      .set("spark.kubernetes.executor.podDeletionCost", "5")
       .set("spark.kubernetes.allocation.pods.allocator", "direct")
       .set(StokerSparkPods.StrictConfKey, "true")
     val app = StokerSparkPods.appLevel(c, AppId).build()
     eq(Set("spark.kubernetes.driver.waitToReusePersistentVolumeClaim",
-      "spark.kubernetes.executor.decommissionLabel"), app.getUnsupportedKeysMap.asScala.keySet.toSet,
+      "spark.kubernetes.executor.podDeletionCost"), app.getUnsupportedKeysMap.asScala.keySet.toSet,
       "the direct allocator is stoker's way too")
     check(app.getStrict, "strict")
     check(!StokerSparkPods.appLevel(conf(), AppId).build().getStrict, "not strict by default")
