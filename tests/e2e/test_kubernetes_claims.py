@@ -1,0 +1,143 @@
+"""On-demand claims on the test bed, under stoker and under Spark's own backend: provisioned
+(the controller manager's hostPath provisioner), mounted by the process kubelet, owned by the
+driver pod, and taken over by the replacement of a lost executor
+(`spark.kubernetes.driver.reusePersistentVolumeClaim`), which finds the lost executor's shuffle
+files there with Spark's `KubernetesLocalDiskShuffleDataIO`."""
+import sys
+from types import SimpleNamespace
+
+from conftest import PROCESS_NODE, wait_until
+from test_kubernetes import (  # noqa: F401  (fixtures: the autouse token one, kube)
+    IMAGE,
+    _driver_tokens,
+    conf_args,
+    driver_token,
+    kube,
+)
+from testbed import ensure_hostpath_storage_class
+
+LOCAL_DIR = "spark-local-dir-1"
+V = f"spark.kubernetes.executor.volumes.persistentVolumeClaim.{LOCAL_DIR}."
+# Spark's documented layout for shuffle recovery: KubernetesLocalDiskShuffleDataIO looks two
+# levels above the local dir for spark-*/executor-*/blockmgr-* folders of earlier executors.
+MOUNT = "/data/spark-x/executor-x"
+
+
+def recovery_confs(ns, driver_pod, storage_class):
+    return {
+        V + "mount.path": MOUNT,
+        V + "mount.readOnly": "false",
+        V + "options.claimName": "OnDemand",
+        V + "options.storageClass": storage_class,
+        V + "options.sizeLimit": "1Gi",
+        "spark.kubernetes.driver.ownPersistentVolumeClaim": "true",
+        # Spark's default, but the executors read it from the conf to recover (default false).
+        "spark.kubernetes.driver.reusePersistentVolumeClaim": "true",
+        "spark.shuffle.sort.io.plugin.class": "org.apache.spark.shuffle.KubernetesLocalDiskShuffleDataIO",
+        "spark.kubernetes.driver.pod.name": driver_pod,
+        "spark.kubernetes.namespace": ns,
+        "spark.kubernetes.container.image": IMAGE,
+        "spark.kubernetes.node.selector.kubernetes.io/hostname": PROCESS_NODE,
+        "spark.executorEnv.PYSPARK_PYTHON": sys.executable,
+        # stoker's --auth kubernetes (Spark's own backend ignores it).
+        "spark.stoker.auth.tokenFile": str(driver_token(ns)),
+    }
+
+
+def placeholder_driver_pod(testbed, name, ns="default"):
+    """The driver's pod as both backends see it (owner of the claims and executor pods): the
+    driver process runs on this machine, the pod stays Pending (no node matches)."""
+    return testbed.api.create_pod({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"spark-role": "driver"}},
+        "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
+                 "nodeSelector": {"stoker.dev/no-such-node": "true"},
+                 "containers": [{"name": "driver", "image": "python:3.11", "command": ["true"]}]},
+    }, ns)
+
+
+def claim_of(pod):
+    [volume] = [v for v in pod["spec"]["volumes"] if v["name"] == LOCAL_DIR]
+    return volume["persistentVolumeClaim"]["claimName"]
+
+
+def app_pods(testbed, app_id, ns="default"):
+    return testbed.api.pods(ns, labelSelector=f"spark-app-selector={app_id}")
+
+
+def run_with_a_lost_executor(testbed, driver_factory, master, name, storage_class, ns="default"):
+    """One application under `master`: writes a shuffle with 2 executors, loses one (its pod
+    deleted), reads the shuffle again. Returns what the job and the API server saw."""
+    driver_pod = f"recovery-{name}"
+    uid = placeholder_driver_pod(testbed, driver_pod, ns)["metadata"]["uid"]
+    claims_watch = testbed.api.watch(f"/api/v1/namespaces/{ns}/persistentvolumeclaims")
+    pods_watch = testbed.api.watch(f"/api/v1/namespaces/{ns}/pods", labelSelector="spark-role=executor")
+    try:
+        d = driver_factory(master, "--executors", "2", "--maps", "8", "--recovery-timeout-s", "40",
+                           *conf_args(recovery_confs(ns, driver_pod, storage_class)),
+                           job="shuffle_recovery.py")
+        app_id = d.wait_event("started", timeout=180)["app_id"]
+        shuffled = d.wait_event("shuffled", timeout=300)
+        assert shuffled["map_runs"] == 8, shuffled
+        pods = {p["metadata"]["labels"]["spark-exec-id"]: p for p in app_pods(testbed, app_id, ns)}
+        victim = pods[shuffled["executors"][0]]
+        lost_claim = claim_of(victim)
+        testbed.api.delete_pod(victim["metadata"]["name"], ns, grace=0)
+        result = d.wait(timeout=300)
+        replaced = d.event("replaced")
+        outputs = d.event("outputs")
+        # As created (the pods are gone once the driver has stopped).
+        [replacement] = [p for t, p in pods_watch.objects() if t == "ADDED"
+                         and p["metadata"]["labels"].get("spark-app-selector") == app_id
+                         and p["metadata"]["labels"].get("spark-exec-id") == replaced["executor"]] or [None]
+        added = {o["metadata"]["name"]: o for t, o in claims_watch.objects() if t == "ADDED"
+                 and (o["metadata"].get("labels") or {}).get("spark-app-selector") == app_id}
+        created = sorted(added)
+        owners = {c: [(o["kind"], o["name"], o["uid"]) for o in o_["metadata"].get("ownerReferences") or []]
+                  for c, o_ in added.items()}
+        run = SimpleNamespace(app_id=app_id, result=result, replaced=replaced, outputs=outputs,
+                              lost_claim=lost_claim,
+                              replacement_claim=claim_of(replacement) if replacement else None,
+                              claims=created, owners=owners, driver_uid=uid, driver_pod=driver_pod)
+        print(f"\n[claims] {name}: lost executor {shuffled['executors'][0]} (claim {lost_claim}), "
+              f"replacement {replaced['executor']} registered {replaced['seconds']} s after the loss "
+              f"mounts {run.replacement_claim}; map outputs {outputs['available']}/{outputs['of']} "
+              f"available {outputs['seconds']} s after the loss; map tasks recomputed "
+              f"{result['maps_recomputed']}; claims created {len(created)}")
+        return run
+    finally:
+        claims_watch.close()
+        pods_watch.close()
+        testbed.api.delete_pod(driver_pod, ns, grace=0)
+
+
+def test_a_replacement_executor_takes_over_the_lost_executors_claim_and_its_shuffle_files(
+        kube, testbed, process_kubelet, driver_factory, monkeypatch):
+    """The issue's scenario, under Spark's own backend and then under stoker on the same bed:
+    an executor's pod is deleted after the map stage. Under stoker the replacement mounts the
+    lost executor's claim (no third claim is created), recovers its shuffle files, and the
+    second read of the shuffle recomputes no map task; stoker recomputes no more than Spark (what
+    Spark did is printed: on this bed its replacement got a new claim and it recomputed the lost
+    outputs). Every claim is the driver pod's, under both, and goes when it goes."""
+    storage_class = ensure_hostpath_storage_class(testbed.api)
+    monkeypatch.setenv("KUBECONFIG", testbed.env["KUBECONFIG"])  # Spark's own backend's client
+    spark_master = SimpleNamespace(address=f"k8s://https://127.0.0.1:{testbed.port}")
+    runs = {
+        "spark": run_with_a_lost_executor(testbed, driver_factory, spark_master, "spark", storage_class),
+        "stoker": run_with_a_lost_executor(testbed, driver_factory, kube, "stoker", storage_class),
+    }
+    for name, run in runs.items():
+        assert run.result["right"], (name, run.result)
+        for claim, owners in run.owners.items():
+            assert owners == [("Pod", run.driver_pod, run.driver_uid)], (name, claim, owners)
+    stoker = runs["stoker"]
+    assert stoker.replacement_claim == stoker.lost_claim, (stoker.replacement_claim, stoker.lost_claim)
+    assert len(stoker.claims) == 2, stoker.claims
+    assert stoker.outputs["recovered"], stoker.outputs
+    assert stoker.result["maps_recomputed"] == 0, stoker.result
+    assert stoker.result["maps_recomputed"] <= runs["spark"].result["maps_recomputed"]
+    # The driver pod went: its claims go too (garbage collector; stoker deleted them already).
+    for run in runs.values():
+        for claim in run.claims:
+            wait_until(lambda: not testbed.api.get_opt(f"/api/v1/namespaces/default/persistentvolumeclaims/{claim}"),
+                       90, f"claim {claim} deleted with its driver pod")
