@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from conftest import JAR, JOBS, PROCESS_NODE, STOKER, Driver, Stoker, wait_until
+from conftest import DECOMMISSIONING, JAR, JOBS, PROCESS_NODE, STOKER, Driver, Stoker, wait_until
 from test_tls import SERVER_EXT, issue, make_ca
-from testbed import FAULT, LOST, ROOT, ApiError
+from testbed import FAULT, LOST, ROOT, ApiError, terminated
 
 IMAGE = "apache/spark:4.2.0"
 _instances = itertools.count(1)
@@ -477,17 +477,37 @@ def test_a_grown_size_the_namespace_limitrange_refuses_is_relayed_and_not_tried_
 
 
 def test_dynamic_allocation_scales_pods_up_and_down(kube, testbed, driver_factory):
-    driver = driver_factory(
-        kube, "--dynamic", "--executors", "3", "--slow-ms", "800", "--partitions", "30",
-        "--jobs", "2", "--pause-s", "15", *k8s_args(),
-    )
-    driver.wait_event("job-start", timeout=180)
-    app_id = driver.event("started")["app_id"]
-    wait_until(lambda: len(running_pods(testbed, kube.instance, app_id)) >= 2, 150,
-               "scale-up to at least 2 executor pods")
-    driver.wait_event("idle", timeout=300)
-    wait_until(lambda: not pods_of(testbed, kube.instance, app_id), 60, "scale-down to 0 pods when idle")
-    check_result(driver.wait(timeout=400))
+    """Dynamic allocation with decommissioning: Spark decommissions its idle executors (instead
+    of killing them), stoker labels their pods with spark.kubernetes.executor.decommissionLabel
+    as Spark's own backend does, and the pods go once the executors have left."""
+    label = {"spark.kubernetes.executor.decommissionLabel": "stoker-e2e/draining",
+             "spark.kubernetes.executor.decommissionLabelValue": "yes"}
+    watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
+    try:
+        driver = driver_factory(
+            kube, "--dynamic", "--executors", "3", "--slow-ms", "800", "--partitions", "30",
+            "--jobs", "2", "--pause-s", "15", *k8s_args("default", *DECOMMISSIONING, *conf_args(label)),
+        )
+        driver.wait_event("job-start", timeout=180)
+        app_id = driver.event("started")["app_id"]
+        wait_until(lambda: len(running_pods(testbed, kube.instance, app_id)) >= 2, 150,
+                   "scale-up to at least 2 executor pods")
+        driver.wait_event("idle", timeout=300)
+        first_job = {o["metadata"]["name"] for t, o in watch.objects() if t == "ADDED"}
+        wait_until(lambda: not pods_of(testbed, kube.instance, app_id), 60, "scale-down to 0 pods when idle")
+        # The first job's executors that left by decommissioning (their JVM ends by itself, code
+        # 0, where a killed one ends with 143) carried the label before their pods went.
+        decommissioned = {}
+        for name in first_job:
+            _, gone = watch.wait_for(lambda t, o: t == "DELETED" and o["metadata"]["name"] == name, 30,
+                                     f"the watch to see {name} deleted")
+            if terminated(gone) and terminated(gone).get("exitCode") == 0:
+                decommissioned[name] = any((o["metadata"].get("labels") or {}).get("stoker-e2e/draining") == "yes"
+                                           for _, o in watch.objects(name))
+        assert len(decommissioned) >= 2 and all(decommissioned.values()), decommissioned
+        check_result(driver.wait(timeout=400))
+    finally:
+        watch.close()
 
 
 def test_driver_sigkill_deletes_its_pods_within_the_lease(kube, testbed, driver_factory):
@@ -1070,8 +1090,9 @@ def test_bad_or_unhonoured_keys_are_refused_at_registration_by_name(kube, testbe
 
 def test_on_demand_claims_are_created_after_the_pod_and_owned_by_it(kube, testbed, work_dir, driver_factory):
     """An OnDemand persistentVolumeClaim volume: stoker creates the executor's claim after its
-    pod, named after the pod and owned by it (no driver pod), so the claim goes with the pod. The
-    process kubelet mounts no claims, so the executor never runs: the driver is killed instead.
+    pod, named after the pod and owned by it (no driver pod), so the claim goes with the pod. Its
+    storage class does not exist, so the claim never binds and the executor never runs: the
+    driver is killed instead.
     A key stoker does not honour, without spark.stoker.strictConf: a driver warning naming it."""
     v = "spark.kubernetes.executor.volumes.persistentVolumeClaim.data."
     confs = {
@@ -1079,7 +1100,7 @@ def test_on_demand_claims_are_created_after_the_pod_and_owned_by_it(kube, testbe
         v + "options.claimName": "OnDemand",
         v + "options.storageClass": "stoker-e2e-none",
         v + "options.sizeLimit": "1Gi",
-        "spark.kubernetes.executor.decommissionLabel": "draining",
+        "spark.kubernetes.executor.podDeletionCost": "5",
     }
     driver = driver_factory(kube, "--executors", "1", *k8s_args("default", *conf_args(confs)))
     # The driver waits for its executor before it prints "started": the pod tells the app id.
@@ -1095,7 +1116,7 @@ def test_on_demand_claims_are_created_after_the_pod_and_owned_by_it(kube, testbe
     assert claim["spec"]["storageClassName"] == "stoker-e2e-none"
     [volume] = [x for x in pod["spec"]["volumes"] if x["name"] == "data"]
     assert volume["persistentVolumeClaim"]["claimName"] == f"{name}-pvc-0"
-    assert "stoker: spark.kubernetes.executor.decommissionLabel is not honoured" in driver.log()
+    assert "stoker: spark.kubernetes.executor.podDeletionCost is not honoured" in driver.log()
     driver.kill9()
     wait_until(lambda: not pods_of(testbed, kube.instance, app_id), 60, "the pod deleted within the lease")
     wait_until(lambda: not testbed.api.get_opt(f"/api/v1/namespaces/default/persistentvolumeclaims/{name}-pvc-0"),
