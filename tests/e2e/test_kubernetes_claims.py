@@ -65,9 +65,11 @@ def app_pods(testbed, app_id, ns="default"):
     return testbed.api.pods(ns, labelSelector=f"spark-app-selector={app_id}")
 
 
-def run_with_a_lost_executor(testbed, driver_factory, master, name, storage_class, ns="default"):
-    """One application under `master`: writes a shuffle with 2 executors, loses one (its pod
-    deleted), reads the shuffle again. Returns what the job and the API server saw."""
+def run_with_a_lost_executor(testbed, driver_factory, master, name, storage_class, ns="default",
+                             before_the_loss=lambda: None):
+    """One application under `master`: writes a shuffle with 2 executors, runs
+    `before_the_loss`, loses one executor (its pod deleted), reads the shuffle again. Returns
+    what the job and the API server saw."""
     driver_pod = f"recovery-{name}"
     uid = placeholder_driver_pod(testbed, driver_pod, ns)["metadata"]["uid"]
     claims_watch = testbed.api.watch(f"/api/v1/namespaces/{ns}/persistentvolumeclaims")
@@ -80,6 +82,7 @@ def run_with_a_lost_executor(testbed, driver_factory, master, name, storage_clas
         shuffled = d.wait_event("shuffled", timeout=300)
         assert shuffled["map_runs"] == 8, shuffled
         pods = {p["metadata"]["labels"]["spark-exec-id"]: p for p in app_pods(testbed, app_id, ns)}
+        before_the_loss()
         victim = pods[shuffled["executors"][0]]
         lost_claim = claim_of(victim)
         testbed.api.delete_pod(victim["metadata"]["name"], ns, grace=0)
@@ -114,7 +117,9 @@ def run_with_a_lost_executor(testbed, driver_factory, master, name, storage_clas
 def test_a_replacement_executor_takes_over_the_lost_executors_claim_and_its_shuffle_files(
         kube, testbed, process_kubelet, driver_factory, monkeypatch):
     """The issue's scenario, under Spark's own backend and then under stoker on the same bed:
-    an executor's pod is deleted after the map stage. Under stoker the replacement mounts the
+    an executor's pod is deleted after the map stage (under stoker, after stoker itself was
+    SIGKILLed and restarted, so the claims it reuses are ones it learnt again from the API
+    server when the driver re-attached). Under stoker the replacement mounts the
     lost executor's claim (no third claim is created), recovers its shuffle files, and the
     second read of the shuffle recomputes no map task; stoker recomputes no more than Spark (what
     Spark did is printed: on this bed its replacement got a new claim and it recomputed the lost
@@ -122,9 +127,20 @@ def test_a_replacement_executor_takes_over_the_lost_executors_claim_and_its_shuf
     storage_class = ensure_hostpath_storage_class(testbed.api)
     monkeypatch.setenv("KUBECONFIG", testbed.env["KUBECONFIG"])  # Spark's own backend's client
     spark_master = SimpleNamespace(address=f"k8s://https://127.0.0.1:{testbed.port}")
+    def restart_stoker():
+        # stoker is SIGKILLed and started again: what it knew of the claims is gone; the driver
+        # re-attaches and stoker learns the claims again from the API server.
+        kube.kill9()
+        kube.restart_on_same_port()
+        log = lambda: kube.log_path.read_text()
+        wait_until(lambda: "driver re-registered" in log(), 60, "the driver to re-register")
+        wait_until(lambda: "claims from before this stoker started are offered" in log(), 30,
+                   "stoker to learn the application's claims")
+
     runs = {
         "spark": run_with_a_lost_executor(testbed, driver_factory, spark_master, "spark", storage_class),
-        "stoker": run_with_a_lost_executor(testbed, driver_factory, kube, "stoker", storage_class),
+        "stoker": run_with_a_lost_executor(testbed, driver_factory, kube, "stoker", storage_class,
+                                           before_the_loss=restart_stoker),
     }
     for name, run in runs.items():
         assert run.result["right"], (name, run.result)

@@ -16,9 +16,12 @@
 //! from the pod's appearance in a snapshot), so Spark's guard against reusing a claim created less
 //! than `spark.kubernetes.allocation.batch.delay` ago is not needed: nothing is reused twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use stoker_core::ExecutorId;
+
+use crate::pod::LABEL_EXEC_ID;
 
 /// What makes two on-demand claims interchangeable (Spark compares exactly these).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -100,6 +103,42 @@ impl ClaimPool {
         freed
     }
 
+    /// After a restart of stoker: the application's claims as the API server lists them,
+    /// each held by the live executor whose pod mounts it (`in_use`) or free. Only claims the
+    /// driver pod `driver_pod` owns can outlive their executor, so only those are taken; a claim
+    /// the pool knows already keeps what the pool knows (it was created or taken over since).
+    pub fn seed(
+        &mut self,
+        claims: &[PersistentVolumeClaim],
+        driver_pod: &str,
+        in_use: &HashMap<String, ExecutorId>,
+    ) -> usize {
+        let mut added = 0;
+        for claim in claims {
+            let Some(name) = claim.metadata.name.clone() else {
+                continue;
+            };
+            let by_driver = claim
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.kind == "Pod" && o.name == driver_pod);
+            if !by_driver || claim.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.claims.entry(name) {
+                let holder = in_use.get(slot.key()).copied();
+                slot.insert(Entry {
+                    shape: crate::spark_pod::shape_of(claim),
+                    holder,
+                });
+                added += 1;
+            }
+        }
+        added
+    }
+
     /// Claims known, free or held.
     pub fn len(&self) -> usize {
         self.claims.len()
@@ -119,6 +158,37 @@ impl ClaimPool {
     pub fn holder(&self, name: &str) -> Option<ExecutorId> {
         self.claims.get(name).and_then(|e| e.holder)
     }
+}
+
+/// The claims that live executor pods mount, by the executor (Spark: claims of pods that are
+/// not failed, succeeded or deleted are in use).
+pub fn in_use(pods: &[Pod]) -> HashMap<String, ExecutorId> {
+    let mut out = HashMap::new();
+    for pod in pods {
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded" | "Failed"))
+            || pod.metadata.deletion_timestamp.is_some()
+        {
+            continue;
+        }
+        let Some(executor) = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_EXEC_ID))
+            .and_then(|id| id.parse::<u64>().ok())
+            .map(ExecutorId::new)
+        else {
+            continue;
+        };
+        let volumes = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
+        for volume in volumes.into_iter().flatten() {
+            if let Some(claim) = &volume.persistent_volume_claim {
+                out.insert(claim.claim_name.clone(), executor);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -216,6 +286,71 @@ mod tests {
         assert_eq!(pool.released(ExecutorId::new(7)), 0);
         assert_eq!(pool.free(), 0);
         assert_eq!(pool.len(), 1);
+    }
+
+    fn listed_claim(name: &str, owner: &str, deleting: bool) -> PersistentVolumeClaim {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": name,
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": owner, "uid": "u"}],
+                "deletionTimestamp": if deleting { Some("2026-11-30T00:00:00Z") } else { None },
+            },
+            "spec": {"storageClassName": "fast", "resources": {"requests": {"storage": "1Gi"}}},
+        }))
+        .expect("claim")
+    }
+
+    fn listed_pod(exec_id: &str, claim: &str, phase: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("p-{exec_id}"), "labels": {"spark-exec-id": exec_id}},
+            "spec": {"containers": [], "volumes": [
+                {"name": "spark-local-dir-1", "persistentVolumeClaim": {"claimName": claim}}]},
+            "status": {"phase": phase},
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn after_a_restart_the_drivers_claims_are_seeded_held_by_live_pods_or_free() {
+        let pods = [
+            listed_pod("3", "c-held", "Running"),
+            listed_pod("1", "c-free", "Failed"),
+            listed_pod("x", "c-odd", "Running"),
+        ];
+        let used = in_use(&pods);
+        assert_eq!(used.get("c-held"), Some(&ExecutorId::new(3)));
+        assert_eq!(used.get("c-free"), None, "a failed pod holds nothing");
+        assert_eq!(
+            used.get("c-odd"),
+            None,
+            "no executor id: not an executor of ours"
+        );
+        let mut pool = ClaimPool::new();
+        pool.created("c-new".into(), shape("fast", "1Gi"), ExecutorId::new(9));
+        let claims = [
+            listed_claim("c-held", "driver", false),
+            listed_claim("c-free", "driver", false),
+            listed_claim("c-pods", "p-2", false),
+            listed_claim("c-going", "driver", true),
+            listed_claim("c-new", "driver", false),
+        ];
+        assert_eq!(pool.seed(&claims, "driver", &used), 2);
+        assert_eq!(pool.holder("c-held"), Some(ExecutorId::new(3)));
+        assert_eq!(pool.holder("c-free"), None);
+        assert_eq!(
+            pool.holder("c-new"),
+            Some(ExecutorId::new(9)),
+            "what the pool knew stays"
+        );
+        assert_eq!(
+            pool.len(),
+            3,
+            "claims of pods and claims being deleted are not taken"
+        );
+        assert_eq!(
+            pool.reuse(ExecutorId::new(10), &[want("c-10", "fast", "1Gi")]),
+            vec![("c-10".to_string(), "c-free".to_string())]
+        );
     }
 
     #[derive(Clone, Debug)]

@@ -251,6 +251,9 @@ impl KubernetesBackend {
         let Some(Ok(app)) = self.spark_app(app_id, template) else {
             return;
         };
+        if app.reuse_claims && app.has_claims() && !template.kubernetes.driver_pod_name.is_empty() {
+            self.seed_claims(app_id, &app, template);
+        }
         if app.config_maps.is_empty() {
             return;
         }
@@ -291,6 +294,62 @@ impl KubernetesBackend {
                 }
             }
             let _ = ready_tx.send(true);
+        });
+    }
+
+    /// A driver that registers with this stoker may have claims from before a restart of stoker:
+    /// list them (one call; a second, for the pods, only when there are some) and offer the
+    /// free ones to later executors, as a stoker that never stopped would.
+    fn seed_claims(&self, app_id: &AppId, app: &Arc<SparkApp>, template: &Arc<ExecutorTemplate>) {
+        let this = self.clone();
+        let app_id = app_id.clone();
+        let app = Arc::clone(app);
+        let driver_pod = template.kubernetes.driver_pod_name.clone();
+        let as_user = template.identity.as_ref().map(|i| i.username.clone());
+        tokio::spawn(async move {
+            let selector = app
+                .stoker_labels(&app_id)
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let client = match this.writer_client(as_user.as_deref()) {
+                Ok(client) => client,
+                Err(err) => {
+                    warn!(app = %app_id, error = %err, "cannot list the application's claims");
+                    return;
+                }
+            };
+            let params = ListParams::default().labels(&selector);
+            let claims: Api<PersistentVolumeClaim> =
+                Api::namespaced(client.clone(), &app.namespace);
+            this.inner.limiter.acquire().await;
+            let claims = match claims.list(&params).await {
+                Ok(list) if list.items.is_empty() => return,
+                Ok(list) => list.items,
+                Err(err) => {
+                    warn!(app = %app_id, error = %err, "cannot list the application's claims: earlier claims are not reused");
+                    return;
+                }
+            };
+            let pods: Api<Pod> = Api::namespaced(client, &app.namespace);
+            this.inner.limiter.acquire().await;
+            let pods = match pods.list(&params).await {
+                Ok(list) => list.items,
+                Err(err) => {
+                    warn!(app = %app_id, error = %err, "cannot list the application's pods: earlier claims are not reused");
+                    return;
+                }
+            };
+            let in_use = crate::claims::in_use(&pods);
+            if !this.inner.spark.apps.contains_key(&app_id) {
+                return; // ended meanwhile
+            }
+            let mut pool = this.inner.spark.pools.entry(app_id.clone()).or_default();
+            let added = pool.seed(&claims, &driver_pod, &in_use);
+            if added > 0 {
+                info!(app = %app_id, claims = added, free = pool.free(), "claims from before this stoker started are offered to later executors");
+            }
         });
     }
 
