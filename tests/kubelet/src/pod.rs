@@ -23,7 +23,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::mounts::{self, Mapping};
 use crate::process;
-use crate::spec::{self, PathMap};
+use crate::spec::{self, PathMap, PreStop};
 use crate::{now, Mode, Shared, FAULT_ANNOTATION};
 
 /// What the dispatcher tells a worker.
@@ -159,11 +159,28 @@ struct Ctr {
     /// Exit code and reason to report for the next exit instead of what the process returns
     /// (set when the kubelet itself kills it: OOM, injected fault, eviction).
     forced: Option<(i32, String)>,
+    /// Its `preStop` hook while it runs (graceful deletion).
+    hook: Option<Hook>,
+    /// When it is SIGKILLed (graceful deletion): the end of the pod's grace period, or of the
+    /// short window after its `preStop` hook.
+    kill_at: Option<Instant>,
+}
+
+/// A running `preStop` hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    /// The `apache/spark` image's `/opt/decom.sh`, modelled: SIGPWR was sent to the container's
+    /// main process; the hook ends when that process exits.
+    SparkDecom,
+    /// An exec hook's process (the leader of its own process group).
+    Process(i32),
 }
 
 enum Local {
     Exited(usize, i32),
     Restart(usize),
+    /// The `preStop` hook process of container `.0` ended with exit code `.1`.
+    HookDone(usize, i32),
 }
 
 struct Worker {
@@ -182,7 +199,6 @@ struct Worker {
     /// Terminal phase forced by an eviction.
     evicted: bool,
     applied_fault: Option<String>,
-    kill_at: Option<Instant>,
     deleting: bool,
     /// The node is lost: nothing is written any more.
     silent: bool,
@@ -211,6 +227,8 @@ fn ctr_from(c: &Container) -> Ctr {
         pid: None,
         memory_limit,
         forced: None,
+        hook: None,
+        kill_at: None,
     }
 }
 
@@ -251,7 +269,6 @@ impl Worker {
             pod_reason: None,
             evicted: false,
             applied_fault: None,
-            kill_at: None,
             deleting: false,
             silent: false,
             volumes: BTreeMap::new(),
@@ -312,13 +329,13 @@ impl Worker {
         let mut oom_tick = tokio::time::interval(self.shared.oom_check);
         loop {
             if self.pod.metadata.deletion_timestamp.is_some() && !self.deleting && !self.silent {
-                self.begin_delete();
+                self.begin_delete().await;
             }
             if self.deleting && !self.silent && self.all_stopped() {
                 self.finish_delete().await;
                 return;
             }
-            let kill_at = self.kill_at;
+            let kill_at = self.ctrs.iter().filter_map(|c| c.kill_at).min();
             let running = self.ctrs.iter().any(|c| c.pid.is_some());
             tokio::select! {
                 msg = rx.recv() => match msg {
@@ -341,12 +358,11 @@ impl Worker {
                             self.write_status().await;
                         }
                     }
+                    Local::HookDone(i, code) => self.hook_done(i, code),
                 },
                 _ = oom_tick.tick(), if running && self.shared.mode == Mode::Process => self.check_oom(),
                 _ = tokio::time::sleep_until(kill_at.unwrap_or_else(Instant::now)), if kill_at.is_some() => {
-                    warn!("grace period over; SIGKILL");
-                    self.kill_at = None;
-                    self.kill_all(Signal::SIGKILL);
+                    self.grace_over();
                 }
                 changed = lost_rx.changed() => {
                     if changed.is_err() { continue; }
@@ -608,6 +624,16 @@ impl Worker {
         let deleting = self.deleting || self.evicted;
         let c = &mut self.ctrs[i];
         c.pid = None;
+        c.kill_at = None;
+        match c.hook.take() {
+            // decom.sh waits for the JVM to exit (`tail --pid`): it has.
+            Some(Hook::SparkDecom) => {
+                info!(container = %c.name, "preStop hook done: the main process exited")
+            }
+            // An exec'd hook dies with its container.
+            Some(Hook::Process(hook)) => process::kill_container(hook),
+            None => {}
+        }
         let (code, reason) = c.forced.take().unwrap_or_else(|| {
             (
                 code,
@@ -730,7 +756,12 @@ impl Worker {
     }
 
     fn kill_all(&mut self, signal: Signal) {
-        for c in &self.ctrs {
+        for c in &mut self.ctrs {
+            if signal == Signal::SIGKILL {
+                if let Some(Hook::Process(hook)) = c.hook.take() {
+                    process::kill_container(hook);
+                }
+            }
             if let Some(pid) = c.pid {
                 if signal == Signal::SIGKILL {
                     process::kill_container(pid);
@@ -741,7 +772,11 @@ impl Worker {
         }
     }
 
-    fn begin_delete(&mut self) {
+    /// A graceful deletion stops each running container as the kubelet does: its `preStop`
+    /// hook first (if it has one), SIGTERM once the hook returns, SIGKILL when the grace period
+    /// is over (the hook's time counts against it; at least [`spec::MIN_GRACE_AFTER_HOOK`] after
+    /// the SIGTERM). Grace 0: SIGKILL at once, no hook.
+    async fn begin_delete(&mut self) {
         self.deleting = true;
         let grace = self
             .pod
@@ -753,9 +788,133 @@ impl Worker {
         info!(grace_seconds = grace, "pod deleted: stopping containers");
         if grace == 0 {
             self.kill_all(Signal::SIGKILL);
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(grace);
+        for i in 0..self.ctrs.len() {
+            let Some(pid) = self.ctrs[i].pid else {
+                continue;
+            };
+            self.ctrs[i].kill_at = Some(deadline);
+            let Some(c) = self.container_spec(false, i) else {
+                process::signal_group(pid, Signal::SIGTERM);
+                continue;
+            };
+            let hook = c.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref());
+            match spec::pre_stop(c.image.as_deref().unwrap_or_default(), hook) {
+                PreStop::None => process::signal_group(pid, Signal::SIGTERM),
+                PreStop::SparkDecom => {
+                    // The apache/spark image's /opt/decom.sh (not in the pyspark package) finds
+                    // the executor JVM (`ps -o pid,cmd -C java | grep Executor`), sends it
+                    // `kill -s SIGPWR` and waits for it to exit (`tail --pid=$WORKER_PID -f
+                    // /dev/null`); its closing `sleep 1`s do not outlast the container, which
+                    // ends with the JVM. Here the JVM is the container's main process: SIGPWR to
+                    // it alone (not its group: the default action of SIGPWR would end PySpark's
+                    // workers), and the hook is over when it exits (see on_exit).
+                    info!(container = %c.name, pid, script = spec::SPARK_DECOM_SCRIPT,
+                        "preStop hook: SIGPWR to the executor JVM, waiting for it to exit");
+                    process::signal_pid(pid, Signal::SIGPWR);
+                    self.ctrs[i].hook = Some(Hook::SparkDecom);
+                }
+                PreStop::Exec(command) => match self.start_hook(&c, i, &command).await {
+                    Ok(hook) => {
+                        info!(container = %c.name, ?command, hook_pid = hook, "preStop hook started");
+                        self.ctrs[i].hook = Some(Hook::Process(hook));
+                    }
+                    Err(err) => {
+                        // The kubelet records a FailedPreStopHook event and stops the container.
+                        warn!(container = %c.name, ?command, error = %err,
+                            "FailedPreStopHook: the preStop hook cannot run; SIGTERM");
+                        process::signal_group(pid, Signal::SIGTERM);
+                    }
+                },
+                PreStop::Unsupported(why) => {
+                    warn!(container = %c.name, why = %why, "preStop hook not run; SIGTERM");
+                    process::signal_group(pid, Signal::SIGTERM);
+                }
+            }
+        }
+    }
+
+    /// Starts container `c`'s exec `preStop` hook as a process with the container's environment,
+    /// path mapping and working directory; its output goes to `<pod dir>/<name>.prestop.log`.
+    /// Its end comes back as [`Local::HookDone`].
+    async fn start_hook(&self, c: &Container, i: usize, command: &[String]) -> anyhow::Result<i32> {
+        let paths = self.path_map(c)?;
+        let env = self.container_env(c, &paths).await?;
+        let (program, args) = command
+            .split_first()
+            .ok_or_else(|| anyhow::anyhow!("empty command"))?;
+        let cl = spec::CommandLine {
+            program: paths.rewrite(program),
+            args: args.iter().map(|a| paths.rewrite(a)).collect(),
+        };
+        let cwd = c
+            .working_dir
+            .as_deref()
+            .map(|w| PathBuf::from(paths.rewrite(w)))
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(|| self.dir.clone());
+        let log = self.dir.join(format!("{}.prestop.log", c.name));
+        let mut started = process::start(&cl, &env, &cwd, &log)?;
+        let tx = self.local_tx.clone();
+        tokio::spawn(async move {
+            let code = match started.child.wait().await {
+                Ok(status) => process::exit_code(status),
+                Err(_) => 255,
+            };
+            let _ = tx.send(Local::HookDone(i, code));
+        });
+        Ok(started.pid)
+    }
+
+    /// Container `i`'s exec hook ended: SIGTERM now, SIGKILL at the end of the grace period.
+    fn hook_done(&mut self, i: usize, code: i32) {
+        let c = &mut self.ctrs[i];
+        if !matches!(c.hook, Some(Hook::Process(_))) {
+            return; // timed out or the container is gone: already handled
+        }
+        c.hook = None;
+        if code == 0 {
+            info!(container = %c.name, "preStop hook done; SIGTERM");
         } else {
-            self.kill_all(Signal::SIGTERM);
-            self.kill_at = Some(Instant::now() + Duration::from_secs(grace));
+            // exec-guard exits 127 when the command cannot be run.
+            warn!(container = %c.name, code, "FailedPreStopHook: the preStop hook failed; SIGTERM");
+        }
+        if let Some(pid) = c.pid {
+            let now = Instant::now();
+            process::signal_group(pid, Signal::SIGTERM);
+            c.kill_at = Some(spec::kill_deadline_after_hook(
+                c.kill_at.unwrap_or(now),
+                now,
+            ));
+        }
+    }
+
+    /// The grace period of some container is over: one still in its hook gets SIGTERM and the
+    /// short window; the others SIGKILL.
+    fn grace_over(&mut self) {
+        let now = Instant::now();
+        for c in &mut self.ctrs {
+            if c.kill_at.is_none_or(|t| t > now) {
+                continue;
+            }
+            let Some(pid) = c.pid else {
+                c.kill_at = None;
+                continue;
+            };
+            if let Some(hook) = c.hook.take() {
+                warn!(container = %c.name, "preStop hook not completed in the grace period; SIGTERM");
+                if let Hook::Process(hook) = hook {
+                    process::kill_container(hook);
+                }
+                process::signal_group(pid, Signal::SIGTERM);
+                c.kill_at = Some(now + spec::MIN_GRACE_AFTER_HOOK);
+            } else {
+                warn!(container = %c.name, "grace period over; SIGKILL");
+                c.kill_at = None;
+                process::kill_container(pid);
+            }
         }
     }
 

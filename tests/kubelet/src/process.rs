@@ -65,6 +65,15 @@ pub fn signal_group(pgid: i32, signal: Signal) {
     }
 }
 
+/// Sends `signal` to process `pid` alone (not its group); a process that is already gone is not
+/// an error.
+pub fn signal_pid(pid: i32, signal: Signal) {
+    match nix::sys::signal::kill(Pid::from_raw(pid), signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(err) => tracing::warn!(pid, %signal, %err, "cannot signal process"),
+    }
+}
+
 /// One process of `/proc`: its parent, process group and resident memory in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Proc {

@@ -3,6 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::LifecycleHandler;
 
 /// Why a container cannot be turned into a command.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -279,6 +282,69 @@ fn spark_executor(
     })
 }
 
+/// The command of the `apache/spark` image's decommissioning script, the executor container's
+/// `preStop` hook under `spark.decommission.enabled=true` (Spark's default
+/// `spark.kubernetes.decommission.script`).
+pub const SPARK_DECOM_SCRIPT: &str = "/opt/decom.sh";
+
+/// The least time a container gets between the end of its `preStop` hook and SIGKILL, however
+/// much of the grace period the hook used (the kubelet's `minimumGracePeriodInSeconds`).
+pub const MIN_GRACE_AFTER_HOOK: Duration = Duration::from_secs(2);
+
+/// What a container's `preStop` hook does when its pod is deleted gracefully.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PreStop {
+    /// No hook: SIGTERM at once.
+    None,
+    /// `/opt/decom.sh` of the `apache/spark` image, which the local Spark does not have; the
+    /// kubelet does what it does instead (SIGPWR to the executor JVM, then wait for it to exit).
+    SparkDecom,
+    /// An exec hook: run this command (no `$(VAR)` expansion, as for the kubelet's exec hooks).
+    Exec(Vec<String>),
+    /// A hook the test bed does not run (httpGet, sleep, tcpSocket, an empty exec): SIGTERM at
+    /// once, as after a failed hook.
+    Unsupported(String),
+}
+
+/// The `preStop` hook of a container of `image`.
+pub fn pre_stop(image: &str, hook: Option<&LifecycleHandler>) -> PreStop {
+    let Some(hook) = hook else {
+        return PreStop::None;
+    };
+    if let Some(exec) = &hook.exec {
+        let command = exec.command.clone().unwrap_or_default();
+        if command.is_empty() {
+            return PreStop::Unsupported("an exec hook without a command".into());
+        }
+        if is_spark_image(image) && command == [SPARK_DECOM_SCRIPT] {
+            return PreStop::SparkDecom;
+        }
+        return PreStop::Exec(command);
+    }
+    let kind = if hook.http_get.is_some() {
+        "httpGet"
+    } else if hook.sleep.is_some() {
+        "sleep"
+    } else if hook.tcp_socket.is_some() {
+        "tcpSocket"
+    } else {
+        "empty"
+    };
+    PreStop::Unsupported(format!(
+        "{kind} hooks are not supported by the test-bed kubelet"
+    ))
+}
+
+/// When a container whose `preStop` hook ended at `now` is SIGKILLed: at the end of the grace
+/// period (`deadline`, counted from the deletion, so the hook's time counts against it), but no
+/// sooner than [`MIN_GRACE_AFTER_HOOK`] after the SIGTERM that follows the hook.
+pub fn kill_deadline_after_hook<T>(deadline: T, now: T) -> T
+where
+    T: Ord + std::ops::Add<Duration, Output = T>,
+{
+    deadline.max(now + MIN_GRACE_AFTER_HOOK)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,5 +473,59 @@ mod tests {
         .expect("plain command");
         assert_eq!(other.args, ["-c", "echo 3"]);
         assert!(command_line("busybox", &[], &[], &env, &host).is_err());
+    }
+
+    #[test]
+    fn pre_stop_hooks() {
+        let exec = |cmd: &[&str]| LifecycleHandler {
+            exec: Some(k8s_openapi::api::core::v1::ExecAction {
+                command: Some(cmd.iter().map(ToString::to_string).collect()),
+            }),
+            ..LifecycleHandler::default()
+        };
+        let spark = "apache/spark:4.2.0";
+        assert_eq!(pre_stop(spark, None), PreStop::None);
+        assert_eq!(
+            pre_stop(spark, Some(&exec(&["/opt/decom.sh"]))),
+            PreStop::SparkDecom
+        );
+        // Only the image's own script is modelled; another script or image runs as given.
+        assert_eq!(
+            pre_stop(spark, Some(&exec(&["/opt/x.sh"]))),
+            PreStop::Exec(vec!["/opt/x.sh".into()])
+        );
+        assert_eq!(
+            pre_stop("busybox", Some(&exec(&["/opt/decom.sh"]))),
+            PreStop::Exec(vec!["/opt/decom.sh".into()])
+        );
+        assert_eq!(
+            pre_stop(spark, Some(&exec(&["sh", "-c", "echo $(A)"]))),
+            PreStop::Exec(vec!["sh".into(), "-c".into(), "echo $(A)".into()])
+        );
+        assert!(matches!(
+            pre_stop(spark, Some(&exec(&[]))),
+            PreStop::Unsupported(_)
+        ));
+        let http = LifecycleHandler {
+            http_get: Some(k8s_openapi::api::core::v1::HTTPGetAction::default()),
+            ..LifecycleHandler::default()
+        };
+        assert!(
+            matches!(pre_stop(spark, Some(&http)), PreStop::Unsupported(w) if w.contains("httpGet"))
+        );
+        assert!(matches!(
+            pre_stop(spark, Some(&LifecycleHandler::default())),
+            PreStop::Unsupported(_)
+        ));
+    }
+
+    #[test]
+    fn a_hook_uses_up_the_grace_period_but_leaves_two_seconds_after_it() {
+        let s = Duration::from_secs;
+        // Deleted at 0 with 30 s of grace: a hook done at 5 s leaves SIGKILL at 30 s.
+        assert_eq!(kill_deadline_after_hook(s(30), s(5)), s(30));
+        // A hook that used (nearly) all of it, or timed out: 2 s after the SIGTERM.
+        assert_eq!(kill_deadline_after_hook(s(30), s(29)), s(31));
+        assert_eq!(kill_deadline_after_hook(s(30), s(30)), s(32));
     }
 }
