@@ -80,6 +80,23 @@ def check_given_back_outputs_migrated(executor_logs, result):
     return finished, migrated, reruns
 
 
+RUNNING_TASK = "Executor: Running task"
+
+
+def wait_tasks_running(logs, n, timeout=120):
+    """Waits until at least `n` of the executor logs `logs()` returns (paths) show a task
+    running (Spark's executor logs `Executor: Running task ...` as it starts each task)."""
+    def busy():
+        running = [p for p in logs() if p.exists() and RUNNING_TASK in p.read_text(errors="replace")]
+        return running if len(running) >= n else None
+    return wait_until(busy, timeout, f"tasks running on {n} executors")
+
+
+def local_executor_logs(work_dir):
+    """The local backend's executor logs under a stoker work dir (<app>/executor-<id>.log)."""
+    return lambda: list(Path(work_dir).glob("*/executor-*.log"))
+
+
 def executor_pids(work_dir):
     """Executor JVMs started by this stoker, found by their work directory in /proc."""
     pids = []

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from conftest import DECOMMISSIONING, JAR, JOBS, PROCESS_NODE, STOKER, Driver, Stoker, wait_until
+from conftest import (DECOMMISSIONING, JAR, JOBS, PROCESS_NODE, STOKER, Driver, Stoker, wait_tasks_running,
+                      wait_until)
 from test_tls import SERVER_EXT, issue, make_ca
 from testbed import FAULT, LOST, ROOT, ApiError, terminated
 
@@ -71,6 +72,11 @@ class KubeStoker(Stoker):
         """A new stoker process with the same address, instance and work dir."""
         self.start()
         return self
+
+
+def pod_logs(kubelet, pods):
+    """The container logs the process kubelet writes for `pods`."""
+    return lambda: [f for p in pods for f in kubelet.pod_dir(p).glob("*.log")]
 
 
 def selector(instance, app_id=None):
@@ -222,7 +228,7 @@ def test_shuffle_job_on_executor_pods(kube, testbed, process_kubelet, driver_fac
     wait_until(lambda: not pods_of(testbed, kube.instance), 60, "pods deleted after the job")
 
 
-def test_oom_and_external_deletion_are_reported_and_replaced(kube, testbed, driver_factory):
+def test_oom_and_external_deletion_are_reported_and_replaced(kube, testbed, process_kubelet, driver_factory):
     watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
     driver = driver_factory(kube, "--executors", "2", "--slow-ms", "1500", "--partitions", "30",
                             *k8s_args())
@@ -230,7 +236,7 @@ def test_oom_and_external_deletion_are_reported_and_replaced(kube, testbed, driv
     app_id = driver.event("started")["app_id"]
     pods = wait_until(lambda: (lambda r: r if len(r) >= 2 else None)(running_pods(testbed, kube.instance, app_id)),
                       120, "two running executor pods")
-    time.sleep(3)  # tasks are running
+    wait_tasks_running(pod_logs(process_kubelet, pods), 2)
     by_id = {p["metadata"]["labels"]["spark-exec-id"]: p["metadata"]["name"] for p in pods}
     # The kubelet OOM-kills executor 1, and someone deletes executor 2's pod.
     testbed.api.annotate_pod(by_id["1"], FAULT, "oom")
@@ -523,16 +529,16 @@ def test_driver_sigkill_deletes_its_pods_within_the_lease(kube, testbed, driver_
     assert time.monotonic() - killed_at < 6 + 20
 
 
-def test_stoker_restart_mid_job_adopts_pods_without_duplicates(kube, testbed, driver_factory):
+def test_stoker_restart_mid_job_adopts_pods_without_duplicates(kube, testbed, process_kubelet, driver_factory):
     watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
     driver = driver_factory(kube, "--executors", "2", "--slow-ms", "1500", "--partitions", "24",
                             *k8s_args())
     driver.wait_event("job-start", timeout=180)
     app_id = driver.event("started")["app_id"]
-    wait_until(lambda: len(running_pods(testbed, kube.instance, app_id)) == 2, 120, "two running pods")
-    time.sleep(3)
+    pods = wait_until(lambda: (lambda r: r if len(r) == 2 else None)(running_pods(testbed, kube.instance, app_id)),
+                      120, "two running pods")
+    wait_tasks_running(pod_logs(process_kubelet, pods), 2)
     kube.kill9()
-    time.sleep(2)
     kube.restart_on_same_port()
     wait_until(lambda: "driver re-registered" in kube.log_path.read_text(), 60, "the driver to re-register")
     result = driver.wait(timeout=400)
@@ -706,14 +712,17 @@ def test_exceeded_quota_keeps_the_executor_requested_and_tells_the_driver(kube, 
     testbed.api.create(f"/api/v1/namespaces/{ns}/resourcequotas", quota)
     wait_until(lambda: (testbed.api.get(f"/api/v1/namespaces/{ns}/resourcequotas/pods").get("status") or {})
                .get("hard"), 30, "the quota to be in force")
+    refused = lambda: testbed.api.metric("apiserver_request_total", resource="pods", verb="POST", code="403")
+    refused_before = refused()
     driver = driver_factory(kube, "--executors", "2", *k8s_args(ns))
     # The driver hears why its second executor is late (while it waits for its executors).
     wait_until(lambda: re.search(r"stoker: executor \d+ is waiting: .*exceeded quota", driver.log()), 150,
                "the driver to be told about the quota")
     pods = testbed.api.pods(ns)
     assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
-    # Backoff, not a busy loop: a handful of attempts over several seconds.
-    time.sleep(5)
+    # stoker keeps trying (the API server counts its refused creations), with backoff, and says
+    # so once, not once per attempt.
+    wait_until(lambda: refused() >= refused_before + 3, 60, "three refused pod creations")
     assert kube.log_path.read_text().count("resource quota exceeded") == 1
     # Quota raised: the executor that stayed requested is created, and the job runs on both.
     testbed.api.merge_patch(f"/api/v1/namespaces/{ns}/resourcequotas/pods", {"spec": {"hard": {"pods": "4"}}})
@@ -765,7 +774,7 @@ def test_a_node_lost_mid_job_is_reported_and_its_executors_replaced(kube, testbe
         pods = wait_until(lambda: (lambda r: r if len(r) == 2 else None)(running_pods(testbed, kube.instance, app_id)),
                           120, "two running executor pods")
         assert {p["spec"]["nodeName"] for p in pods} == {lost.node}
-        time.sleep(3)  # tasks are running
+        wait_tasks_running(pod_logs(lost, pods), 2)
         testbed.api.merge_patch(f"/api/v1/nodes/{lost.node}", {"metadata": {"annotations": {LOST: "true"}}})
         # Replacements may run on the node that is left.
         testbed.api.merge_patch(node, {"metadata": {"labels": {label: "lost"}}})
@@ -843,7 +852,9 @@ def test_delete_on_termination_false_keeps_exited_pods(kube, testbed, driver_fac
         # The others go when the application ends; the failed one stays, failed.
         wait_until(lambda: [p["metadata"]["name"] for p in pods_of(testbed, kube.instance, app_id)] == [victim],
                    60, "only the failed executor's pod left")
-        time.sleep(5)
+        # Once stoker has forgotten the application it deletes nothing of it any more.
+        wait_until(lambda: f"application removed app={app_id}" in kube.log_path.read_text(), 60,
+                   "stoker to forget the application")
         kept = testbed.api.pod(victim)
         assert kept["status"]["phase"] == "Failed", kept["status"]
         assert not kept["metadata"].get("deletionTimestamp")

@@ -12,6 +12,8 @@ from conftest import (
     check_given_back_outputs_migrated,
     executor_pids,
     executors_given_back,
+    local_executor_logs,
+    wait_tasks_running,
     wait_until,
 )
 
@@ -45,7 +47,7 @@ def test_killed_executor_is_reported_replaced_and_the_job_finishes(stoker, drive
     driver.wait_event("job-start", timeout=180)
     pids = wait_until(lambda: executor_pids(work_dir) if len(executor_pids(work_dir)) >= 2 else None,
                       120, "two executors")
-    time.sleep(3)  # tasks are running
+    wait_tasks_running(local_executor_logs(work_dir), 2)
     victim = pids[0]
     os.kill(victim, signal.SIGKILL)
     result = driver.wait(timeout=400)

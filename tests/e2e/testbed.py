@@ -7,6 +7,7 @@ token and the cluster CA from RUNDIR/env. Every wait is bounded. Child processes
 PR_SET_PDEATHSIG, so even a SIGKILLed pytest leaves nothing running."""
 import ctypes
 import json
+import re
 import os
 import signal
 import socket
@@ -191,6 +192,18 @@ class Api:
     def get(self, path, **query):
         q = ("?" + urllib.parse.urlencode(query)) if query else ""
         return self.request("GET", path + q)
+
+    def metric(self, name, **labels):
+        """The sum of the API server's own metric `name` over the series whose labels include
+        `labels` (its /metrics, Prometheus text)."""
+        req = urllib.request.Request(self.url + "/metrics")
+        req.add_header("Authorization", f"Bearer {self.token}")
+        with urllib.request.urlopen(req, context=self.ctx, timeout=30) as resp:
+            text = resp.read().decode()
+        want = [f'{k}="{v}"' for k, v in labels.items()]
+        return sum(float(value) for series, value in
+                   re.findall(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.M)
+                   if all(w in series.split(",") for w in want))
 
     def get_opt(self, path):
         try:
