@@ -32,12 +32,13 @@ def spark_env():
 
 def command(tool, stoker, *args):
     """pyspark's bin/<tool> with stoker as master: the plugin on the driver's class path, the
-    driver on loopback, two static executors."""
+    driver on loopback, two static executors, and whatever settings `stoker.driver_args()`
+    adds (the Kubernetes backend's: TLS, the driver's token, namespace, image)."""
     return [os.path.join(spark_bin(), tool), "--master", f"spark+stoker://{stoker.address}",
             "--driver-class-path", str(JAR),
             "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.driver.bindAddress=127.0.0.1",
             "--conf", "spark.executor.instances=2", "--conf", "spark.executor.memory=512m",
-            "--conf", "spark.ui.enabled=false", *args]
+            "--conf", "spark.ui.enabled=false", *getattr(stoker, "driver_args", list)(), *args]
 
 
 def run(tool, stoker, *args, cwd, timeout=300, input=None):
