@@ -371,8 +371,10 @@ def test_executor_pod_equals_sparks_with_nfs_claims_gpus_and_pull_settings(
     """A third configuration, of pods that cannot run here: an nfs volume (read-only, subPath),
     a named claim mounted with a subPathExpr, an OnDemand claim with a storage class and size,
     a GPU (`spark.executor.resource.gpu.*`), the image pull policy and pull secrets, the
-    executor service account and an executor node selector. Spark's own backend and stoker
-    create the same pod."""
+    executor service account, an executor node selector, and `spark.kubernetes.hadoop.configMapName`
+    (with a driver outside the cluster neither backend mounts it in the executor: Spark's executor
+    step reads only the internal key spark-submit's cluster mode sets). Spark's own backend and
+    stoker create the same pod."""
     ns = namespaces("sparkpods3")
     driver_service_account(ns)
     monkeypatch.setenv("KUBECONFIG", testbed.env["KUBECONFIG"])  # Spark's own backend's client
@@ -403,6 +405,7 @@ def test_executor_pod_equals_sparks_with_nfs_claims_gpus_and_pull_settings(
         "spark.kubernetes.container.image.pullSecrets": "regcred",
         "spark.kubernetes.authenticate.executor.serviceAccountName": "spark",
         "spark.kubernetes.executor.node.selector.disk": "ssd",
+        "spark.kubernetes.hadoop.configMapName": "hadoop-conf",
     }
     runs, spark_pod, stoker_pod = first_pods_under_both(testbed, kube, driver_factory, confs)
     assert_same_pod(runs, spark_pod, stoker_pod)
@@ -421,3 +424,5 @@ def test_executor_pod_equals_sparks_with_nfs_claims_gpus_and_pull_settings(
     assert spec["imagePullSecrets"] == [{"name": "regcred"}]
     assert spec["serviceAccountName"] == "spark"
     assert spec["nodeSelector"] == {"disk": "ssd"}
+    for pod in (spark_pod, stoker_pod):
+        assert "hadoop-conf" not in json.dumps(pod["spec"]), "client mode: no Hadoop conf volume under either"
