@@ -307,12 +307,7 @@ impl KubernetesBackend {
         let driver_pod = template.kubernetes.driver_pod_name.clone();
         let as_user = template.identity.as_ref().map(|i| i.username.clone());
         tokio::spawn(async move {
-            let selector = app
-                .stoker_labels(&app_id)
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",");
+            let selector = app.selector(&app_id);
             let client = match this.writer_client(as_user.as_deref()) {
                 Ok(client) => client,
                 Err(err) => {
@@ -480,12 +475,7 @@ impl KubernetesBackend {
             if !(app.driver_owns_claims && app.has_claims()) {
                 return;
             }
-            let selector = app
-                .stoker_labels(&app_id)
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",");
+            let selector = app.selector(&app_id);
             let client = match this.writer_client(as_user.as_deref()) {
                 Ok(client) => client,
                 Err(err) => {

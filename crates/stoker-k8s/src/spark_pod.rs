@@ -310,6 +310,15 @@ impl SparkApp {
         stoker_labels(app_id, &self.instance)
     }
 
+    /// The label selector of the application's objects (claims, pods, ConfigMaps).
+    pub fn selector(&self, app_id: &AppId) -> String {
+        self.stoker_labels(app_id)
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// Executor `executor_id`'s pod and claims.
     pub fn executor(
         &self,

@@ -504,6 +504,16 @@ impl Worker {
         )
     }
 
+    /// Container `c`'s working directory on this machine: its `workingDir` mapped, when that
+    /// exists, else the pod's folder.
+    fn working_dir(&self, c: &Container, paths: &PathMap) -> PathBuf {
+        c.working_dir
+            .as_deref()
+            .map(|w| PathBuf::from(paths.rewrite(w)))
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(|| self.dir.clone())
+    }
+
     /// Starts container `c`; stdout and stderr go to `<pod dir>/<name>.log`.
     async fn launch(&self, c: &Container) -> Result<process::Started, StartFailure> {
         let paths = self.path_map(c).map_err(|e| StartFailure {
@@ -531,12 +541,7 @@ impl Worker {
         })?;
         cl.program = paths.rewrite(&cl.program);
         cl.args = cl.args.iter().map(|a| paths.rewrite(a)).collect();
-        let cwd = c
-            .working_dir
-            .as_deref()
-            .map(|w| PathBuf::from(paths.rewrite(w)))
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(|| self.dir.clone());
+        let cwd = self.working_dir(c, &paths);
         let log = self.dir.join(format!("{}.log", c.name));
         debug!(container = %c.name, program = %cl.program, args = ?cl.args, "starting");
         process::start(&cl, &env, &cwd, &log).map_err(|e| StartFailure {
@@ -849,12 +854,7 @@ impl Worker {
             program: paths.rewrite(program),
             args: args.iter().map(|a| paths.rewrite(a)).collect(),
         };
-        let cwd = c
-            .working_dir
-            .as_deref()
-            .map(|w| PathBuf::from(paths.rewrite(w)))
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(|| self.dir.clone());
+        let cwd = self.working_dir(c, &paths);
         let log = self.dir.join(format!("{}.prestop.log", c.name));
         let mut started = process::start(&cl, &env, &cwd, &log)?;
         let tx = self.local_tx.clone();
