@@ -577,29 +577,25 @@ def test_two_applications_in_two_namespaces_stay_apart(kube, testbed, driver_fac
     assert placed == {(app_a, a), (app_b, b)}, placed
 
 
-def test_driver_pod_deletion_garbage_collects_executors(kube, testbed, process_kubelet, work_dir):
-    """A driver running in the cluster: its executors carry an owner reference, so even with
-    stoker gone, deleting the driver pod removes them (the garbage collector does)."""
-    name = "driver-gc"
-    env = [
-        {"name": "STOKER_PLUGIN_JAR", "value": str(JAR)},
-        {"name": "PYSPARK_PYTHON", "value": sys.executable},
-        {"name": "PYSPARK_DRIVER_PYTHON", "value": sys.executable},
-        {"name": "SPARK_LOCAL_IP", "value": "127.0.0.1"},
-    ]
-    # As deploy/examples/driver-pod.yaml: the driver's own ServiceAccount, and a projected token
-    # for the audience "stoker" that the kubelet mounts (and the plugin re-reads when rotated).
+def in_cluster_driver_pod(name, command, node):
+    """A driver pod on the test bed, as deploy/examples/driver-pod.yaml: the driver's own
+    ServiceAccount "spark" (created here), a projected token for the audience "stoker" that the
+    kubelet mounts (and the plugin re-reads when rotated), `command` (a job of tests/e2e/jobs and
+    its arguments) with the Kubernetes settings and that token appended."""
     driver_service_account("default")
-    command = [sys.executable, str(JOBS / "shuffle.py"), kube.address, *kube.driver_confs(), "--executors", "2",
-               "--jobs", "2", "--pause-s", "300", *k8s_args("default", token=False),
+    command = [*command, *k8s_args("default", token=False),
                "--conf", "spark.stoker.auth.tokenFile=/var/run/secrets/stoker/token",
                "--conf", f"spark.kubernetes.driver.pod.name={name}"]
-    pod = {
+    env = [{"name": "STOKER_PLUGIN_JAR", "value": str(JAR)},
+           {"name": "PYSPARK_PYTHON", "value": sys.executable},
+           {"name": "PYSPARK_DRIVER_PYTHON", "value": sys.executable},
+           {"name": "SPARK_LOCAL_IP", "value": "127.0.0.1"}]
+    return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": {"spark-role": "driver"}},
         "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 2,
                  "serviceAccountName": "spark",
-                 "nodeSelector": {"kubernetes.io/hostname": process_kubelet.node},
+                 "nodeSelector": {"kubernetes.io/hostname": node},
                  "containers": [{"name": "driver", "image": "python:3.11", "command": command,
                                  "env": env, "resources": {"limits": {"memory": "3Gi"}},
                                  "volumeMounts": [{"name": "stoker-token",
@@ -608,7 +604,15 @@ def test_driver_pod_deletion_garbage_collects_executors(kube, testbed, process_k
                      {"serviceAccountToken": {"audience": "stoker", "path": "token",
                                               "expirationSeconds": 3600}}]}}]},
     }
-    created = testbed.api.create_pod(pod)
+
+
+def test_driver_pod_deletion_garbage_collects_executors(kube, testbed, process_kubelet, work_dir):
+    """A driver running in the cluster: its executors carry an owner reference, so even with
+    stoker gone, deleting the driver pod removes them (the garbage collector does)."""
+    name = "driver-gc"
+    command = [sys.executable, str(JOBS / "shuffle.py"), kube.address, *kube.driver_confs(), "--executors", "2",
+               "--jobs", "2", "--pause-s", "300"]
+    created = testbed.api.create_pod(in_cluster_driver_pod(name, command, process_kubelet.node))
     uid = created["metadata"]["uid"]
     execs = wait_until(lambda: (lambda r: r if len(r) == 2 else None)(running_pods(testbed, kube.instance)),
                        180, "the driver pod's two executor pods")

@@ -21,6 +21,7 @@ from test_kubernetes import (  # noqa: F401  (fixtures: the autouse token one, k
     conf_args,
     driver_service_account,
     driver_token,
+    in_cluster_driver_pod,
     k8s_args,
     kube,
     namespaces,
@@ -300,32 +301,11 @@ def test_an_in_cluster_driver_owns_the_on_demand_claims(kube, testbed, process_k
     executor's OnDemand claim is owned by the driver pod, not by the executor's pod, and goes
     with the driver pod (garbage collector; stoker is down by then)."""
     name = "driver-pvc"
-    driver_service_account("default")
     v = "spark.kubernetes.executor.volumes.persistentVolumeClaim.data."
     command = [sys.executable, str(JOBS / "shuffle.py"), kube.address, *kube.driver_confs(), "--executors", "1",
-               *k8s_args("default", token=False),
-               "--conf", "spark.stoker.auth.tokenFile=/var/run/secrets/stoker/token",
-               "--conf", f"spark.kubernetes.driver.pod.name={name}",
                *conf_args({v + "mount.path": "/data", v + "options.claimName": "OnDemand",
                            v + "options.storageClass": "stoker-e2e-none", v + "options.sizeLimit": "1Gi"})]
-    env = [{"name": "STOKER_PLUGIN_JAR", "value": str(JAR)},
-           {"name": "PYSPARK_PYTHON", "value": sys.executable},
-           {"name": "PYSPARK_DRIVER_PYTHON", "value": sys.executable},
-           {"name": "SPARK_LOCAL_IP", "value": "127.0.0.1"}]
-    pod = {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "labels": {"spark-role": "driver"}},
-        "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 2,
-                 "serviceAccountName": "spark",
-                 "nodeSelector": {"kubernetes.io/hostname": process_kubelet.node},
-                 "containers": [{"name": "driver", "image": "python:3.11", "command": command,
-                                 "env": env, "resources": {"limits": {"memory": "3Gi"}},
-                                 "volumeMounts": [{"name": "stoker-token",
-                                                   "mountPath": "/var/run/secrets/stoker"}]}],
-                 "volumes": [{"name": "stoker-token", "projected": {"sources": [
-                     {"serviceAccountToken": {"audience": "stoker", "path": "token",
-                                              "expirationSeconds": 3600}}]}}]},
-    }
+    pod = in_cluster_driver_pod(name, command, process_kubelet.node)
     uid = testbed.api.create_pod(pod)["metadata"]["uid"]
     try:
         [executor] = wait_until(lambda: pods_of(testbed, kube.instance), 180, "the executor pod")

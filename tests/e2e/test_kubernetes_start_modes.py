@@ -72,18 +72,10 @@ def test_spark_connect_server_with_dynamic_allocation_on_pods(on_pods, kube, tes
     """A Connect server with dynamic allocation from zero: a client's query brings executor pods,
     the idle server gives them all back while it keeps serving, and the next client's query
     brings new pods."""
-    dynamic = ["--conf", "spark.executor.instances=0",
-               "--conf", "spark.dynamicAllocation.enabled=true",
-               "--conf", "spark.dynamicAllocation.shuffleTracking.enabled=true",
-               "--conf", "spark.dynamicAllocation.minExecutors=0",
-               "--conf", "spark.dynamicAllocation.initialExecutors=0",
-               "--conf", "spark.dynamicAllocation.maxExecutors=2",
-               "--conf", "spark.dynamicAllocation.executorIdleTimeout=3s",
-               "--conf", "spark.dynamicAllocation.shuffleTracking.timeout=3s"]
     watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
     added = lambda: {o["metadata"]["name"] for t, o in watch.objects() if t == "ADDED"}
     try:
-        with modes.connect_server(on_pods, work_dir, *dynamic) as remote:
+        with modes.connect_server(on_pods, work_dir, *modes.DYNAMIC_FROM_ZERO) as remote:
             wait_until(lambda: on_pods.apps(), 60, "the server's application to register")
             assert not added(), "executor pods before any query"
             first = modes.connect_query(on_pods, remote, work_dir)

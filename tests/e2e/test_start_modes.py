@@ -181,19 +181,22 @@ def test_spark_connect_server_runs_client_queries_on_stoker_executors(stoker, wo
     wait_until(lambda: not executor_pids(work_dir), 30, "executor processes to end with the server")
 
 
+# Dynamic allocation from zero to two executors, released 3 s after they idle.
+DYNAMIC_FROM_ZERO = ["--conf", "spark.executor.instances=0",  # overrides command()'s static 2
+                     "--conf", "spark.dynamicAllocation.enabled=true",
+                     "--conf", "spark.dynamicAllocation.shuffleTracking.enabled=true",
+                     "--conf", "spark.dynamicAllocation.minExecutors=0",
+                     "--conf", "spark.dynamicAllocation.initialExecutors=0",
+                     "--conf", "spark.dynamicAllocation.maxExecutors=2",
+                     "--conf", "spark.dynamicAllocation.executorIdleTimeout=3s",
+                     "--conf", "spark.dynamicAllocation.shuffleTracking.timeout=3s"]
+
+
 def test_spark_connect_server_with_dynamic_allocation_scales_with_client_queries(stoker, work_dir):
     """The same server with dynamic allocation from zero: a client's query brings executors from
     stoker, the idle server gives them all back while it keeps serving, and the next client's
     query brings new ones."""
-    dynamic = ["--conf", "spark.executor.instances=0",  # overrides command()'s static 2
-               "--conf", "spark.dynamicAllocation.enabled=true",
-               "--conf", "spark.dynamicAllocation.shuffleTracking.enabled=true",
-               "--conf", "spark.dynamicAllocation.minExecutors=0",
-               "--conf", "spark.dynamicAllocation.initialExecutors=0",
-               "--conf", "spark.dynamicAllocation.maxExecutors=2",
-               "--conf", "spark.dynamicAllocation.executorIdleTimeout=3s",
-               "--conf", "spark.dynamicAllocation.shuffleTracking.timeout=3s"]
-    with connect_server(stoker, work_dir, *dynamic) as remote:
+    with connect_server(stoker, work_dir, *DYNAMIC_FROM_ZERO) as remote:
         registered(stoker, 1)
         assert not executor_pids(work_dir), "executors before any query"
         first = connect_query(stoker, remote, work_dir)

@@ -22,24 +22,30 @@ def start(builder):
     return spark
 
 
-def one_small_executor(master, app_name, confs, parser):
-    """A started session with one executor of spark.executor.memory=512m and 1 core, waiting
-    for it before the job. `master`: HOST:PORT of a stoker (the plugin jar comes from
-    $STOKER_PLUGIN_JAR) or a full Spark master URL (k8s://... for Spark's own backend)."""
+def session_builder(master, app_name):
+    """A SparkSession builder for `master` (HOST:PORT of a stoker, whose plugin jar comes from
+    $STOKER_PLUGIN_JAR, or a full Spark master URL such as k8s://...): the driver on loopback,
+    executors of spark.executor.memory=512m and 1 core, no UI, and the job waits (up to 120 s)
+    for all its executors before it starts."""
     from pyspark.sql import SparkSession
 
     master = master if "://" in master else f"spark+stoker://{master}"
     b = SparkSession.builder.master(master).appName(app_name)
     if master.startswith("spark+stoker://"):
         b = b.config("spark.driver.extraClassPath", os.environ["STOKER_PLUGIN_JAR"])
-    b = (
+    return (
         b.config("spark.driver.host", "127.0.0.1")
         .config("spark.driver.bindAddress", "127.0.0.1")
         .config("spark.executor.memory", "512m")
         .config("spark.executor.cores", "1")
-        .config("spark.executor.instances", "1")
         .config("spark.ui.enabled", "false")
         .config("spark.scheduler.minRegisteredResourcesRatio", "1.0")
         .config("spark.scheduler.maxRegisteredResourcesWaitingTime", "120s")
     )
+
+
+def one_small_executor(master, app_name, confs, parser):
+    """A started session with one executor of spark.executor.memory=512m and 1 core, waiting
+    for it before the job (see session_builder)."""
+    b = session_builder(master, app_name).config("spark.executor.instances", "1")
     return start(with_confs(b, confs, parser))

@@ -10,8 +10,7 @@ import argparse
 import json
 import os
 
-from job_common import with_confs
-from pyspark.sql import SparkSession
+from job_common import session_builder, with_confs
 
 
 def read(path):
@@ -38,22 +37,8 @@ def main():
     p.add_argument("--conf", action="append", default=[], help="extra Spark setting KEY=VALUE")
     a = p.parse_args()
 
-    master = a.master if "://" in a.master else f"spark+stoker://{a.master}"
-    b = SparkSession.builder.master(master).appName("stoker-e2e-mounts")
-    if master.startswith("spark+stoker://"):
-        b = b.config("spark.driver.extraClassPath", os.environ["STOKER_PLUGIN_JAR"])
-    b = with_confs(b, a.conf, p)
-    spark = (
-        b.config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .config("spark.executor.memory", "512m")
-        .config("spark.executor.cores", "1")
-        .config("spark.executor.instances", str(a.executors))
-        .config("spark.ui.enabled", "false")
-        .config("spark.scheduler.minRegisteredResourcesRatio", "1.0")
-        .config("spark.scheduler.maxRegisteredResourcesWaitingTime", "120s")
-        .getOrCreate()
-    )
+    b = session_builder(a.master, "stoker-e2e-mounts").config("spark.executor.instances", str(a.executors))
+    spark = with_confs(b, a.conf, p).getOrCreate()
     sc = spark.sparkContext
     print(json.dumps({"event": "started", "app_id": sc.applicationId}), flush=True)
     reads = sc.parallelize(range(4 * a.executors), 4 * a.executors).mapPartitions(probe).collect()

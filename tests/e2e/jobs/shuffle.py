@@ -5,12 +5,10 @@ Usage: shuffle.py MASTER [--executors N] [--rows N] [--partitions N] [--slow-ms 
 """
 import argparse
 import json
-import os
 import sys
 import time
 
-from job_common import start, with_confs
-from pyspark.sql import SparkSession
+from job_common import session_builder, start, with_confs
 from pyspark.sql import functions as F
 
 
@@ -44,20 +42,10 @@ def main():
     p.add_argument("--conf", action="append", default=[], help="extra Spark setting KEY=VALUE")
     a = p.parse_args()
 
-    master = a.master if "://" in a.master else f"spark+stoker://{a.master}"
-    b = SparkSession.builder.master(master).appName("stoker-e2e-shuffle")
-    if master.startswith("spark+stoker://"):
-        b = b.config("spark.driver.extraClassPath", os.environ["STOKER_PLUGIN_JAR"])
     b = (
-        b.config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .config("spark.executor.memory", "512m")
-        .config("spark.executor.cores", "1")
+        session_builder(a.master, "stoker-e2e-shuffle")
         .config("spark.sql.shuffle.partitions", str(a.partitions))
-        .config("spark.ui.enabled", "false")
         .config("spark.sql.adaptive.enabled", "false")
-        .config("spark.scheduler.minRegisteredResourcesRatio", "1.0")
-        .config("spark.scheduler.maxRegisteredResourcesWaitingTime", "120s")
     )
     if a.max_failures:
         b = b.config("spark.executor.maxNumFailures", str(a.max_failures))

@@ -12,12 +12,10 @@ Usage: shuffle_recovery.py MASTER [--executors N] [--maps N] [--conf K=V ...]
 """
 import argparse
 import json
-import os
 import sys
 import time
 
-from job_common import start, with_confs
-from pyspark.sql import SparkSession
+from job_common import session_builder, start, with_confs
 
 ROWS_PER_MAP = 20_000
 
@@ -47,18 +45,9 @@ def main():
     p.add_argument("--conf", action="append", default=[], help="extra Spark setting KEY=VALUE")
     a = p.parse_args()
 
-    master = a.master if "://" in a.master else f"spark+stoker://{a.master}"
-    b = SparkSession.builder.master(master).appName("stoker-e2e-shuffle-recovery")
-    if master.startswith("spark+stoker://"):
-        b = b.config("spark.driver.extraClassPath", os.environ["STOKER_PLUGIN_JAR"])
     b = (
-        b.config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .config("spark.executor.memory", "512m")
-        .config("spark.executor.cores", "1")
+        session_builder(a.master, "stoker-e2e-shuffle-recovery")
         .config("spark.executor.instances", str(a.executors))
-        .config("spark.ui.enabled", "false")
-        .config("spark.scheduler.minRegisteredResourcesRatio", "1.0")
         .config("spark.scheduler.maxRegisteredResourcesWaitingTime", "180s")
     )
     spark = start(with_confs(b, a.conf, p))
