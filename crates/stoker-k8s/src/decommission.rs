@@ -1,8 +1,9 @@
 //! Spark's `spark.kubernetes.executor.decommissionLabel[Value]`: when the driver decommissions
 //! executors, their pods get that label (Spark's `labelDecommissioningExecs`), so that whatever
 //! watches pods (a cost-aware autoscaler, a dashboard) sees which executors are on their way
-//! out. Written as the driver (`--auth kubernetes`) after the leader-election write gate, like
-//! every other write.
+//! out. Written as the driver (`--auth kubernetes`; with `--authz subject-access-review`, after
+//! asking whether the driver may patch pods) after the leader-election write gate, like every
+//! other write.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -55,7 +56,17 @@ impl KubernetesBackend {
         let as_user = template.identity.as_ref().map(|i| i.username.clone());
         let this = self.clone();
         let app_id = app_id.clone();
+        let identity = template.identity.clone();
         tokio::spawn(async move {
+            // Never more than the driver may do: under --authz subject-access-review stoker
+            // patches with its own rights, so it asks first.
+            if let Err(why) = this
+                .may(identity.as_ref(), "patch", "pods", &namespace)
+                .await
+            {
+                warn!(app = %app_id, error = %why, "decommissioning pods not labelled");
+                return;
+            }
             let client = match this.writer_client(as_user.as_deref()) {
                 Ok(client) => client,
                 Err(err) => {

@@ -61,14 +61,27 @@ impl KubernetesBackend {
         resource: &str,
         namespace: &str,
     ) -> Result<(), String> {
+        self.may(identity, "create", resource, namespace).await
+    }
+
+    /// With `--authz subject-access-review`: whether the driver may `verb` `resource` in
+    /// `namespace` (stoker then writes with its own rights); otherwise writes are made as the
+    /// driver and the API server judges them, so this says yes.
+    pub(crate) async fn may(
+        &self,
+        identity: Option<&stoker_core::DriverIdentity>,
+        verb: &str,
+        resource: &str,
+        namespace: &str,
+    ) -> Result<(), String> {
         let (WriteAs::Review(reviewer), Some(identity)) = (&self.inner.config.write_as, identity)
         else {
             return Ok(());
         };
-        match reviewer.may(identity, "create", resource, namespace).await {
+        match reviewer.may(identity, verb, resource, namespace).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(format!(
-                "refused by a SubjectAccessReview: {} may not create {resource} in namespace {namespace}",
+                "refused by a SubjectAccessReview: {} may not {verb} {resource} in namespace {namespace}",
                 identity.username
             )),
             Err(err) => Err(err.to_string()),
