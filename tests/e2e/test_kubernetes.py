@@ -533,6 +533,7 @@ def test_driver_sigkill_deletes_its_pods_within_the_lease(kube, testbed, driver_
     assert time.monotonic() - killed_at < 6 + 20
 
 
+@pytest.mark.long  # make test: the leader-election and claims tests SIGKILL stoker mid-job too
 def test_stoker_restart_mid_job_adopts_pods_without_duplicates(kube, testbed, process_kubelet, driver_factory):
     watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
     driver = driver_factory(kube, "--executors", "2", "--slow-ms", "1500", "--partitions", "24",
