@@ -11,6 +11,7 @@ use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, PersistentVolume, PersistentVolumeClaim, Pod, Secret, ServiceAccount,
+    Volume,
 };
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -1075,16 +1076,20 @@ impl Worker {
 
     // ---- volumes and environment ----
 
+    /// The pod's volumes.
+    fn volumes(&self) -> Vec<Volume> {
+        self.pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .unwrap_or_default()
+    }
+
     /// The local folder of every persistentVolumeClaim volume: the hostPath of the
     /// PersistentVolume its claim is bound to. Waits up to `claim_wait` for each claim to be
     /// Bound, reporting the containers waiting (ContainerCreating) with what it waits for.
     async fn claim_dirs(&mut self) -> anyhow::Result<BTreeMap<String, PathBuf>> {
-        let volumes = self
-            .pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.volumes.clone())
-            .unwrap_or_default();
+        let volumes = self.volumes();
         let mut out = BTreeMap::new();
         for v in volumes {
             if let Some(pvc) = &v.persistent_volume_claim {
@@ -1095,15 +1100,66 @@ impl Worker {
         Ok(out)
     }
 
+    /// Waits, on watches of the claim and of this pod (no polling), until `claim` is Bound
+    /// (then its volume's folder), the wait runs out, or the pod is deleted meanwhile.
     async fn claim_dir(&mut self, claim: &str) -> anyhow::Result<PathBuf> {
+        enum Seen {
+            Claim(Box<Result<watcher::Event<PersistentVolumeClaim>, watcher::Error>>),
+            Pod(Box<Result<watcher::Event<Pod>, watcher::Error>>),
+        }
+        let by_name =
+            |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
         let claims: Api<PersistentVolumeClaim> =
             Api::namespaced(self.shared.client.clone(), &self.namespace);
-        let deadline = Instant::now() + self.shared.claim_wait;
+        let claim_events = watcher::watcher(claims, by_name(claim))
+            .default_backoff()
+            .map(|e| Seen::Claim(Box::new(e)));
+        let pod_events = watcher::watcher(self.api.clone(), by_name(&self.name))
+            .default_backoff()
+            .map(|e| Seen::Pod(Box::new(e)));
+        let mut events = futures::stream::select(claim_events.boxed(), pod_events.boxed());
+        let deadline = tokio::time::Instant::now() + self.shared.claim_wait;
+        let mut why = "not found".to_string();
         let mut reported = String::new();
+        let mut pod_listed = false;
         loop {
-            let why = match claims.get_opt(claim).await {
-                Ok(None) => "not found".to_string(),
-                Ok(Some(pvc)) => {
+            let event = match tokio::time::timeout_at(deadline, events.next()).await {
+                Ok(Some(event)) => event,
+                Ok(None) => anyhow::bail!("the watch of persistentvolumeclaim \"{claim}\" ended"),
+                Err(_) => anyhow::bail!(
+                    "persistentvolumeclaim \"{claim}\" (namespace {}) is not bound after {} s: {why}",
+                    self.namespace,
+                    self.shared.claim_wait.as_secs()
+                ),
+            };
+            let deleted = || {
+                anyhow::anyhow!(
+                    "the pod was deleted while waiting for persistentvolumeclaim \"{claim}\""
+                )
+            };
+            let claim_event = match event {
+                Seen::Claim(claim_event) => *claim_event,
+                Seen::Pod(pod_event) => {
+                    match *pod_event {
+                        Ok(watcher::Event::Init) => pod_listed = false,
+                        Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
+                            pod_listed = true;
+                            if p.metadata.deletion_timestamp.is_some()
+                                || p.metadata.uid.as_deref() != Some(self.uid.as_str())
+                            {
+                                return Err(deleted());
+                            }
+                        }
+                        Ok(watcher::Event::InitDone) if !pod_listed => return Err(deleted()),
+                        Ok(watcher::Event::Delete(_)) => return Err(deleted()),
+                        Ok(watcher::Event::InitDone) => {}
+                        Err(err) => debug!(error = %err, "cannot watch the pod"),
+                    }
+                    continue;
+                }
+            };
+            match claim_event {
+                Ok(watcher::Event::Apply(pvc) | watcher::Event::InitApply(pvc)) => {
                     let phase = pvc
                         .status
                         .and_then(|s| s.phase)
@@ -1114,17 +1170,16 @@ impl Worker {
                         .filter(|v| !v.is_empty());
                     match (phase.as_str(), volume) {
                         ("Bound", Some(pv)) => return self.volume_dir(claim, &pv).await,
-                        _ => format!("it is {phase}"),
+                        _ => why = format!("it is {phase}"),
                     }
                 }
-                Err(err) => format!("cannot read it: {err}"),
-            };
-            if Instant::now() >= deadline {
-                anyhow::bail!(
-                    "persistentvolumeclaim \"{claim}\" (namespace {}) is not bound after {} s: {why}",
-                    self.namespace,
-                    self.shared.claim_wait.as_secs()
-                );
+                Ok(watcher::Event::Init) => {
+                    why = "not found".into();
+                    continue; // a (re-)list follows: report what it shows
+                }
+                Ok(watcher::Event::Delete(_)) => why = "not found".into(),
+                Ok(watcher::Event::InitDone) => {}
+                Err(err) => why = format!("cannot read it: {err}"),
             }
             let message =
                 format!("waiting for persistentvolumeclaim \"{claim}\" to be bound: {why}");
@@ -1139,17 +1194,6 @@ impl Worker {
                 self.write_status().await;
                 reported = message;
             }
-            // No longer wanted: the worker handles the deletion once start() returns.
-            match self.api.get_opt(&self.name).await {
-                Ok(Some(p))
-                    if p.metadata.deletion_timestamp.is_none()
-                        && p.metadata.uid.as_deref() == Some(self.uid.as_str()) => {}
-                Ok(_) => anyhow::bail!(
-                    "the pod was deleted while waiting for persistentvolumeclaim \"{claim}\""
-                ),
-                Err(err) => debug!(error = %err, "cannot re-read the pod"),
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
@@ -1183,12 +1227,7 @@ impl Worker {
         mut claims: BTreeMap<String, PathBuf>,
     ) -> anyhow::Result<BTreeMap<String, PathBuf>> {
         let mut out = BTreeMap::new();
-        let volumes = self
-            .pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.volumes.clone())
-            .unwrap_or_default();
+        let volumes = self.volumes();
         for v in volumes {
             if let Some(hp) = &v.host_path {
                 out.insert(v.name.clone(), PathBuf::from(&hp.path));
