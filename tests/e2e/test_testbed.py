@@ -427,15 +427,20 @@ def test_claim_is_provisioned_mounted_and_outlives_its_pods(testbed, process_kub
         # The kubelet rewrites container paths in the environment, as SPARK_LOCAL_DIRS is.
         env = [{"name": "LOCAL_DIRS", "value": mount}]
 
+        def run_to_success(name, script):
+            """Runs `script` in a pod that mounts the claim; the pod once it ended, and its log."""
+            api.create_pod(pod_manifest(name, ["sh", "-c", script], PROCESS_NODE, env=env, volumes=volumes,
+                                        mounts=mounts))
+            pod = api.wait_pod(name, lambda p: phase(p) in ("Succeeded", "Failed"), 60, "to end")
+            log = (process_kubelet.pod_dir(pod) / "main.log").read_text()
+            assert phase(pod) == "Succeeded", log
+            return pod, log
+
         writer = uniq("pvc-writer")
         cleanup_pods.append(writer)
         write = ("mkdir -p $LOCAL_DIRS/blockmgr-1/0c && "
                  "echo shuffle-data > $LOCAL_DIRS/blockmgr-1/0c/shuffle_0_0_0.data && echo written")
-        api.create_pod(pod_manifest(writer, ["sh", "-c", write], PROCESS_NODE, env=env, volumes=volumes,
-                                    mounts=mounts))
-        pod = api.wait_pod(writer, lambda p: phase(p) in ("Succeeded", "Failed"), 60, "to end")
-        log = (process_kubelet.pod_dir(pod) / "main.log").read_text()
-        assert phase(pod) == "Succeeded", log
+        pod, log = run_to_success(writer, write)
         # The mount path is a link to the PV's folder, below real folders of the pod.
         link = process_kubelet.pod_dir(pod) / "root" / mount.lstrip("/")
         assert link.is_symlink() and os.readlink(link) == str(host_dir), link
@@ -449,11 +454,7 @@ def test_claim_is_provisioned_mounted_and_outlives_its_pods(testbed, process_kub
         read = ("top=$(dirname $(dirname $LOCAL_DIRS)); echo \"top: $(ls $top)\"; "
                 "echo \"parent: $(ls $(dirname $LOCAL_DIRS))\"; "
                 "for f in $top/spark-*/*/blockmgr-*/*/*; do echo \"found ${f#$top/}: $(cat $f)\"; done")
-        api.create_pod(pod_manifest(reader, ["sh", "-c", read], PROCESS_NODE, env=env, volumes=volumes,
-                                    mounts=mounts))
-        pod = api.wait_pod(reader, lambda p: phase(p) in ("Succeeded", "Failed"), 60, "to end")
-        log = (process_kubelet.pod_dir(pod) / "main.log").read_text()
-        assert phase(pod) == "Succeeded", log
+        pod, log = run_to_success(reader, read)
         assert "top: spark-x\n" in log, log
         assert "parent: executor-x\n" in log, log
         assert "found spark-x/executor-x/blockmgr-1/0c/shuffle_0_0_0.data: shuffle-data\n" in log, log
