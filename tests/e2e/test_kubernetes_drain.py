@@ -7,7 +7,15 @@ import re
 import threading
 import time
 
-from conftest import DECOMMISSIONING, PROCESS_NODE, check_given_back_outputs_migrated, wait_until
+import pytest
+
+from conftest import (
+    DECOMMISSIONING,
+    PROCESS_NODE,
+    check_given_back_outputs_migrated,
+    driver_hosts_file_args,
+    wait_until,
+)
 from test_kubernetes import (  # noqa: F401  (fixtures: the autouse token one, kube)
     _driver_tokens,
     check_result,
@@ -17,7 +25,7 @@ from test_kubernetes import (  # noqa: F401  (fixtures: the autouse token one, k
     running_pods,
     selector,
 )
-from testbed import pod_manifest, terminated
+from testbed import pod_host_name, pod_manifest, terminated
 
 
 # A map output an executor writes after its decommissioning began (the task that was running)
@@ -83,8 +91,19 @@ def test_prestop_exec_hooks_run_before_sigterm_within_the_grace_period(testbed, 
     print(f"preStop exec hooks: pods gone after {({k.rsplit('-', 1)[0]: round(v, 1) for k, v in took.items()})} s")
 
 
-def test_a_node_drain_decommissions_its_executors_and_they_are_replaced(kube, testbed, process_kubelet,
-                                                                      kubelet_factory, driver_factory):
+@pytest.fixture
+def process_node_cordoned(testbed, process_kubelet):
+    """The session's node (whose kubelet gives every executor host 127.0.0.1) takes no new pod
+    during the test."""
+    testbed.kubectl("cordon", PROCESS_NODE)
+    try:
+        yield
+    finally:
+        testbed.kubectl("uncordon", PROCESS_NODE)
+
+
+def test_a_node_drain_decommissions_its_executors_and_they_are_replaced(kube, testbed, process_node_cordoned,
+                                                                      kubelet_factory, driver_factory, tmp_path):
     """`kubectl drain` of a node during a job (spark.decommission.enabled and block migration on):
     the eviction deletes its executor pods with their grace period, the kubelet runs the
     containers' preStop hook (`/opt/decom.sh`: SIGPWR to the executor JVM, wait for it to exit),
@@ -95,22 +114,31 @@ def test_a_node_drain_decommissions_its_executors_and_they_are_replaced(kube, te
     Migration rounds are 2 s apart instead of 30 s (MIGRATION_ROUNDS): with Spark's default an
     output written after the SIGPWR would wait out the 30 s grace period.
 
-    Placement: node B (a second process kubelet) holds at most 2 pods, and node A (the session's
-    testbed-node) is cordoned until B holds 2 executors; so exactly 2 of the 4 executors are on
-    B, 2 on A, whatever the scheduler's scoring (it would spread 4 pods over two empty equal
-    nodes anyway, but nothing would make sure of it).
+    Hosts: as on a cluster, where pods have IPs of their own, every executor has a host of its
+    own: both kubelets of the test run with one pod hosts file (`127.0.0.1 <pod>.<ns>.pod` for
+    each pod; executors advertise that name and bind 127.0.0.1), which the executor JVMs and the
+    driver's resolve names with. The session's node, whose executors all have host 127.0.0.1, is
+    cordoned throughout.
 
-    Re-runs: Spark re-runs the map tasks that finished on a decommissioned executor while their
-    stage still runs unless their outputs moved to another *host* (TaskSetManager.executorLost,
-    the same-host rule); every executor here has host 127.0.0.1, so re-runs may happen although
-    every output migrated. They are bounded by the map outputs written on B, and printed."""
+    Placement: node B holds at most 2 pods, and node A is cordoned until B holds 2 executors; so
+    exactly 2 of the 4 executors are on B, 2 on A, whatever the scheduler's scoring (it would
+    spread 4 pods over two empty equal nodes anyway, but nothing would make sure of it).
+
+    Nothing is recomputed: Spark re-runs a map task that finished on a decommissioned executor
+    while its stage still runs unless its output moved to another *host*
+    (TaskSetManager.executorLost); every output written on B migrated to an executor on A, whose
+    host is another, so no task runs again."""
     api = testbed.api
-    b = kubelet_factory(f"drain-b-{os.getpid()}", max_pods=2)
+    hosts = tmp_path / "pod-hosts"
+    a = kubelet_factory(f"drain-a-{os.getpid()}", pod_hosts_file=hosts)
+    b = kubelet_factory(f"drain-b-{os.getpid()}", max_pods=2, pod_hosts_file=hosts)
+    kubelets = {a.node: a, b.node: b}
     watch = api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
-    testbed.kubectl("cordon", PROCESS_NODE)
+    testbed.kubectl("cordon", a.node)
     try:
         driver = driver_factory(kube, "--executors", "4", "--partitions", "60", "--slow-ms", "2000",
-                                *k8s_args("default", *DECOMMISSIONING, *MIGRATION_ROUNDS))
+                                *k8s_args("default", *DECOMMISSIONING, *MIGRATION_ROUNDS),
+                                *driver_hosts_file_args(hosts))
         app_id = driver.wait_event("started", timeout=180)["app_id"]
 
         def on(node):
@@ -118,7 +146,7 @@ def test_a_node_drain_decommissions_its_executors_and_they_are_replaced(kube, te
                     if (p.get("spec") or {}).get("nodeName") == node]
         wait_until(lambda: len(on(b.node)) == 2, 120, f"2 executor pods bound to {b.node}")
     finally:
-        testbed.kubectl("uncordon", PROCESS_NODE)
+        testbed.kubectl("uncordon", a.node)
 
     def executor_log(pod, kubelet):
         return "".join(p.read_text() for p in kubelet.pod_dir(pod).glob("*.log"))
@@ -127,14 +155,20 @@ def test_a_node_drain_decommissions_its_executors_and_they_are_replaced(kube, te
         pods = running_pods(testbed, kube.instance, app_id)
         if len(pods) < 4:
             return None
-        kubelets = {b.node: b, PROCESS_NODE: process_kubelet}
         ready = [p for p in pods
                  if "Successfully registered with driver" in executor_log(p, kubelets[p["spec"]["nodeName"]])]
         return ready if len(ready) == 4 else None
     first = {p["metadata"]["labels"]["spark-exec-id"]: p for p in wait_until(registered, 240, "4 executors registered")}
     placement = {i: p["spec"]["nodeName"] for i, p in first.items()}
     drained = sorted(i for i, n in placement.items() if n == b.node)
-    assert len(drained) == 2 and sum(n == PROCESS_NODE for n in placement.values()) == 2, placement
+    assert len(drained) == 2 and sum(n == a.node for n in placement.values()) == 2, placement
+    # Each executor has its pod's own host; the pod's IP is still 127.0.0.1.
+    for i, p in first.items():
+        assert p["status"]["podIP"] == "127.0.0.1", p["status"]
+        log = executor_log(p, kubelets[placement[i]])
+        assert f"Starting executor ID {i} on host {pod_host_name(p)}\n" in log, log[-4000:]
+    named = {line.split()[-1] for line in hosts.read_text().splitlines() if line.startswith("127.0.0.1 ")}
+    assert {pod_host_name(p) for p in first.values()} <= named, hosts.read_text()
     driver.wait_event("job-start", timeout=120)
 
     # Mid-map-stage: each of B's executors has written map output.
@@ -164,9 +198,9 @@ def test_a_node_drain_decommissions_its_executors_and_they_are_replaced(kube, te
         return pods if len(pods) >= len(drained) else None
     replaced = wait_until(replacements_running, 180, "replacement executor pods running")
     replaced_s = time.monotonic() - t0
-    assert {p["spec"]["nodeName"] for p in replaced} == {PROCESS_NODE}, replaced
+    assert {p["spec"]["nodeName"] for p in replaced} == {a.node}, replaced
     for p in replaced:
-        wait_until(lambda: "Successfully registered with driver" in executor_log(p, process_kubelet), 120,
+        wait_until(lambda: "Successfully registered with driver" in executor_log(p, a), 120,
                    f"replacement {p['metadata']['name']} registered")
     registered_s = time.monotonic() - t0
     drainer.join(timeout=200)
@@ -182,6 +216,10 @@ def test_a_node_drain_decommissions_its_executors_and_they_are_replaced(kube, te
     watch.close()
 
     logs = {i: executor_log(first[i], b) for i in drained}
+    for i, p in first.items():
+        # Their block managers (whose blocks the others fetch and receive) had that host too.
+        log = executor_log(p, kubelets[placement[i]])
+        assert f"BlockManagerId({i}, {pod_host_name(p)}, " in log, log[-4000:]
     for i in drained:
         # The preStop hook's SIGPWR started the executor's own decommissioning.
         assert f"Decommission executor {i}." in logs[i], logs[i][-4000:]
@@ -212,12 +250,12 @@ def test_a_node_drain_decommissions_its_executors_and_they_are_replaced(kube, te
     added = replacements()
     nodes = {i: [o for _, o in events if o["metadata"]["name"] == p["metadata"]["name"]][-1]["spec"].get("nodeName")
              for i, p in added.items()}
-    assert len(added) >= len(drained) and set(nodes.values()) == {PROCESS_NODE}, nodes
-    # Every map output written on B moved before its executors left; re-runs only by the
-    # same-host rule.
-    finished, migrated, reruns = check_given_back_outputs_migrated(list(logs.values()), result)
+    assert len(added) >= len(drained) and set(nodes.values()) == {a.node}, nodes
+    # Every map output written on B moved to another host before its executors left: no task ran
+    # again.
+    finished, migrated, reruns = check_given_back_outputs_migrated(list(logs.values()), result, own_hosts=True)
     print(f"drain of {b.node}: executors drained {drained} (map outputs before the drain {before}); "
           f"map outputs written there {finished}, shuffle blocks migrated {migrated}; map tasks re-run {reruns}; "
-          f"kubectl drain took {drain_s:.1f} s; replacements {sorted(added)} running on {PROCESS_NODE} "
+          f"kubectl drain took {drain_s:.1f} s; replacements {sorted(added)} running on {a.node} "
           f"{replaced_s:.1f} s after the drain began (Spark asks for them as soon as its executors "
           f"decommission), registered {registered_s:.1f} s after it")

@@ -4,6 +4,7 @@ backend running a shuffle job on it."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -377,6 +378,68 @@ def test_sigkilled_kubelet_leaves_no_processes(testbed, kubelet_factory, cleanup
     wait_until(lambda: not any(group_members(p) for p in pids), 15,
                "the container processes to die with the kubelet")
     assert not processes_under(kubelet.work_dir)
+
+
+# ---- e2. a host of its own for each pod (--pod-hosts-file) ---------------------------------------
+
+def test_pod_hosts_file_gives_each_pod_a_host_of_its_own(testbed, kubelet_factory, cleanup_pods, tmp_path):
+    """Two kubelets with one --pod-hosts-file: the file starts with what the JDK needs of the
+    machine (localhost and its host name), each pod's `127.0.0.1 <pod>.<namespace>.pod` is there
+    before its container starts, the pod's IP stays 127.0.0.1, and the `apache/spark` image's
+    executor role runs with that name as `--hostname`, `--bind-address 127.0.0.1` and the file as
+    the JVM's hosts file (a stand-in `java` prints its arguments)."""
+    api = testbed.api
+    hosts = tmp_path / "pod-hosts"
+    java_home = tmp_path / "java-home"
+    (java_home / "bin").mkdir(parents=True)
+    java = java_home / "bin" / "java"
+    java.write_text('#!/bin/sh\nfor a in "$@"; do echo "arg $a"; done\n')
+    java.chmod(0o755)
+    kubelets = [kubelet_factory(f"hosts-{i}", pod_hosts_file=hosts, env={"JAVA_HOME": str(java_home)})
+                for i in range(2)]
+    # The kubelet sets HOSTNAME to the pod's name.
+    look = f'grep -x "127.0.0.1 $HOSTNAME.default.pod" {hosts} && echo named'
+    executor_env = [{"name": k, "value": v} for k, v in {
+        "SPARK_DRIVER_URL": "spark://CoarseGrainedScheduler@127.0.0.1:1", "SPARK_EXECUTOR_ID": "1",
+        "SPARK_EXECUTOR_CORES": "1", "SPARK_EXECUTOR_MEMORY": "512m", "SPARK_APPLICATION_ID": "spark-x",
+    }.items()] + [
+        {"name": "SPARK_EXECUTOR_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "SPARK_EXECUTOR_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    ]
+    pods = {}
+    for k in kubelets:
+        plain = pod_manifest(uniq("named"), ["sh", "-c", look], k.node)
+        executor = pod_manifest(uniq("exec"), None, k.node, image="apache/spark:4.2.0", env=executor_env)
+        del executor["spec"]["containers"][0]["command"]
+        executor["spec"]["containers"][0]["args"] = ["executor"]
+        for m in (plain, executor):
+            cleanup_pods.append(m["metadata"]["name"])
+            api.create_pod(m)
+            pods[m["metadata"]["name"]] = k
+    done = {name: api.wait_pod(name, lambda p: phase(p) in ("Succeeded", "Failed"), 60, "ended")
+            for name in pods}
+    logs = {name: (pods[name].pod_dir(pod) / "main.log").read_text() for name, pod in done.items()}
+    for name, pod in done.items():
+        assert phase(pod) == "Succeeded", (name, logs[name])
+        assert pod["status"]["podIP"] == "127.0.0.1", pod["status"]
+        own = f"{name}.default.pod"
+        if name.startswith("named"):
+            assert logs[name].split() == ["127.0.0.1", own, "named"], logs[name]
+            continue
+        args = [line[4:] for line in logs[name].splitlines() if line.startswith("arg ")]
+
+        def after(flag):
+            return args[args.index(flag) + 1]
+        assert f"-Djdk.net.hosts.file={hosts.resolve()}" in args, args
+        assert (after("--hostname"), after("--bind-address"), after("--podName")) == (own, "127.0.0.1", name), args
+    lines = hosts.read_text().splitlines()
+    named = [line.split() for line in lines]
+    for machine in ("localhost", socket.gethostname()):
+        assert any(machine in n[1:] for n in named), (machine, lines)
+    # Each pod once, after the machine's entries.
+    own = [f"127.0.0.1 {name}.default.pod" for name in pods]
+    assert sorted(line for line in lines if line.endswith(".pod")) == sorted(own), lines
+    assert lines[-len(own):] == [line for line in lines if line in own], lines
 
 
 # ---- f. persistent volume claims --------------------------------------------------------------

@@ -433,28 +433,48 @@ class Testbed:
 
 # ---- process kubelets ----------------------------------------------------------------------------
 
+def pod_host_name(pod):
+    """The host name of a pod run by a kubelet with --pod-hosts-file (tests/kubelet/src/hosts.rs):
+    `<pod>.<namespace>.pod`, 127.0.0.1 in that file."""
+    meta = pod["metadata"]
+    return f"{meta['name']}.{meta.get('namespace') or 'default'}.pod".lower()
+
+
+def hosts_file_java_option(path):
+    """The JVM option that makes a JVM resolve names with the pod hosts file `path` alone (the
+    JDK's jdk.net.hosts.file, read again on each lookup: it replaces /etc/hosts and DNS)."""
+    return f"-Djdk.net.hosts.file={path}"
+
+
 class Kubelet:
-    """One process-kubelet run (its own nodes, work dir and log)."""
+    """One process-kubelet run (its own nodes, work dir and log). With `pod_hosts_file` (a path,
+    which kubelets may share) each pod gets a host name of its own (pod_host_name) there, which
+    its Spark executor advertises while binding 127.0.0.1; the pod's IP stays 127.0.0.1."""
 
     def __init__(self, testbed, work_root, node_name, spark_home=None, mode="process",
-                 max_pods=250, extra=()):
+                 max_pods=250, extra=(), pod_hosts_file=None, env=None):
         self.testbed = testbed
         self.node = node_name
         self.work_dir = Path(work_root) / node_name
         self.log_path = Path(work_root) / f"{node_name}.kubelet.log"
         self.spark_home = spark_home
         self.mode = mode
+        self.pod_hosts_file = pod_hosts_file
+        # More environment for the kubelet (e.g. JAVA_HOME: the `java` of Spark executors).
+        self.env = dict(env or {})
         self.args = [
             "--node-name", node_name, "--mode", mode, "--work-dir", str(self.work_dir),
             "--max-pods", str(max_pods), "--delete-nodes-on-exit", *extra,
         ]
         if spark_home:
             self.args += ["--spark-home", str(spark_home)]
+        if pod_hosts_file:
+            self.args += ["--pod-hosts-file", str(pod_hosts_file)]
         self.proc = None
 
     def start(self, timeout=60):
         assert KUBELET_BIN.exists(), f"{KUBELET_BIN} missing: run scripts/setup.sh"
-        env = self.testbed.client_env()
+        env = {**self.testbed.client_env(), **self.env}
         env.setdefault("RUST_LOG", "info")
         self.proc = subprocess.Popen(
             [str(KUBELET_BIN), *self.args],

@@ -3,6 +3,7 @@
 //! local processes (or, with `--mode no-process`, just reports them Running). See
 //! tests/testbed/README.md.
 
+mod hosts;
 mod mounts;
 mod node;
 mod pod;
@@ -98,6 +99,14 @@ struct RunArgs {
     /// with CreateContainerConfigError (seconds).
     #[arg(long, default_value_t = 60)]
     claim_wait_secs: u64,
+    /// Give each pod a host name of its own, `<pod>.<namespace>.pod`: written as
+    /// `127.0.0.1 <name>` to this hosts file (made with this machine's entries when missing;
+    /// kubelets may share it) before the pod's containers start. An `apache/spark` executor then
+    /// advertises the name (`--hostname`), binds 127.0.0.1 (`--bind-address`) and resolves
+    /// names with the file (`-Djdk.net.hosts.file`, which replaces /etc/hosts and DNS for the
+    /// JVM; give a driver the same). The pod's IP stays 127.0.0.1.
+    #[arg(long)]
+    pod_hosts_file: Option<PathBuf>,
 }
 
 /// Node capacity as reported.
@@ -129,6 +138,8 @@ pub struct Shared {
     oom_check: Duration,
     /// How long to wait for a persistentVolumeClaim to be Bound.
     claim_wait: Duration,
+    /// `--pod-hosts-file`: every pod gets a host name of its own there.
+    pod_hosts: Option<hosts::PodHosts>,
     lost: tokio::sync::watch::Sender<BTreeSet<String>>,
 }
 
@@ -211,6 +222,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("cannot create {}", args.work_dir.display()))?;
     base_env.insert("HOME".into(), args.work_dir.display().to_string());
+    let pod_hosts = match &args.pod_hosts_file {
+        Some(path) => Some(
+            hosts::PodHosts::open(path)
+                .with_context(|| format!("cannot create the pod hosts file {}", path.display()))?,
+        ),
+        None => None,
+    };
     let kubelet_id = format!("{}-{}", args.node_name, std::process::id());
     let (lost, _) = tokio::sync::watch::channel(BTreeSet::new());
     let shared = Arc::new(Shared {
@@ -230,12 +248,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         api_limit: tokio::sync::Semaphore::new(args.api_concurrency.max(1)),
         oom_check: Duration::from_millis(args.oom_check_ms.max(50)),
         claim_wait: Duration::from_secs(args.claim_wait_secs),
+        pod_hosts,
         lost,
     });
     node::register(&shared)
         .await
         .context("cannot register the nodes")?;
-    info!(nodes = ?shared.nodes, mode = ?shared.mode, "process kubelet ready");
+    info!(nodes = ?shared.nodes, mode = ?shared.mode,
+          pod_hosts = ?shared.pod_hosts.as_ref().map(hosts::PodHosts::path), "process kubelet ready");
     let heartbeat = tokio::spawn(node::heartbeat(shared.clone()));
     let faults = tokio::spawn(node::watch_faults(shared.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

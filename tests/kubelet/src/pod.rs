@@ -529,12 +529,17 @@ impl Worker {
                 message: e.to_string(),
             })?;
         let image = c.image.clone().unwrap_or_default();
+        let pod_host = self.pod_host().map_err(|e| StartFailure {
+            reason: "CreateContainerConfigError",
+            message: format!("cannot add the pod to the pod hosts file: {e}"),
+        })?;
         let mut cl = spec::command_line(
             &image,
             c.command.as_deref().unwrap_or_default(),
             c.args.as_deref().unwrap_or_default(),
             &env,
             &self.shared.host,
+            pod_host.as_ref(),
         )
         .map_err(|e| StartFailure {
             reason: "StartError",
@@ -549,6 +554,20 @@ impl Worker {
             reason: "StartError",
             message: format!("cannot start {}: {e}", cl.program),
         })
+    }
+
+    /// With `--pod-hosts-file`: the pod's own host name, in the file before any of its
+    /// containers starts.
+    fn pod_host(&self) -> std::io::Result<Option<spec::PodHost>> {
+        let Some(hosts) = &self.shared.pod_hosts else {
+            return Ok(None);
+        };
+        let name = crate::hosts::pod_host_name(&self.name, &self.namespace);
+        hosts.add(&name)?;
+        Ok(Some(spec::PodHost {
+            name,
+            hosts_file: hosts.path().to_path_buf(),
+        }))
     }
 
     async fn run_init(&mut self, i: usize) -> i32 {

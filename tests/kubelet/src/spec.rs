@@ -190,20 +190,33 @@ pub struct Host {
     pub java: String,
 }
 
+/// A pod's own host name (`--pod-hosts-file`, see [`crate::hosts`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodHost {
+    /// The name, mapped to 127.0.0.1 in `hosts_file`.
+    pub name: String,
+    /// The hosts file the pod's JVMs resolve names with (`-Djdk.net.hosts.file`).
+    pub hosts_file: PathBuf,
+}
+
 /// The command a container runs, with the `apache/spark` entrypoint's `executor` role mapped to
-/// the same `java … KubernetesExecutorBackend` command the image's `entrypoint.sh` builds.
+/// the same `java … KubernetesExecutorBackend` command the image's `entrypoint.sh` builds. With
+/// a `pod_host`, that executor advertises `pod_host.name` instead of `$SPARK_EXECUTOR_POD_IP`
+/// (`--hostname`), binds 127.0.0.1 (`--bind-address`) and resolves names with the pod hosts
+/// file; other commands are the same either way.
 pub fn command_line(
     image: &str,
     command: &[String],
     args: &[String],
     env: &BTreeMap<String, String>,
     host: &Host,
+    pod_host: Option<&PodHost>,
 ) -> Result<CommandLine, SpecError> {
     if command.is_empty()
         && is_spark_image(image)
         && args.first().map(String::as_str) == Some("executor")
     {
-        return spark_executor(image, env, host);
+        return spark_executor(image, env, host, pod_host);
     }
     let mut all: Vec<String> = command.iter().chain(args).map(|a| expand(a, env)).collect();
     if all.is_empty() {
@@ -219,6 +232,7 @@ fn spark_executor(
     image: &str,
     env: &BTreeMap<String, String>,
     host: &Host,
+    pod_host: Option<&PodHost>,
 ) -> Result<CommandLine, SpecError> {
     let need = |var: &'static str| {
         env.get(var).cloned().ok_or(SpecError::MissingEnv {
@@ -253,6 +267,14 @@ fn spark_executor(
     let dist = env.get("SPARK_DIST_CLASSPATH").cloned().unwrap_or_default();
     let memory = need("SPARK_EXECUTOR_MEMORY")?;
     let mut args: Vec<String> = opts.into_iter().map(|(_, v)| v.clone()).collect();
+    // After the pod's own options: the last -D of a name wins.
+    if let Some(p) = pod_host {
+        args.push(format!("-Djdk.net.hosts.file={}", p.hosts_file.display()));
+    }
+    let hostname = match pod_host {
+        Some(p) => p.name.clone(),
+        None => need("SPARK_EXECUTOR_POD_IP")?,
+    };
     args.extend([
         format!("-Xms{memory}"),
         format!("-Xmx{memory}"),
@@ -268,7 +290,7 @@ fn spark_executor(
         "--app-id".to_string(),
         need("SPARK_APPLICATION_ID")?,
         "--hostname".to_string(),
-        need("SPARK_EXECUTOR_POD_IP")?,
+        hostname,
         "--resourceProfileId".to_string(),
         env.get("SPARK_RESOURCE_PROFILE_ID")
             .cloned()
@@ -276,6 +298,14 @@ fn spark_executor(
         "--podName".to_string(),
         need("SPARK_EXECUTOR_POD_NAME")?,
     ]);
+    if pod_host.is_some() {
+        // KubernetesExecutorBackend binds `--hostname` unless told: the block manager's server
+        // (the executor's listening socket) stays on the pod IP and advertises the name.
+        args.extend([
+            "--bind-address".to_string(),
+            crate::hosts::POD_ADDRESS.to_string(),
+        ]);
+    }
     Ok(CommandLine {
         program: host.java.clone(),
         args,
@@ -435,12 +465,20 @@ mod tests {
             &["executor".to_string()],
             &env,
             &host,
+            None,
         )
         .expect("executor role");
         assert_eq!(cl.program, "java");
         assert_eq!(&cl.args[..4], ["-Dtwo", "-Dten", "-Xms1024m", "-Xmx1024m"]);
         assert_eq!(cl.args[5], "/pod/conf::/sh/jars/*:");
         assert!(cl.args.contains(&"pod-exec-3".to_string()));
+        let at = |flag: &str| cl.args.iter().position(|a| a == flag);
+        assert_eq!(
+            cl.args[at("--hostname").expect("hostname") + 1],
+            "127.0.0.1"
+        );
+        assert_eq!(at("--bind-address"), None);
+        assert!(!cl.args.iter().any(|a| a.contains("jdk.net.hosts.file")));
         let rp = cl
             .args
             .iter()
@@ -456,7 +494,8 @@ mod tests {
                 &[],
                 &["executor".to_string()],
                 &missing,
-                &host
+                &host,
+                None
             ),
             Err(SpecError::MissingEnv {
                 var: "SPARK_DRIVER_URL",
@@ -469,10 +508,79 @@ mod tests {
             &["-c".into(), "echo $(SPARK_EXECUTOR_ID)".into()],
             &env,
             &host,
+            None,
         )
         .expect("plain command");
         assert_eq!(other.args, ["-c", "echo 3"]);
-        assert!(command_line("busybox", &[], &[], &env, &host).is_err());
+        assert!(command_line("busybox", &[], &[], &env, &host, None).is_err());
+    }
+
+    #[test]
+    fn with_a_pod_host_the_executor_advertises_it_and_binds_the_pod_ip() {
+        let env: BTreeMap<String, String> = [
+            (
+                "SPARK_DRIVER_URL",
+                "spark://CoarseGrainedScheduler@127.0.0.1:7078",
+            ),
+            ("SPARK_EXECUTOR_ID", "3"),
+            ("SPARK_EXECUTOR_CORES", "1"),
+            ("SPARK_EXECUTOR_MEMORY", "512m"),
+            ("SPARK_APPLICATION_ID", "spark-abc"),
+            ("SPARK_EXECUTOR_POD_IP", "127.0.0.1"),
+            ("SPARK_EXECUTOR_POD_NAME", "pod-exec-3"),
+            ("SPARK_JAVA_OPT_0", "-Djdk.net.hosts.file=/pod/own"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let host = Host {
+            spark_home: PathBuf::from("/sh"),
+            java: "java".to_string(),
+        };
+        let pod_host = PodHost {
+            name: "pod-exec-3.default.pod".into(),
+            hosts_file: PathBuf::from("/tmp/bed/hosts"),
+        };
+        let executor = ["executor".to_string()];
+        let cl = command_line(
+            "apache/spark:4.2.0",
+            &[],
+            &executor,
+            &env,
+            &host,
+            Some(&pod_host),
+        )
+        .expect("executor role");
+        // The kubelet's hosts file comes after the pod's own options, so it wins.
+        assert_eq!(
+            &cl.args[..3],
+            [
+                "-Djdk.net.hosts.file=/pod/own",
+                "-Djdk.net.hosts.file=/tmp/bed/hosts",
+                "-Xms512m"
+            ]
+        );
+        let after = |flag: &str| {
+            let i = cl.args.iter().position(|a| a == flag).expect(flag);
+            cl.args[i + 1].as_str()
+        };
+        assert_eq!(after("--hostname"), "pod-exec-3.default.pod");
+        assert_eq!(after("--bind-address"), "127.0.0.1");
+        assert_eq!(after("--podName"), "pod-exec-3");
+        // Other commands are left as they are.
+        let other = command_line(
+            "apache/spark:4.2.0",
+            &["sh".into()],
+            &["-c".into(), "true".into()],
+            &env,
+            &host,
+            Some(&pod_host),
+        )
+        .expect("plain command");
+        assert_eq!(
+            (other.program.as_str(), other.args),
+            ("sh", vec!["-c".to_string(), "true".to_string()])
+        );
     }
 
     #[test]
