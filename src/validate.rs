@@ -563,6 +563,7 @@ fn spark_pods(
         image_placeholder: raw.image_placeholder,
         unsupported_keys,
         strict: raw.strict,
+        claims_before_waiting: raw.claims_before_waiting,
     })
 }
 

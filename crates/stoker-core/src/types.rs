@@ -241,6 +241,9 @@ pub struct SparkPods {
     pub unsupported_keys: BTreeMap<String, String>,
     /// The driver asked (`spark.stoker.strictConf`) to be refused when there are any.
     pub strict: bool,
+    /// `spark.kubernetes.driver.waitToReusePersistentVolumeClaim`: with this many on-demand
+    /// claims and none free, a new executor waits for one (Spark's `maxPVCs`); 0: never waits.
+    pub claims_before_waiting: u32,
 }
 
 /// One resource profile's executor pod, as Spark built it.

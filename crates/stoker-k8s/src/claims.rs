@@ -15,6 +15,12 @@
 //! Where stoker differs: a claim is held from the moment stoker builds the executor's pod (not
 //! from the pod's appearance in a snapshot), so Spark's guard against reusing a claim created less
 //! than `spark.kubernetes.allocation.batch.delay` ago is not needed: nothing is reused twice.
+//!
+//! `spark.kubernetes.driver.waitToReusePersistentVolumeClaim` ([`ClaimPool::admit`] with a
+//! limit): Spark creates no executor while no claim is free and the driver has created `maxPVCs`
+//! claims or more (`requestNewExecutors`). The pool counts the claims it knows and those promised
+//! to executors whose pods are being created (Spark's `PVC_COUNTER`, which a batch of creations
+//! in flight would otherwise pass).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -53,6 +59,21 @@ pub struct Wanted {
 #[derive(Clone, Debug, Default)]
 pub struct ClaimPool {
     claims: BTreeMap<String, Entry>,
+    /// Claims to be created for executors being created (not yet in `claims`), by executor.
+    promised: BTreeMap<ExecutorId, usize>,
+}
+
+/// What [`ClaimPool::admit`] decided for a new executor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Go on: the claims it takes over, as `(wanted name, reused claim name)`; the others are
+    /// created (and promised until then).
+    Go(Vec<(String, String)>),
+    /// No claim is free and the application has `limit` claims or more: wait for one.
+    Wait {
+        /// Claims known and promised.
+        claims: usize,
+    },
 }
 
 impl ClaimPool {
@@ -79,8 +100,52 @@ impl ClaimPool {
         out
     }
 
+    /// [`Self::reuse`], unless `limit` says to wait (Spark's `waitToReusePersistentVolumeClaim`:
+    /// no claim free and `limit` claims or more, counting those promised); the claims `executor`
+    /// is to create are promised until [`Self::created`] or [`Self::not_created`].
+    pub fn admit(
+        &mut self,
+        executor: ExecutorId,
+        wanted: &[Wanted],
+        limit: Option<usize>,
+    ) -> Admission {
+        let claims = self.total();
+        if let Some(limit) = limit {
+            if !wanted.is_empty() && self.free() == 0 && claims >= limit {
+                return Admission::Wait { claims };
+            }
+        }
+        let swaps = self.reuse(executor, wanted);
+        let to_create = wanted.len() - swaps.len();
+        if to_create > 0 {
+            *self.promised.entry(executor).or_default() += to_create;
+        }
+        Admission::Go(swaps)
+    }
+
+    /// Claims known and promised: what [`Self::admit`] compares with its limit.
+    pub fn total(&self) -> usize {
+        self.claims.len() + self.promised.values().sum::<usize>()
+    }
+
+    /// A claim promised to `executor` will not join the pool (its creation failed, or it is not
+    /// owned by the driver pod).
+    pub fn not_created(&mut self, executor: ExecutorId) {
+        self.unpromise(executor);
+    }
+
+    fn unpromise(&mut self, executor: ExecutorId) {
+        if let std::collections::btree_map::Entry::Occupied(mut n) = self.promised.entry(executor) {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
+            }
+        }
+    }
+
     /// Claim `name` was created for `executor`, whose pod mounts it.
     pub fn created(&mut self, name: String, shape: Shape, executor: ExecutorId) {
+        self.unpromise(executor);
         self.claims.insert(
             name,
             Entry {
@@ -93,6 +158,7 @@ impl ClaimPool {
     /// `executor` has ended (its pod failed, succeeded, was deleted, or was never created):
     /// the claims it held are free. Returns how many.
     pub fn released(&mut self, executor: ExecutorId) -> usize {
+        self.promised.remove(&executor);
         let mut freed = 0;
         for entry in self.claims.values_mut() {
             if entry.holder == Some(executor) {
@@ -288,6 +354,48 @@ mod tests {
         assert_eq!(pool.len(), 1);
     }
 
+    #[test]
+    fn at_the_limit_with_nothing_free_a_new_executor_waits_counting_claims_being_created() {
+        let mut pool = ClaimPool::new();
+        let limit = Some(2);
+        let go = |pool: &mut ClaimPool, id: u64| {
+            pool.admit(
+                ExecutorId::new(id),
+                &[want(&format!("e{id}-pvc-0"), "fast", "1Gi")],
+                limit,
+            )
+        };
+        assert_eq!(go(&mut pool, 1), Admission::Go(vec![]));
+        assert_eq!(go(&mut pool, 2), Admission::Go(vec![]));
+        // Both claims are still being created: they count (a burst cannot pass the limit).
+        assert_eq!(pool.len(), 0);
+        assert_eq!(go(&mut pool, 3), Admission::Wait { claims: 2 });
+        pool.created("e1-pvc-0".into(), shape("fast", "1Gi"), ExecutorId::new(1));
+        // Executor 2's claim could not be created: it does not count any more.
+        pool.not_created(ExecutorId::new(2));
+        assert_eq!(pool.total(), 1);
+        assert_eq!(go(&mut pool, 3), Admission::Go(vec![]));
+        assert_eq!(go(&mut pool, 4), Admission::Wait { claims: 2 });
+        // Executor 1 ends: executor 4 takes its claim; executor 3 ends before its claim exists.
+        pool.released(ExecutorId::new(1));
+        assert_eq!(
+            go(&mut pool, 4),
+            Admission::Go(vec![("e4-pvc-0".into(), "e1-pvc-0".into())])
+        );
+        pool.released(ExecutorId::new(3));
+        assert_eq!(pool.total(), 1);
+        // No limit: never waits.
+        assert_eq!(
+            pool.admit(ExecutorId::new(5), &[want("e5", "fast", "1Gi")], None),
+            Admission::Go(vec![])
+        );
+        // Nothing wanted: nothing to wait for.
+        assert_eq!(
+            pool.admit(ExecutorId::new(6), &[], Some(0)),
+            Admission::Go(vec![])
+        );
+    }
+
     fn listed_claim(name: &str, owner: &str, deleting: bool) -> PersistentVolumeClaim {
         serde_json::from_value(serde_json::json!({
             "metadata": {
@@ -419,6 +527,55 @@ mod tests {
                 }
                 let expected: HashMap<ExecutorId, usize> = live.iter().copied().collect();
                 prop_assert_eq!(held, expected);
+            }
+        }
+
+        /// With Spark's waitToReusePersistentVolumeClaim and one claim per executor: the claims
+        /// (created or being created) never exceed the limit, and an executor waits only when
+        /// none is free; whatever order creations, failures and ends come in.
+        #[test]
+        fn with_a_limit_claims_never_exceed_it_and_no_executor_waits_while_one_is_free(
+            limit in 1usize..5,
+            steps in proptest::collection::vec((0u8..4, any::<usize>()), 1..80)
+        ) {
+            let mut pool = ClaimPool::new();
+            // Executors admitted whose claim is being created, and those holding one.
+            let mut creating: Vec<ExecutorId> = Vec::new();
+            let mut holding: Vec<ExecutorId> = Vec::new();
+            let mut next_id: u64 = 1;
+            for (op, k) in steps {
+                match op {
+                    0 => {
+                        let id = ExecutorId::new(next_id);
+                        next_id += 1;
+                        let free = pool.free();
+                        match pool.admit(id, &[want(&format!("e{}", id.get()), "fast", "1Gi")], Some(limit)) {
+                            Admission::Go(swaps) if swaps.is_empty() => creating.push(id),
+                            Admission::Go(_) => holding.push(id),
+                            Admission::Wait { claims } => {
+                                prop_assert_eq!(free, 0);
+                                prop_assert!(claims >= limit);
+                            }
+                        }
+                    }
+                    1 if !creating.is_empty() => {
+                        let id = creating.remove(k % creating.len());
+                        pool.created(format!("e{}", id.get()), shape("fast", "1Gi"), id);
+                        holding.push(id);
+                    }
+                    2 if !creating.is_empty() => {
+                        let id = creating.remove(k % creating.len());
+                        pool.not_created(id);
+                        pool.released(id);
+                    }
+                    3 if !holding.is_empty() => {
+                        let id = holding.remove(k % holding.len());
+                        pool.released(id);
+                    }
+                    _ => {}
+                }
+                prop_assert!(pool.total() <= limit, "{} claims, limit {}", pool.total(), limit);
+                prop_assert_eq!(pool.total() - pool.len(), creating.len());
             }
         }
     }

@@ -266,6 +266,13 @@ impl PodIndex {
                 .is_some_and(|m| m.contains_key(&key.1))
     }
 
+    /// Whether `key`'s pod is still to be created (launched, not created, not called off).
+    pub fn wants_pod(&self, key: &Key) -> bool {
+        self.records
+            .get(key)
+            .is_some_and(|r| !r.created && !r.cancelled)
+    }
+
     // === start-up and adoption ===
 
     /// Takes the pods the start-up list found (before the watch starts): live ones wait for

@@ -369,6 +369,8 @@ impl ExecutorBackend for KubernetesBackend {
         let key = (app_id.clone(), executor_id);
         let seconds = u32::try_from(grace.div_ceil(1000)).unwrap_or(u32::MAX);
         self.apply(|index| index.terminate(&key, seconds));
+        // An executor waiting for a claim to reuse stops waiting.
+        self.claims_changed();
     }
 
     fn check_template(&self, template: &ExecutorTemplate) -> Result<(), String> {

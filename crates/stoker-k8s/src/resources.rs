@@ -27,13 +27,13 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher::DefaultBackoff;
 use kube::{Api, Resource};
 use stoker_core::{AppId, DriverIdentity, ExecutorTemplate, LaunchRequest};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
-use crate::claims::ClaimPool;
+use crate::claims::{Admission, ClaimPool};
 use crate::index::Key;
 use crate::pod::{self, DriverPod};
-use crate::spark_pod::SparkApp;
+use crate::spark_pod::{ExecutorObjects, SparkApp};
 use crate::KubernetesBackend;
 
 /// Attempts at one write before giving up on it.
@@ -57,6 +57,8 @@ pub(crate) struct SparkApps {
     apps: DashMap<AppId, AppEntry>,
     claims: DashMap<Key, Vec<PersistentVolumeClaim>>,
     pools: DashMap<AppId, ClaimPool>,
+    /// Woken whenever a claim may have come free or a waiting executor may be called off.
+    claims_changed: Notify,
 }
 
 fn owner(kind: &str, name: String, uid: String, controller: bool) -> OwnerReference {
@@ -202,7 +204,8 @@ impl KubernetesBackend {
     }
 
     /// Executor `request`'s pod: Spark's, filled in, when the driver sent Spark-built pods
-    /// (its on-demand claims are kept for [`Self::pod_created`]); else stoker's own.
+    /// (its on-demand claims are kept for [`Self::take_over_claims`] and [`Self::pod_created`]);
+    /// else stoker's own.
     pub(crate) fn build_pod(&self, request: &LaunchRequest, digest: &str) -> Result<Pod, String> {
         let app = match self.spark_app(&request.app_id, &request.template) {
             None => {
@@ -219,7 +222,7 @@ impl KubernetesBackend {
             }
             Some(app) => app?,
         };
-        let mut objects = app
+        let objects = app
             .executor(
                 &request.app_id,
                 request.executor_id,
@@ -227,22 +230,85 @@ impl KubernetesBackend {
                 digest,
             )
             .map_err(|e| e.to_string())?;
-        if app.reuse_claims && !objects.claims.is_empty() {
-            // Only claims the driver pod owns are ever in the pool (see pod_created).
-            let swaps = match self.inner.spark.pools.get_mut(&request.app_id) {
-                Some(mut pool) => objects.take_over(&mut pool, request.executor_id),
-                None => Vec::new(),
-            };
-            for (instead_of, reused) in swaps {
-                info!(app = %request.app_id, executor = %request.executor_id, claim = %reused, instead_of = %instead_of,
-                    "the executor takes over the on-demand claim of an executor that ended");
-            }
-        }
         if !objects.claims.is_empty() {
             let key = (request.app_id.clone(), request.executor_id);
             self.inner.spark.claims.insert(key, objects.claims);
         }
         Ok(objects.pod)
+    }
+
+    /// Before executor `key`'s pod `pod` is created: the on-demand claims it takes over from
+    /// executors that ended (its pod then mounts them and they are not created), or, under
+    /// `spark.kubernetes.driver.waitToReusePersistentVolumeClaim` with no claim free and the
+    /// application at its limit, a wait until one is (the driver is told once). Returns when the
+    /// pod may be created, or when the executor is called off while it waits (the create task's
+    /// next step then reports it).
+    pub(crate) async fn take_over_claims(&self, key: &Key, pod: &mut Pod) {
+        let Some(app) = self
+            .inner
+            .spark
+            .apps
+            .get(&key.0)
+            .map(|e| Arc::clone(&e.app))
+        else {
+            return;
+        };
+        // Only claims the driver pod owns are ever in the pool (see pod_created).
+        if !app.reuse_claims {
+            return;
+        }
+        let Some((_, claims)) = self.inner.spark.claims.remove(key) else {
+            return;
+        };
+        let mut objects = ExecutorObjects {
+            pod: std::mem::take(pod),
+            claims,
+        };
+        let mut told = false;
+        loop {
+            let changed = self.inner.spark.claims_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            // Called off, or its application ended (end_app drops the pool after the app).
+            if !self.index().wants_pod(key) || !self.inner.spark.apps.contains_key(&key.0) {
+                break;
+            }
+            let admission = {
+                let mut pool = self.inner.spark.pools.entry(key.0.clone()).or_default();
+                objects.take_over(&mut pool, key.1, app.claims_before_waiting)
+            };
+            match admission {
+                Admission::Go(swaps) => {
+                    for (instead_of, reused) in swaps {
+                        info!(app = %key.0, executor = %key.1, claim = %reused, instead_of = %instead_of,
+                            "the executor takes over the on-demand claim of an executor that ended");
+                    }
+                    break;
+                }
+                Admission::Wait { claims } => {
+                    if !told {
+                        told = true;
+                        info!(app = %key.0, executor = %key.1, claims, "the executor waits to reuse an on-demand claim");
+                        let message = format!(
+                            "none of the application's {claims} on-demand claims is free to \
+                             reuse, and spark.kubernetes.driver.waitToReusePersistentVolumeClaim=true \
+                             allows no more: it waits for one"
+                        );
+                        self.apply(|index| index.waiting(key, message));
+                    }
+                    changed.await;
+                }
+            }
+        }
+        *pod = objects.pod;
+        if !objects.claims.is_empty() {
+            self.inner.spark.claims.insert(key.clone(), objects.claims);
+        }
+    }
+
+    /// A claim may have come free, or an executor waiting for one may have been called off.
+    pub(crate) fn claims_changed(&self) {
+        self.inner.spark.claims_changed.notify_waiters();
     }
 
     /// The application registered: parse its Spark-built pods and create its ConfigMaps
@@ -344,6 +410,8 @@ impl KubernetesBackend {
             let added = pool.seed(&claims, &driver_pod, &in_use);
             if added > 0 {
                 info!(app = %app_id, claims = added, free = pool.free(), "claims from before this stoker started are offered to later executors");
+                drop(pool);
+                this.claims_changed();
             }
         });
     }
@@ -381,6 +449,9 @@ impl KubernetesBackend {
                 Some(o) => o,
                 None => {
                     warn!(app = %key.0, executor = %key.1, "no owner for the executor's claims; not creating them");
+                    for _ in &claims {
+                        this.claim_not_pooled(&key);
+                    }
                     return;
                 }
             };
@@ -388,14 +459,17 @@ impl KubernetesBackend {
                 let name = claim.metadata.name.clone().unwrap_or_default();
                 claim.metadata.owner_references = Some(vec![owner_ref.clone()]);
                 match create(&this, template.identity.as_ref(), &app.namespace, &claim).await {
+                    Ok(()) if by_driver && app.reuse_claims => {
+                        debug!(app = %key.0, executor = %key.1, claim = %name, "on-demand claim created");
+                        this.claim_outlives_its_executor(&key, name, &claim);
+                    }
                     Ok(()) => {
                         debug!(app = %key.0, executor = %key.1, claim = %name, "on-demand claim created");
-                        if by_driver && app.reuse_claims {
-                            this.claim_outlives_its_executor(&key, name, &claim);
-                        }
+                        this.claim_not_pooled(&key);
                     }
                     Err(err) => {
-                        warn!(app = %key.0, executor = %key.1, claim = %name, error = %err, "cannot create an on-demand claim; the executor's pod cannot start")
+                        warn!(app = %key.0, executor = %key.1, claim = %name, error = %err, "cannot create an on-demand claim; the executor's pod cannot start");
+                        this.claim_not_pooled(&key);
                     }
                 }
             }
@@ -413,7 +487,17 @@ impl KubernetesBackend {
         pool.created(name, crate::spark_pod::shape_of(claim), key.1);
         if !index.knows(key) {
             pool.released(key.1);
+            drop(pool);
+            self.claims_changed();
         }
+    }
+
+    /// A claim promised to executor `key` will not be in its application's pool.
+    fn claim_not_pooled(&self, key: &Key) {
+        if let Some(mut pool) = self.inner.spark.pools.get_mut(&key.0) {
+            pool.not_created(key.1);
+        }
+        self.claims_changed();
     }
 
     /// Executor `key` ended (any reason, reported once): the claims it held are free.
@@ -424,6 +508,7 @@ impl KubernetesBackend {
                 debug!(app = %key.0, executor = %key.1, claims = freed, free = pool.free(), "claims free for a later executor");
             }
         }
+        self.claims_changed();
     }
 
     /// Who owns an executor's on-demand claims, and whether that is the driver pod.
@@ -456,8 +541,10 @@ impl KubernetesBackend {
     /// (claims owned by pods go with their pods).
     pub(crate) fn end_app(&self, app_id: &AppId) {
         self.inner.spark.claims.retain(|key, _| &key.0 != app_id);
+        let entry = self.inner.spark.apps.remove(app_id);
         self.inner.spark.pools.remove(app_id);
-        let Some((_, entry)) = self.inner.spark.apps.remove(app_id) else {
+        self.claims_changed();
+        let Some((_, entry)) = entry else {
             return;
         };
         let app = entry.app;

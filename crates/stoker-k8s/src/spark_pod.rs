@@ -22,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::serde::de::DeserializeOwned;
 use stoker_core::{AppId, ExecutorId, ExecutorTemplate, ProfileId, SparkPods};
 
-use crate::claims::{ClaimPool, Shape, Wanted};
+use crate::claims::{Admission, ClaimPool, Shape, Wanted};
 use crate::pod::{self, PodDefaults};
 
 /// Spark's key: on-demand claims are owned by the driver pod (Spark's default: true).
@@ -110,12 +110,14 @@ pub struct ExecutorObjects {
 impl ExecutorObjects {
     /// The on-demand claims this executor takes over from `pool` instead of creating them
     /// (Spark's `replacePVCsIfNeeded`): its pod mounts the reused claim in their place and they
-    /// leave [`Self::claims`]. Returns `(claim it would have created, claim it takes over)`.
+    /// leave [`Self::claims`]. `Go` lists `(claim it would have created, claim it takes over)`;
+    /// `Wait` (with `limit`, see [`ClaimPool::admit`]) changes nothing.
     pub fn take_over(
         &mut self,
         pool: &mut ClaimPool,
         executor: ExecutorId,
-    ) -> Vec<(String, String)> {
+        limit: Option<usize>,
+    ) -> Admission {
         let wanted: Vec<Wanted> = self
             .claims
             .iter()
@@ -126,7 +128,10 @@ impl ExecutorObjects {
                 })
             })
             .collect();
-        let swaps = pool.reuse(executor, &wanted);
+        let swaps = match pool.admit(executor, &wanted, limit) {
+            Admission::Go(swaps) => swaps,
+            wait @ Admission::Wait { .. } => return wait,
+        };
         for (wanted, reused) in &swaps {
             for volume in pod_spec(&mut self.pod).volumes.iter_mut().flatten() {
                 if let Some(claim) = volume.persistent_volume_claim.as_mut() {
@@ -138,7 +143,7 @@ impl ExecutorObjects {
             self.claims
                 .retain(|c| c.metadata.name.as_deref() != Some(wanted.as_str()));
         }
-        swaps
+        Admission::Go(swaps)
     }
 }
 
@@ -169,6 +174,10 @@ pub struct SparkApp {
     pub driver_owns_claims: bool,
     /// A new executor takes over free claims of ended executors (those the driver pod owns).
     pub reuse_claims: bool,
+    /// `spark.kubernetes.driver.waitToReusePersistentVolumeClaim`: with this many claims and
+    /// none free, a new executor waits (only with reuse and a driver pod, where claims outlive
+    /// their executors: without them no claim would ever come free).
+    pub claims_before_waiting: Option<usize>,
     /// `spark.kubernetes.executor.deleteOnTermination=false`.
     keep_on_exit: bool,
     /// `--kube-instance`.
@@ -281,9 +290,16 @@ impl SparkApp {
             namespace,
             driver_owns_claims: !is_false(other.get(OWN_PVC_KEY)),
             reuse_claims: !is_false(other.get(OWN_PVC_KEY)) && !is_false(other.get(REUSE_PVC_KEY)),
+            claims_before_waiting: None,
             keep_on_exit: is_false(other.get(pod::DELETE_ON_TERMINATION_KEY)),
             instance: defaults.instance.clone(),
         };
+        if app.reuse_claims
+            && pods.claims_before_waiting > 0
+            && !template.kubernetes.driver_pod_name.is_empty()
+        {
+            app.claims_before_waiting = usize::try_from(pods.claims_before_waiting).ok();
+        }
         let maps = std::mem::take(&mut app.config_maps);
         app.config_maps = maps
             .into_iter()

@@ -212,6 +212,7 @@ impl KubernetesBackend {
         let mut backoff = DefaultBackoff::default();
         let mut told_quota = false;
         self.app_objects_ready(&key.0).await;
+        self.take_over_claims(&key, &mut pod_spec).await;
         loop {
             let step = self.update(|index| match index.create_step(&key) {
                 CreateStep::Send => (true, Vec::new()),

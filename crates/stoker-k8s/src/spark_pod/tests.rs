@@ -40,6 +40,7 @@ fn spark_pods() -> SparkPods {
         image_placeholder: "stoker.invalid/server-default-image:unset".into(),
         unsupported_keys: BTreeMap::new(),
         strict: false,
+        claims_before_waiting: 0,
     }
 }
 
@@ -502,14 +503,17 @@ fn a_new_executor_mounts_a_free_claim_of_the_same_shape_instead_of_creating_one(
     pool.created("from-executor-7".into(), shape.clone(), ExecutorId::new(7));
     // Executor 7 still runs: executor 8 creates its own claim.
     let mut eighth = executor(8);
-    assert!(eighth.take_over(&mut pool, ExecutorId::new(8)).is_empty());
+    assert_eq!(
+        eighth.take_over(&mut pool, ExecutorId::new(8), None),
+        Admission::Go(vec![])
+    );
     assert_eq!(eighth.claims.len(), 1);
     pool.released(ExecutorId::new(7));
     let mut ninth = executor(9);
     let own = pod::pod_name(&app_id(), ExecutorId::new(9)) + "-pvc-4";
     assert_eq!(
-        ninth.take_over(&mut pool, ExecutorId::new(9)),
-        vec![(own, "from-executor-7".to_string())]
+        ninth.take_over(&mut pool, ExecutorId::new(9), None),
+        Admission::Go(vec![(own, "from-executor-7".to_string())])
     );
     assert!(
         ninth.claims.is_empty(),
@@ -533,9 +537,10 @@ fn a_new_executor_mounts_a_free_claim_of_the_same_shape_instead_of_creating_one(
     };
     pool.created("small".into(), other, ExecutorId::new(1));
     pool.released(ExecutorId::new(1));
-    assert!(executor(10)
-        .take_over(&mut pool, ExecutorId::new(10))
-        .is_empty());
+    assert_eq!(
+        executor(10).take_over(&mut pool, ExecutorId::new(10), None),
+        Admission::Go(vec![])
+    );
 }
 
 #[test]
@@ -558,4 +563,52 @@ fn claims_are_reused_only_when_the_driver_owns_them_and_reuse_is_on() {
         let app = SparkApp::parse(&t, &pods, &defaults()).expect("parses");
         assert_eq!(app.reuse_claims, reused, "own {own:?} reuse {reuse:?}");
     }
+}
+
+#[test]
+fn executors_wait_for_a_claim_only_with_reuse_a_driver_pod_and_a_limit() {
+    // (limit sent, driver pod, reuse off, expected)
+    let cases = [
+        (2, "drv", false, Some(2)),
+        (0, "drv", false, None),
+        (2, "", false, None),
+        (2, "drv", true, None),
+    ];
+    for (limit, driver, reuse_off, expected) in cases {
+        let mut pods = spark_pods();
+        pods.claims_before_waiting = limit;
+        let mut t = template(pods.clone());
+        t.kubernetes.driver_pod_name = driver.into();
+        if reuse_off {
+            t.kubernetes
+                .other
+                .insert(REUSE_PVC_KEY.into(), "false".into());
+        }
+        let app = SparkApp::parse(&t, &pods, &defaults()).expect("parses");
+        assert_eq!(
+            app.claims_before_waiting, expected,
+            "limit {limit} driver {driver:?} reuse off {reuse_off}"
+        );
+    }
+    // At the limit with nothing free, the executor waits and nothing changes.
+    let shape = shape_of(&executor(1).claims[0]);
+    let mut pool = ClaimPool::new();
+    pool.created("c1".into(), shape.clone(), ExecutorId::new(1));
+    pool.created("c2".into(), shape, ExecutorId::new(2));
+    let mut third = executor(3);
+    let before = json(&third.pod);
+    assert_eq!(
+        third.take_over(&mut pool, ExecutorId::new(3), Some(2)),
+        Admission::Wait { claims: 2 }
+    );
+    assert_eq!(json(&third.pod), before);
+    assert_eq!(third.claims.len(), 1);
+    pool.released(ExecutorId::new(1));
+    assert_eq!(
+        third.take_over(&mut pool, ExecutorId::new(3), Some(2)),
+        Admission::Go(vec![(
+            pod::pod_name(&app_id(), ExecutorId::new(3)) + "-pvc-4",
+            "c1".to_string()
+        )])
+    );
 }

@@ -97,9 +97,6 @@ private[spark] object KeyCoverage {
     conf.getOption(key).exists(_.trim.equalsIgnoreCase("true"))
   private def isSet(key: String): SparkConf => Boolean = _.contains(key)
 
-  private val Reuse = "stoker does not hold an executor back until a claim is free: when " +
-    "no claim can be taken over, the new executor gets new on-demand claims (stoker's queues " +
-    "and the driver's own executor count bound how many there are)"
   private val Roll = "read by Spark's ExecutorRollPlugin, which works only under Spark's own " +
     "Kubernetes scheduler backend (it disables itself with a warning under stoker's)"
   private val Resize = "read by Spark's executor resize plugins, which work only under Spark's " +
@@ -252,6 +249,13 @@ private[spark] object KeyCoverage {
       "KubernetesLocalDiskShuffleDataIO)",
       StokerReads("crates/stoker-k8s/src/spark_pod.rs",
         "spark.kubernetes.driver.reusePersistentVolumeClaim")),
+    Row(K + "driver.waitToReusePersistentVolumeClaim", ByStoker, "`true` (with " +
+      "ownPersistentVolumeClaim, reusePersistentVolumeClaim and a driver pod): once the " +
+      "application has as many on-demand claims as Spark's allocator allows " +
+      "(spark.dynamicAllocation.maxExecutors, or spark.executor.instances) and none is free, a " +
+      "new executor waits for one instead of getting new claims; the driver is told once",
+      StokerReads("crates/stoker-k8s/src/resources.rs",
+        "spark.kubernetes.driver.waitToReusePersistentVolumeClaim")),
     Row(E + "decommissionLabel", ByStoker, "when the driver decommissions executors (dynamic " +
       "allocation, a fair-share reclaim), stoker puts this label on their pods, as Spark's " +
       "backend does", StokerReads("crates/stoker-k8s/src/decommission.rs",
@@ -263,9 +267,6 @@ private[spark] object KeyCoverage {
       "own are kept", StokerReads("crates/stoker-k8s/src/pod.rs",
         "spark.kubernetes.executor.deleteOnTermination")),
     // ---- Not honoured. ------------------------------------------------------------------------
-    Row(K + "driver.waitToReusePersistentVolumeClaim", Refused, Reuse,
-      Warned(Seq(K + "driver.waitToReusePersistentVolumeClaim" -> "true")),
-      c => isTrue(c, K + "driver.waitToReusePersistentVolumeClaim")),
     Row(E + "podDeletionCost", Refused,
       "stoker creates bare pods (no Deployment): no deletion cost is applied",
       Warned(Seq(E + "podDeletionCost" -> "5")), isSet(E + "podDeletionCost")),

@@ -106,6 +106,26 @@ private[spark] object StokerSparkPods {
   }
 
   /**
+   * spark.kubernetes.driver.waitToReusePersistentVolumeClaim, as Spark's ExecutorPodsAllocator
+   * reads it: with ownPersistentVolumeClaim and reusePersistentVolumeClaim also true, a new
+   * executor waits for a free claim once the driver has `maxPVCs` claims
+   * (spark.dynamicAllocation.maxExecutors with dynamic allocation, else spark.executor.instances);
+   * 0 when executors never wait.
+   */
+  def claimsBeforeWaiting(conf: SparkConf): Int = {
+    import org.apache.spark.deploy.k8s.Config._
+    val waits = conf.get(KUBERNETES_DRIVER_OWN_PVC) && conf.get(KUBERNETES_DRIVER_REUSE_PVC) &&
+      conf.get(KUBERNETES_DRIVER_WAIT_TO_REUSE_PVC)
+    if (!waits) 0
+    else if (Utils.isDynamicAllocationEnabled(conf)) {
+      math.max(0, conf.get(org.apache.spark.internal.config.DYN_ALLOCATION_MAX_EXECUTORS))
+    } else {
+      math.max(0, conf.getInt(org.apache.spark.internal.config.EXECUTOR_INSTANCES.key,
+        org.apache.spark.scheduler.cluster.SchedulerBackendUtils.DEFAULT_NUMBER_EXECUTORS))
+    }
+  }
+
+  /**
    * Everything but the profiles, after making `conf`'s pod name prefix stable: placeholders, the executor ConfigMap (as Spark's
    * KubernetesClusterSchedulerBackend builds it, unless spark.kubernetes.executor.disableConfigMap),
    * the keys stoker does not honour and strictness.
@@ -118,6 +138,7 @@ private[spark] object StokerSparkPods {
       .setImagePlaceholder(ImagePlaceholder)
       .putAllUnsupportedKeys(unsupportedKeys(conf).asJava)
       .setStrict(conf.getBoolean(StrictConfKey, false))
+      .setClaimsBeforeWaiting(claimsBeforeWaiting(conf))
     StokerExecutorPods.executorConfigMapJson(conf, appId).foreach(b.addAppResourcesJson)
     b
   }

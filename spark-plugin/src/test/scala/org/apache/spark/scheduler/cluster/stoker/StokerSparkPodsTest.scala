@@ -74,17 +74,31 @@ class StokerSparkPodsTest extends Checks {
 
   @Test def keysStokerDoesNotHonourAreListedWithStrictness(): Unit = {
     val c = conf()
-      .set("spark.kubernetes.driver.waitToReusePersistentVolumeClaim", "true")
       .set("spark.kubernetes.executor.podDeletionCost", "5")
       .set("spark.kubernetes.allocation.pods.allocator", "direct")
       .set(StokerSparkPods.StrictConfKey, "true")
     val app = StokerSparkPods.appLevel(c, AppId).build()
-    eq(Set("spark.kubernetes.driver.waitToReusePersistentVolumeClaim",
-      "spark.kubernetes.executor.podDeletionCost"), app.getUnsupportedKeysMap.asScala.keySet.toSet,
-      "the direct allocator is stoker's way too")
+    eq(Set("spark.kubernetes.executor.podDeletionCost"),
+      app.getUnsupportedKeysMap.asScala.keySet.toSet, "the direct allocator is stoker's way too")
     check(app.getStrict, "strict")
     check(!StokerSparkPods.appLevel(conf(), AppId).build().getStrict, "not strict by default")
     eq(0, StokerSparkPods.appLevel(conf(), AppId).build().getUnsupportedKeysCount)
+  }
+
+  /** Spark's allocator: `maxPVCs` claims, only when it waits at all (own, reuse and wait). */
+  @Test def claimsBeforeWaitingIsSparksMaxPvcs(): Unit = {
+    val W = "spark.kubernetes.driver.waitToReusePersistentVolumeClaim"
+    def sent(c: SparkConf) = StokerSparkPods.appLevel(c, AppId).build().getClaimsBeforeWaiting
+    eq(0, sent(conf()), "Spark's default: no waiting")
+    eq(2, sent(conf().set(W, "true")), "spark.executor.instances' default")
+    eq(5, sent(conf().set(W, "true").set("spark.executor.instances", "5")))
+    eq(7, sent(conf().set(W, "true").set("spark.dynamicAllocation.enabled", "true")
+      .set("spark.dynamicAllocation.shuffleTracking.enabled", "true")
+      .set("spark.dynamicAllocation.maxExecutors", "7")))
+    eq(0, sent(conf().set(W, "true").set("spark.kubernetes.driver.reusePersistentVolumeClaim",
+      "false")))
+    eq(0, sent(conf().set(W, "true").set("spark.kubernetes.driver.ownPersistentVolumeClaim",
+      "false")))
   }
 
   @Test def theExecutorConfigMapIsSparksAndCanBeLeftOut(): Unit = {
