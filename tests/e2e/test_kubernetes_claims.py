@@ -3,6 +3,7 @@
 driver pod, and taken over by the replacement of a lost executor
 (`spark.kubernetes.driver.reusePersistentVolumeClaim`), which finds the lost executor's shuffle
 files there with Spark's `KubernetesLocalDiskShuffleDataIO`."""
+import re
 import sys
 from types import SimpleNamespace
 
@@ -181,3 +182,70 @@ def test_stoker_recomputes_no_more_than_sparks_own_backend_after_a_lost_executor
     check_stoker_run(stoker)
     assert stoker.result["maps_recomputed"] <= spark.result["maps_recomputed"]
     claims_gone(testbed, spark, stoker)
+
+
+def test_with_wait_to_reuse_a_new_executor_waits_for_a_free_claim_instead_of_a_new_one(
+        kube, testbed, process_kubelet, driver_factory, work_dir):
+    """`spark.kubernetes.driver.waitToReusePersistentVolumeClaim=true` (Spark's allocator: no new
+    claims once the driver has `maxPVCs` = spark.executor.instances of them and none is free):
+    with 2 executors running, the driver asks for a third; stoker creates no pod and no claim for
+    it and tells the driver once why it waits; when the driver kills its first executor, the
+    executor that replaces it takes over its claim and runs (Spark lowers its total before the
+    kill, so stoker may call off the waiting executor and start another: either way one new pod).
+    Two claims and three pods in all, the claims the driver pod's."""
+    storage_class = ensure_hostpath_storage_class(testbed.api)
+    driver_pod = "claim-wait"
+    uid = placeholder_driver_pod(testbed, driver_pod)["metadata"]["uid"]
+    claims_watch = testbed.api.watch("/api/v1/namespaces/default/persistentvolumeclaims")
+    pods_watch = testbed.api.watch("/api/v1/namespaces/default/pods", labelSelector="spark-role=executor")
+    go = work_dir / "go"
+    try:
+        confs = recovery_confs("default", driver_pod, storage_class)
+        confs["spark.kubernetes.driver.waitToReusePersistentVolumeClaim"] = "true"
+        d = driver_factory(kube, "--executors", "2", "--go", str(go), *conf_args(confs), job="claim_wait.py")
+        app_id = d.wait_event("started", timeout=180)["app_id"]
+        first = d.wait_event("running", timeout=240)["executors"]
+        pods = {p["metadata"]["labels"]["spark-exec-id"]: p for p in app_pods(testbed, app_id)}
+        assert sorted(pods) == sorted(first), (sorted(pods), first)
+        d.wait_event("asked", timeout=60)
+        told = "on-demand claims is free to reuse, and spark.kubernetes.driver.waitToReusePersistentVolumeClaim=true"
+        wait_until(lambda: told in d.log(), 60, "the driver to be told that the new executor waits")
+        [line] = [l for l in d.log().splitlines() if told in l]
+        waiting = re.search(r"executor (\d+) is waiting: none of the application's (\d+) on-demand", line)
+        assert waiting and waiting.group(2) == "2", line
+        third = waiting.group(1)
+        assert third not in first
+        # Waiting: no pod and no claim for it.
+        assert sorted(p["metadata"]["labels"]["spark-exec-id"] for p in app_pods(testbed, app_id)) == sorted(first)
+
+        def claims():
+            return sorted(o["metadata"]["name"] for t, o in claims_watch.objects() if t == "ADDED"
+                          and (o["metadata"].get("labels") or {}).get("spark-app-selector") == app_id)
+        assert len(claims()) == 2, claims()
+        victim_claim = claim_of(pods[min(first, key=int)])
+        go.write_text("go")
+        killed = d.wait_event("killed", timeout=60)["executor"]
+        assert killed == min(first, key=int)
+        joined = d.wait_event("joined", timeout=240)["executor"]
+        assert joined not in first, (joined, first)
+        [pod] = [p for p in app_pods(testbed, app_id) if p["metadata"]["labels"]["spark-exec-id"] == joined]
+        assert claim_of(pod) == victim_claim, (claim_of(pod), victim_claim)
+        result = d.wait(timeout=180)
+        assert result["right"], result
+        assert len(claims()) == 2, claims()
+        created = sorted({o["metadata"]["labels"]["spark-exec-id"] for t, o in pods_watch.objects()
+                          if t == "ADDED" and o["metadata"]["labels"].get("spark-app-selector") == app_id}, key=int)
+        assert created == sorted([*first, joined], key=int), (created, first, joined)
+        owners = {o["metadata"]["name"]: [(r["kind"], r["name"], r["uid"]) for r in o["metadata"].get("ownerReferences") or []]
+                  for t, o in claims_watch.objects() if t == "ADDED" and o["metadata"]["name"] in claims()}
+        assert all(v == [("Pod", driver_pod, uid)] for v in owners.values()), owners
+        # Told once per waiting executor (the one started after the kill may wait a moment too,
+        # until the killed executor's end frees its claim).
+        waits = re.findall(r"executor (\d+) is waiting: none of the application's", d.log())
+        assert third in waits and len(waits) == len(set(waits)), waits
+        print(f"\n[claims] wait to reuse: executor {third} waited for a claim (no pod); executor {joined} "
+              f"took over {victim_claim} of executor {killed}; pods {created}, claims created {len(claims())}")
+    finally:
+        claims_watch.close()
+        pods_watch.close()
+        testbed.api.delete_pod(driver_pod, grace=0)
