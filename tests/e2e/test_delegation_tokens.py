@@ -15,7 +15,8 @@ renewal stay untested).
 
 A Java job (jobs/tokens/TokensJob.java, compiled at test time) reports, from tasks on every
 executor, the tokens of the Hadoop user the tasks run as. On the local backend (executors as
-stoker's processes) and, marked `long`, on the Kubernetes test bed (executors in pods)."""
+stoker's processes) and, marked `long`, on the Kubernetes test bed (executor pods), there after
+the same job under Spark's own Kubernetes backend."""
 import json
 import os
 import subprocess
@@ -23,9 +24,9 @@ import uuid
 
 import pytest
 
-from conftest import JOBS
+from conftest import JOBS, wait_until
 import test_kubernetes
-from test_kubernetes import k8s_args, kube, selector  # noqa: F401  (kube: a fixture)
+from test_kubernetes import k8s_args, kube  # noqa: F401  (kube: a fixture)
 import test_start_modes as modes  # a module, not its tests: they would be collected here again
 
 TOKEN_KIND = "STOKER_TEST"
@@ -61,7 +62,8 @@ def tokens_job(work_dir):
 
 
 def submit_with_a_token(stoker, work_dir):
-    """spark-submit of TokensJob against `stoker` (any object test_start_modes' command() takes),
+    """spark-submit of TokensJob against `stoker` (any object test_start_modes' command() takes;
+    with a `master`, that master URL instead of stoker's),
     its driver holding a token of kind STOKER_TEST with a fresh service name, Hadoop security on;
     (the job's result, that service name)."""
     app_jar, class_path = tokens_job(work_dir)
@@ -76,10 +78,11 @@ def submit_with_a_token(stoker, work_dir):
     krb5_conf.write_text(KRB5_CONF)
     # Only the driver's environment has the token file and the Hadoop configuration.
     env = dict(modes.spark_env(), HADOOP_CONF_DIR=str(hadoop_conf), HADOOP_TOKEN_FILE_LOCATION=str(token_file))
-    out = subprocess.run(
-        modes.command("spark-submit", stoker, "--driver-java-options", f"-Djava.security.krb5.conf={krb5_conf}",
-                      "--class", "TokensJob", str(app_jar), str(EXECUTORS)),
-        capture_output=True, text=True, timeout=300, env=env, cwd=work_dir)
+    command = modes.command("spark-submit", stoker, "--driver-java-options", f"-Djava.security.krb5.conf={krb5_conf}",
+                            "--class", "TokensJob", str(app_jar), str(EXECUTORS))
+    if getattr(stoker, "master", None):  # another master than spark+stoker://<address>
+        command[command.index("--master") + 1] = stoker.master
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=work_dir)
     assert out.returncode == 0, f"spark-submit failed ({out.returncode}):\n{out.stderr[-6000:]}"
     result = json.loads(next(l for l in out.stdout.splitlines() if l.startswith('{"event": "result"')))
     # The driver ran with Hadoop security on and held the token itself.
@@ -138,15 +141,40 @@ def driver_tokens(testbed, tmp_path):
     test_kubernetes._TOKENS.clear()
 
 
+class SparksOwnBackend:
+    """Spark's own Kubernetes backend on the test bed, for submit_with_a_token (its client finds
+    the API server through KUBECONFIG)."""
+
+    def __init__(self, testbed):
+        self.address = None
+        self.master = f"k8s://https://127.0.0.1:{testbed.port}"
+
+    def driver_args(self):
+        return k8s_args("default", token=False)
+
+
 @pytest.mark.long
-def test_executor_pods_get_the_drivers_delegation_tokens(driver_tokens, kube, testbed):
-    watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(kube.instance))
-    try:
-        result, service = submit_with_a_token(OnPods(kube), kube.work_dir)
-        added = [o for t, o in watch.objects() if t == "ADDED"]
-    finally:
-        watch.close()
-    # The executors stoker created for the application, by their pods' spark-exec-id labels.
-    ids = [o["metadata"]["labels"]["spark-exec-id"] for o in added
-           if o["metadata"]["labels"].get("spark-app-selector") == result["app_id"]]
-    check_every_executor_has_the_token(result, service, ids)
+def test_executor_pods_get_the_drivers_delegation_tokens_as_under_sparks_own_backend(
+        driver_tokens, kube, testbed, work_dir, monkeypatch):
+    """The same job under Spark's own Kubernetes backend, then under stoker's Kubernetes backend:
+    under both, every executor pod has the driver's token."""
+    monkeypatch.setenv("KUBECONFIG", testbed.env["KUBECONFIG"])  # Spark's own backend's client
+    for name, master in (("spark", SparksOwnBackend(testbed)), ("stoker", OnPods(kube))):
+        (work_dir / name).mkdir()
+        watch = testbed.api.watch("/api/v1/pods", labelSelector="spark-role=executor")
+        try:
+            result, service = submit_with_a_token(master, work_dir / name)
+            added = [o for t, o in watch.objects() if t == "ADDED"]
+        finally:
+            watch.close()
+        # The application's executors, by their pods' spark-exec-id labels.
+        ids = [o["metadata"]["labels"]["spark-exec-id"] for o in added
+               if o["metadata"]["labels"].get("spark-app-selector") == result["app_id"]]
+        check_every_executor_has_the_token(result, service, ids)
+        managers = {o["metadata"]["labels"].get("app.kubernetes.io/managed-by") for o in added
+                    if o["metadata"]["labels"].get("spark-app-selector") == result["app_id"]}
+        assert managers == ({"stoker"} if name == "stoker" else {None}), (name, managers)
+        # Either backend deletes its executor pods as the application stops.
+        selector = f"spark-app-selector={result['app_id']}"
+        wait_until(lambda: not testbed.api.pods("default", labelSelector=selector), 60,
+                   f"{name}: the application's executor pods gone")
