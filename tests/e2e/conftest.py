@@ -366,6 +366,18 @@ def process_kubelet(testbed, kubelet_root):
 
 
 @pytest.fixture
+def process_node_cordoned(testbed, process_kubelet):
+    """The session's node takes no new pod during the test (whose executors run on kubelets of
+    its own, e.g. with a pod hosts file: the session's kubelet gives every executor host
+    127.0.0.1)."""
+    testbed.kubectl("cordon", PROCESS_NODE)
+    try:
+        yield
+    finally:
+        testbed.kubectl("uncordon", PROCESS_NODE)
+
+
+@pytest.fixture
 def kubelet_factory(testbed, kubelet_root):
     """Further kubelets on their own nodes for one test; stopped (their nodes and pods removed)
     when the test ends."""

@@ -7,11 +7,8 @@ import re
 import threading
 import time
 
-import pytest
-
 from conftest import (
     DECOMMISSIONING,
-    PROCESS_NODE,
     check_given_back_outputs_migrated,
     driver_hosts_file_args,
     wait_until,
@@ -89,17 +86,6 @@ def test_prestop_exec_hooks_run_before_sigterm_within_the_grace_period(testbed, 
     assert (exit_code(ok), exit_code(bad), exit_code(slow)) == (0, 0, 137)
     assert took[bad] < 10 and 1 <= took[ok] < 15 and 5 <= took[slow] < 20, took
     print(f"preStop exec hooks: pods gone after {({k.rsplit('-', 1)[0]: round(v, 1) for k, v in took.items()})} s")
-
-
-@pytest.fixture
-def process_node_cordoned(testbed, process_kubelet):
-    """The session's node (whose kubelet gives every executor host 127.0.0.1) takes no new pod
-    during the test."""
-    testbed.kubectl("cordon", PROCESS_NODE)
-    try:
-        yield
-    finally:
-        testbed.kubectl("uncordon", PROCESS_NODE)
 
 
 def test_a_node_drain_decommissions_its_executors_and_they_are_replaced(kube, testbed, process_node_cordoned,

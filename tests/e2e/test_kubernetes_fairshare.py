@@ -1,6 +1,7 @@
 """Fair share on the Kubernetes test bed: a reclaim decommissions executor pods through the
 driver, and stoker deletes them once their executors have left (real Spark drivers, real
 executor JVMs run by the process kubelet)."""
+import os
 
 import pytest
 
@@ -9,6 +10,7 @@ from conftest import (
     DECOMMISSIONING,
     QUEUES_FOUR_EXECUTORS,
     check_given_back_outputs_migrated,
+    driver_hosts_file_args,
     executors_given_back,
     wait_until,
 )
@@ -21,11 +23,22 @@ from test_kubernetes import (  # noqa: F401  (fixtures: the autouse token one, k
     running_pods,
     selector,
 )
+from testbed import pod_host_name
 
 
 @pytest.mark.long
 def test_fair_share_reclaim_decommissions_executor_pods_and_stoker_deletes_them(
-        kube, testbed, process_kubelet, driver_factory, work_dir):
+        kube, testbed, process_node_cordoned, kubelet_factory, driver_factory, work_dir):
+    """Capacity 4, A (dynamic allocation, a long backlog) holds 4 executor pods; B (2 static
+    executors) arrives, A is asked once to give 2 back and decommissions 2 busy executors, which
+    finish their task, migrate their map outputs and exit 0 by themselves; stoker deletes their
+    pods, nothing is removed by force, both answers are right. Every executor has a host of its
+    own (one kubelet with a pod hosts file, which the drivers resolve names with too; the
+    session's node is cordoned), as pods with IPs of their own on a cluster: Spark counts the
+    migrated outputs as available (its same-host rule, TaskSetManager.executorLost), so nothing
+    is recomputed."""
+    hosts = work_dir / "pod-hosts"
+    node = kubelet_factory(f"fair-{os.getpid()}", pod_hosts_file=hosts)
     queue_file = work_dir / "queues.toml"
     queue_file.write_text(QUEUES_FOUR_EXECUTORS)
     kube.stop()
@@ -35,12 +48,12 @@ def test_fair_share_reclaim_decommissions_executor_pods_and_stoker_deletes_them(
 
     # A: dynamic allocation with a backlog long enough to keep its 4 executor pods busy.
     a = driver_factory(kube, "--dynamic", "--executors", "8", "--slow-ms", "1500", "--partitions", "160",
-                       *k8s_args("default", *DECOMMISSIONING))
+                       *k8s_args("default", *DECOMMISSIONING), *driver_hosts_file_args(hosts))
     app_a = a.wait_event("started", timeout=180)["app_id"]
     a.wait_event("job-start", timeout=120)
 
     def executor_log(pod):
-        return "".join(p.read_text() for p in process_kubelet.pod_dir(pod).glob("*.log"))
+        return "".join(p.read_text() for p in node.pod_dir(pod).glob("*.log"))
 
     def registered_pods():
         pods = running_pods(testbed, kube.instance, app_a)
@@ -50,7 +63,8 @@ def test_fair_share_reclaim_decommissions_executor_pods_and_stoker_deletes_them(
               for p in wait_until(registered_pods, 240, "A's 4 executor pods registered with its driver")}
 
     # B arrives: A is asked once to give 2 back and decommissions 2 of its (busy) executors.
-    b = driver_factory(kube, "--executors", "2", "--slow-ms", "200", "--partitions", "8", *k8s_args())
+    b = driver_factory(kube, "--executors", "2", "--slow-ms", "200", "--partitions", "8", *k8s_args(),
+                       *driver_hosts_file_args(hosts))
     app_b = b.wait_event("started", timeout=180)["app_id"]
     wait_until(lambda: ASKED_FOR_2.search(a.log()), 120, "A asked to give back 2 executors")
     given = wait_until(lambda: executors_given_back(a.log()), 60, "A gives back 2 executors of its choice")
@@ -90,8 +104,12 @@ def test_fair_share_reclaim_decommissions_executor_pods_and_stoker_deletes_them(
         by_app.setdefault(o["metadata"]["labels"]["spark-app-selector"], set()).add(o["metadata"]["name"])
     assert len(by_app.get(app_b, ())) == 2, by_app
     assert 4 <= len(by_app.get(app_a, ())) <= 6, by_app
-    # Every map output written on the given-back executors moved before they left; re-runs only
-    # by Spark's same-host rule (the bed's executors also all have host 127.0.0.1).
-    finished, migrated, reruns = check_given_back_outputs_migrated(logs, result_a)
+    # Each ran on the test's node with a host of its own.
+    assert {o["spec"].get("nodeName") for _, o in events if o["spec"].get("nodeName")} == {node.node}, events
+    for e, p in pods_a.items():
+        assert f"Starting executor ID {e} on host {pod_host_name(p)}\n" in executor_log(p), executor_log(p)[-4000:]
+    # Every map output written on the given-back executors moved to another host before they
+    # left: no task ran again.
+    finished, migrated, reruns = check_given_back_outputs_migrated(logs, result_a, own_hosts=True)
     print(f"reclaim on pods: A gave back executors {given}; map outputs on them {finished}, migrated "
           f"{migrated}; task re-runs A={reruns}; pods created A={len(by_app[app_a])} B={len(by_app[app_b])}")
