@@ -207,8 +207,17 @@ def cpu_delta(a, b):
             "cpu_s": {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}}
 
 
+def bare_pod(pod):
+    """One of stoker's executor pods as a bare client's template: the same spec, unbound (the
+    scheduler places it as it placed stoker's), with a label of its own instead of stoker's and
+    Spark's, so that no stoker takes it for one of its executors."""
+    spec = dict(pod["spec"])
+    spec.pop("nodeName", None)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"labels": {"bench": "bare"}}, "spec": spec}
+
+
 class Bench:
-    def __init__(self, out, quick, sizes=None, only=None, systems=("spark", "stoker")):
+    def __init__(self, out, quick, sizes=None, only=None, systems=("spark", "stoker", "bare")):
         self.systems = systems
         self.out = Path(out)
         self.quick = quick
@@ -371,13 +380,30 @@ class Bench:
 
     # ---- 1. ramp-up ----
     def ramp(self, system, n):
+        """`system` spark or stoker: a driver asks for n executors. `bare`: the bed's ceiling, a
+        bare client (`stoker-bench bare-create`: the kube client stoker uses, 64 creates in
+        flight like stoker's --kube-create-concurrency, no rate limiter, nothing else) creates n
+        copies of a pod stoker created in its ramp."""
+        if system == "bare" and not getattr(self, "bare_template", None):
+            raise AssertionError("the bare client copies a pod of stoker's ramp: run stoker's first")
         ns = self.namespace(f"ramp-{system}-{n}")
         watch = TimedWatch(self.testbed.api, ns)
         m0 = api_requests(self.testbed)
         c0 = cpu_snapshot()
         t_launch = time.time()
-        p, stop = self.hold_driver(system, n, ns)
-        self.wait_ready(p)
+        if system == "bare":
+            template = self.work / "bare-pod.json"
+            template.write_text(json.dumps(self.bare_template))
+            bare = subprocess.run(
+                [str(newest_build("stoker-bench")), "bare-create", "--pod", str(template), "--namespace", ns,
+                 "--count", str(n), "--concurrency", "64"],
+                capture_output=True, text=True, env=self.testbed.client_env(), timeout=900)
+            if bare.returncode != 0:
+                raise AssertionError(f"bare-create failed ({bare.returncode}): {bare.stderr[-2000:]}")
+            p = stop = None
+        else:
+            p, stop = self.hold_driver(system, n, ns)
+            self.wait_ready(p)
 
         def all_running():
             created, running = watch.first_times()
@@ -401,7 +427,12 @@ class Bench:
             "pods_created": len(created),
             "cpu": cpu,
         }
-        self.end_driver(p, stop)
+        if system == "stoker":
+            # limit=1: no need to list 2,000 pods for one.
+            [one] = self.testbed.api.get(f"/api/v1/namespaces/{ns}/pods", limit="1")["items"]
+            self.bare_template = bare_pod(one)
+        if p is not None:
+            self.end_driver(p, stop)
         watch.close()
         self.drop_namespace(ns)
         return sample
@@ -583,6 +614,15 @@ class Bench:
                 lines.append(f"| ramp-up N={n} | {label} | {fig(sp, key)} | {fig(st, key)} | {ratio(sp, st, key)} |")
             lines.append(f"| ramp-up N={n} | pod creations/s (first → all created) | "
                          f"{fig(sp, 'creation_rate_per_s', '{:.0f}')} | {fig(st, 'creation_rate_per_s', '{:.0f}')} | |")
+            [bare] = [x for x in s["ramp"] if x["n"] == n and x["system"] == "bare"] or [None]
+            if bare:
+                of_bare = (f"stoker {st['creation_rate_per_s'] / max(bare['creation_rate_per_s'], 1e-9):.2f}× "
+                           f"of the bare client, Spark {sp['creation_rate_per_s'] / max(bare['creation_rate_per_s'], 1e-9):.2f}×"
+                           if sp and st else "")
+                lines.append(f"| ramp-up N={n} | the bed's ceiling: a bare client's pod creations/s (same kube client, "
+                             f"64 in flight, no limiter; first → all created {bare['first_pod_to_n_created_s']:.2f} s, "
+                             f"all Running {bare['first_pod_to_n_running_s']:.2f} s) | "
+                             f"{bare['creation_rate_per_s']:.0f} | {bare['creation_rate_per_s']:.0f} | {of_bare} |")
             lines.append(f"| ramp-up N={n} | API server requests/s over the window (all clients) | "
                          f"{fig(sp, 'apiserver_requests_per_s', '{:.0f}')} | {fig(st, 'apiserver_requests_per_s', '{:.0f}')} | |")
             lines.append(f"| ramp-up N={n} | API server requests in the window (all clients); of them POST pods (creates + scheduler bindings) | "
@@ -635,16 +675,19 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", help="ramp-up sizes, e.g. 500,2000 (default: 100, or 100,500,2000)")
     ap.add_argument("--only", choices=["ramp", "load"], help="run only the ramp-up or the API-load part")
-    ap.add_argument("--systems", default="spark,stoker",
-                    help="ramp-up only: which systems to run (spark, stoker or both, default both)")
+    ap.add_argument("--systems", default="spark,stoker,bare",
+                    help="ramp-up only: which systems to run (spark, stoker, bare: the bed's ceiling, "
+                         "which copies a pod of stoker's ramp; default all three)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = [int(x) for x in a.sizes.split(",")] if a.sizes else None
     systems = tuple(x for x in a.systems.split(",") if x)
-    if not systems or any(x not in ("spark", "stoker") for x in systems):
-        ap.error(f"--systems takes spark and/or stoker, got {a.systems!r}")
-    if systems != ("spark", "stoker") and a.only != "ramp":
+    if not systems or any(x not in ("spark", "stoker", "bare") for x in systems):
+        ap.error(f"--systems takes spark, stoker and/or bare, got {a.systems!r}")
+    if "bare" in systems and "stoker" not in systems:
+        ap.error("--systems bare copies a pod of stoker's ramp: give stoker too")
+    if systems != ("spark", "stoker", "bare") and a.only != "ramp":
         ap.error("--systems needs --only ramp (the other parts compare both systems)")
     bench = Bench(out, a.quick, sizes, a.only, systems)
     try:

@@ -7,10 +7,12 @@
 //!   concurrency level, stoker beside the ceiling and as a ratio of it.
 //! * Memory: in a separate process, VmRSS before and after 10,000 executors (100 applications x
 //!   100) are tracked and Running; bytes per executor.
+//! * `bare-create`: the test bed's pod-creation ceiling for `bench_k8s.py` (see [`bare`]).
 //!
 //! `stoker-bench --out DIR [--quick]` prints a markdown table, writes it to `DIR/rpc.md` and the
 //! raw samples to `DIR/rpc-samples.json`. Nothing here asserts a timing.
 
+mod bare;
 mod load;
 mod memory;
 mod servers;
@@ -52,6 +54,26 @@ enum Command {
         /// Executors per application.
         #[arg(long)]
         executors: u32,
+    },
+    /// The test bed's pod-creation ceiling: a bare client creates COUNT copies of a pod
+    /// (KUBECONFIG's cluster), CONCURRENCY at a time, as fast as the API server takes them.
+    #[command(name = "bare-create")]
+    BareCreate {
+        /// File with the pod as JSON (a v1 Pod; its name is replaced).
+        #[arg(long)]
+        pod: PathBuf,
+        /// Namespace to create the pods in.
+        #[arg(long)]
+        namespace: String,
+        /// Pod names are PREFIX-0, PREFIX-1, ...
+        #[arg(long, default_value = "bare")]
+        prefix: String,
+        /// How many pods.
+        #[arg(long)]
+        count: usize,
+        /// Creates in flight.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
     },
 }
 
@@ -168,6 +190,17 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::MemoryChild { apps, executors }) => {
             runtime.block_on(memory::child(apps, executors))
+        }
+        Some(Command::BareCreate {
+            pod,
+            namespace,
+            prefix,
+            count,
+            concurrency,
+        }) => {
+            let json = std::fs::read_to_string(&pod)
+                .with_context(|| format!("cannot read the pod JSON {}", pod.display()))?;
+            runtime.block_on(bare::run(&json, &namespace, &prefix, count, concurrency))
         }
         None => {
             let out = cli
