@@ -5,8 +5,9 @@ Each case is one function that runs one ramp (a real Spark 4.2.0 driver, tests/b
 asking stoker for N executors, on a process-less kubelet) with one fault in the middle of it, and
 returns one row of figures. `main` runs the matrix and prints a table; a non-zero loss figure (or
 a run that did not finish) makes it exit non-zero. Case f waits for the whole ramp before its
-fault (the pods must exist to be adopted); case g runs a real shuffle job (tests/chaos/job.py) on
-real executors (the process kubelet) through its faults and checks the job's answer.
+fault (the pods must exist to be adopted); cases g and h run a real shuffle job
+(tests/chaos/job.py) on real executors (the process kubelet) through their faults and check the
+job's answer.
 
 Ground truth is the API server, not stoker: a pods watch of our own (straight to the API server,
 not through the fault proxy) records every ADDED pod per (stoker.dev/app-id annotation,
@@ -14,7 +15,7 @@ spark-exec-id label); a second pod for one executor id is a duplicate. What stok
 from `stoker executors <app>` (admin token); what the driver was told comes from the plugin's
 INFO log in the driver's stderr ("stoker: executor N exited ...").
 
-Usage: chaos.py [--quick] [--runs R] [--n N] [--cases a,b,c,d,e,f,g] [--out DIR]
+Usage: chaos.py [--quick] [--runs R] [--n N] [--cases a,b,c,d,e,f,g,h] [--out DIR]
 """
 import argparse
 import base64
@@ -48,7 +49,7 @@ IMAGE = "apache/spark:4.2.0"
 NODE = "chaos-noproc"
 PROC_NODE = "chaos-proc"  # the process kubelet's node: case g's executors are real JVMs
 CLAIM_N = 200  # case f: executors adopted while stoker is killed
-JOB_N = 3  # case g: real executors
+JOB_N = 3  # cases g and h: real executors
 LEASE_TTL_S = 10
 DELETE_GRACE_S = 3
 # The API server serves pods without its watch cache on the chaos test bed: a watch that resumes
@@ -997,8 +998,34 @@ class Harness:
                         check=check, n=n, job=True, fault_at=n)
 
 
+    def case_job_apiserver(self):
+        """(h) the same real shuffle job as (g) through one fault while its map stage runs:
+        kube-apiserver SIGKILLed and restarted, stoker left running (it must ride out the API
+        server's absence on its own: watch resumed, nothing created twice, no pod lost). The
+        answer must be right, every figure 0. Recovery from the API server being ready again."""
+        n = JOB_N
+
+        def fault(ctx):
+            drv, row = ctx["driver"], ctx["row"]
+            drv.wait_event("task-done", 300, pred=lambda ev: ev["n"] >= 1)
+            ctx["api_offset"] = ctx["stoker"].log_size()
+            row["apiserver_down_s"] = self.restart_apiserver()
+            t = time.monotonic()
+            row["faults_in_job"] = drv.event("result") is None
+            return t
+
+        def check(ctx):
+            text = ctx["stoker"].log_since(ctx["api_offset"])
+            ctx["row"]["relisted"] = "pod watch: listing pods" in text
+            ctx["row"]["create_retries"] = text.count("pod creation failed; retrying")
+            ctx["row"]["create_409"] = text.count("pod already exists")
+            ctx["row"]["watch_errors"] = text.count("pod watch error")
+        return self.run("real shuffle job: kube-apiserver SIGKILL alone, mid-job", "h", fault,
+                        check=check, n=n, job=True, fault_at=n)
+
+
 CASES = {"a": "case_stoker_kill", "b": "case_blackhole", "c": "case_watch_expiry", "d": "case_driver_kill",
-         "e": "case_apiserver_restart", "f": "case_claim_kill", "g": "case_job"}
+         "e": "case_apiserver_restart", "f": "case_claim_kill", "g": "case_job", "h": "case_job_apiserver"}
 LOSS = ("duplicates", "leaked", "lost", "wrong", "wrong_answer", "live_deleted")
 
 
