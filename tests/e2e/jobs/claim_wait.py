@@ -12,25 +12,16 @@ Usage: claim_wait.py MASTER --go FILE [--executors N] [--conf K=V ...]
 import argparse
 import json
 import os
-import time
 
-from job_common import session_builder, start, with_confs
-
-
-def executor_ids(sc):
-    """Ids of the executors registered with the driver now."""
-    return {i for i in sc._jsc.sc().getExecutorIds().mkString(",").split(",") if i}
+from job_common import executor_ids, session_builder, start, wait_for, with_confs
 
 
-def wait_for(predicate, timeout_s, what):
-    """Polls `predicate` (0.2 s) until it returns something truthy; fails after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise SystemExit(f"timed out after {timeout_s}s waiting for {what}")
+def waited(predicate, timeout_s, what):
+    """`predicate`'s first truthy value within `timeout_s`; the job stops naming `what` if none."""
+    got = wait_for(predicate, timeout_s)
+    if not got:
+        raise SystemExit(f"timed out after {timeout_s}s waiting for {what}")
+    return got
 
 
 def say(event, **fields):
@@ -48,7 +39,7 @@ def main():
     b = session_builder(a.master, "stoker-e2e-claim-wait").config("spark.executor.instances", str(a.executors))
     spark = start(with_confs(b, a.conf, p))
     sc = spark.sparkContext
-    first = wait_for(lambda: ids if len(ids := executor_ids(sc)) == a.executors else None, 180,
+    first = waited(lambda: ids if len(ids := executor_ids(sc)) == a.executors else None, 180,
                      f"{a.executors} executors")
     say("running", executors=sorted(first, key=int))
     # requestTotalExecutors, not requestExecutors(1): under static allocation Spark's backend
@@ -56,11 +47,11 @@ def main():
     no_locality = sc._jvm.PythonUtils.toScalaMap(sc._jvm.java.util.HashMap())
     assert sc._jsc.sc().requestTotalExecutors(a.executors + 1, 0, no_locality), "requestTotalExecutors refused"
     say("asked")
-    wait_for(lambda: os.path.exists(a.go), 240, f"the test's go-ahead ({a.go})")
+    waited(lambda: os.path.exists(a.go), 240, f"the test's go-ahead ({a.go})")
     victim = min(first, key=int)
     assert sc._jsc.sc().killExecutor(victim), f"killExecutor({victim}) refused"
     say("killed", executor=victim)
-    joined = wait_for(lambda: executor_ids(sc) - first, 180, "the new executor to register")
+    joined = waited(lambda: executor_ids(sc) - first, 180, "the new executor to register")
     say("joined", executor=sorted(joined, key=int)[0])
     total = sc.parallelize(range(1000), 4).map(lambda x: x * 2).sum()
     say("result", right=total == 999 * 1000, executors=sorted(executor_ids(sc), key=int))

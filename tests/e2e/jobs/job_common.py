@@ -1,8 +1,10 @@
 """What the jobs here share: the `--conf KEY=VALUE` settings a test adds to a session, the
 session start that prints the `started` event (with the application id) the tests wait for, and
-the one-small-executor session of the memory-hungry jobs."""
+the one-small-executor session of the memory-hungry jobs, and the driver-side polls of the jobs
+that watch their executors come and go."""
 import json
 import os
+import time
 
 
 def with_confs(builder, confs, parser):
@@ -49,3 +51,19 @@ def one_small_executor(master, app_name, confs, parser):
     for it before the job (see session_builder)."""
     b = session_builder(master, app_name).config("spark.executor.instances", "1")
     return start(with_confs(b, confs, parser))
+
+
+def executor_ids(sc):
+    """Ids of the executors registered with the driver now."""
+    return {i for i in sc._jsc.sc().getExecutorIds().mkString(",").split(",") if i}
+
+
+def wait_for(predicate, timeout_s):
+    """Polls `predicate` (0.2 s) until it returns something truthy or `timeout_s` passes (None)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.2)
+    return None

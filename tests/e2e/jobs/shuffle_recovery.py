@@ -15,25 +15,9 @@ import json
 import sys
 import time
 
-from job_common import session_builder, start, with_confs
+from job_common import executor_ids, session_builder, start, wait_for, with_confs
 
 ROWS_PER_MAP = 20_000
-
-
-def executor_ids(sc):
-    """Ids of the executors registered with the driver now."""
-    return {i for i in sc._jsc.sc().getExecutorIds().mkString(",").split(",") if i}
-
-
-def wait_for(predicate, timeout_s):
-    """Polls `predicate` (0.2 s) until it returns something truthy or `timeout_s` passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.2)
-    return None
 
 
 def main():
