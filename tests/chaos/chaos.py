@@ -910,9 +910,7 @@ class Harness:
         def check(ctx):
             text = ctx["stoker"].log_since(ctx["log_offset"])
             ctx["row"]["relisted"] = marker in text
-            ctx["row"]["create_retries"] = text.count("pod creation failed; retrying")
-            ctx["row"]["create_409"] = text.count("pod already exists")
-            ctx["row"]["watch_errors"] = text.count("pod watch error")
+            count_api_restart_effects(ctx, text)
         return self.run("kube-apiserver SIGKILL + restart", "e", fault, check=check)
 
     def case_claim_kill(self):
@@ -990,10 +988,7 @@ class Harness:
             return t
 
         def check(ctx):
-            text = ctx["stoker"].log_since(ctx["api_offset"])
-            ctx["row"]["create_retries"] = text.count("pod creation failed; retrying")
-            ctx["row"]["create_409"] = text.count("pod already exists")
-            ctx["row"]["watch_errors"] = text.count("pod watch error")
+            count_api_restart_effects(ctx, ctx["stoker"].log_since(ctx["api_offset"]))
         return self.run("real shuffle job: stoker SIGKILL, then kube-apiserver SIGKILL, mid-job", "g", fault,
                         check=check, n=n, job=True, fault_at=n)
 
@@ -1017,11 +1012,17 @@ class Harness:
         def check(ctx):
             text = ctx["stoker"].log_since(ctx["api_offset"])
             ctx["row"]["relisted"] = "pod watch: listing pods" in text
-            ctx["row"]["create_retries"] = text.count("pod creation failed; retrying")
-            ctx["row"]["create_409"] = text.count("pod already exists")
-            ctx["row"]["watch_errors"] = text.count("pod watch error")
+            count_api_restart_effects(ctx, text)
         return self.run("real shuffle job: kube-apiserver SIGKILL alone, mid-job", "h", fault,
                         check=check, n=n, job=True, fault_at=n)
+
+
+def count_api_restart_effects(ctx, text):
+    """What an API server restart cost stoker, from its log `text`: pod creates retried after a
+    failed request, creates answered 409 (the lost attempt had reached etcd), watch errors."""
+    ctx["row"]["create_retries"] = text.count("pod creation failed; retrying")
+    ctx["row"]["create_409"] = text.count("pod already exists")
+    ctx["row"]["watch_errors"] = text.count("pod watch error")
 
 
 CASES = {"a": "case_stoker_kill", "b": "case_blackhole", "c": "case_watch_expiry", "d": "case_driver_kill",
