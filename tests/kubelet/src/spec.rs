@@ -435,30 +435,44 @@ mod tests {
         assert!(!is_spark_image("busybox"));
     }
 
-    #[test]
-    fn executor_role_matches_entrypoint() {
-        let env: BTreeMap<String, String> = [
+    /// An executor container's environment as Spark's pod sets it, plus `more`.
+    fn executor_env(memory: &str, more: &[(&str, &str)]) -> BTreeMap<String, String> {
+        [
             (
                 "SPARK_DRIVER_URL",
                 "spark://CoarseGrainedScheduler@127.0.0.1:7078",
             ),
             ("SPARK_EXECUTOR_ID", "3"),
             ("SPARK_EXECUTOR_CORES", "1"),
-            ("SPARK_EXECUTOR_MEMORY", "1024m"),
+            ("SPARK_EXECUTOR_MEMORY", memory),
             ("SPARK_APPLICATION_ID", "spark-abc"),
             ("SPARK_EXECUTOR_POD_IP", "127.0.0.1"),
             ("SPARK_EXECUTOR_POD_NAME", "pod-exec-3"),
-            ("SPARK_JAVA_OPT_10", "-Dten"),
-            ("SPARK_JAVA_OPT_2", "-Dtwo"),
-            ("SPARK_CONF_DIR", "/pod/conf"),
         ]
-        .into_iter()
+        .iter()
+        .chain(more)
         .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let host = Host {
+        .collect()
+    }
+
+    fn test_host() -> Host {
+        Host {
             spark_home: PathBuf::from("/sh"),
             java: "java".to_string(),
-        };
+        }
+    }
+
+    #[test]
+    fn executor_role_matches_entrypoint() {
+        let env = executor_env(
+            "1024m",
+            &[
+                ("SPARK_JAVA_OPT_10", "-Dten"),
+                ("SPARK_JAVA_OPT_2", "-Dtwo"),
+                ("SPARK_CONF_DIR", "/pod/conf"),
+            ],
+        );
+        let host = test_host();
         let cl = command_line(
             "apache/spark:4.2.0",
             &[],
@@ -517,26 +531,11 @@ mod tests {
 
     #[test]
     fn with_a_pod_host_the_executor_advertises_it_and_binds_the_pod_ip() {
-        let env: BTreeMap<String, String> = [
-            (
-                "SPARK_DRIVER_URL",
-                "spark://CoarseGrainedScheduler@127.0.0.1:7078",
-            ),
-            ("SPARK_EXECUTOR_ID", "3"),
-            ("SPARK_EXECUTOR_CORES", "1"),
-            ("SPARK_EXECUTOR_MEMORY", "512m"),
-            ("SPARK_APPLICATION_ID", "spark-abc"),
-            ("SPARK_EXECUTOR_POD_IP", "127.0.0.1"),
-            ("SPARK_EXECUTOR_POD_NAME", "pod-exec-3"),
-            ("SPARK_JAVA_OPT_0", "-Djdk.net.hosts.file=/pod/own"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let host = Host {
-            spark_home: PathBuf::from("/sh"),
-            java: "java".to_string(),
-        };
+        let env = executor_env(
+            "512m",
+            &[("SPARK_JAVA_OPT_0", "-Djdk.net.hosts.file=/pod/own")],
+        );
+        let host = test_host();
         let pod_host = PodHost {
             name: "pod-exec-3.default.pod".into(),
             hosts_file: PathBuf::from("/tmp/bed/hosts"),
