@@ -238,8 +238,8 @@ def test_executor_pod_equals_sparks_with_resources_placement_local_dirs_and_plac
      "spark.kubernetes.executor.volumes.gluster.data.mount.path: unknown volume type"),
     ("spark.kubernetes.executor.secretKeyRef.MY_SECRET", "s1",
      "spark.kubernetes.executor.secretKeyRef.MY_SECRET: 's1' is not <secret name>:<key>"),
-    ("spark.kubernetes.driver.waitToReusePersistentVolumeClaim", "true",
-     "spark.kubernetes.driver.waitToReusePersistentVolumeClaim: stoker does not hold an executor back"),
+    ("spark.kubernetes.allocation.pods.allocator", "statefulset",
+     "spark.kubernetes.allocation.pods.allocator: stoker creates the pods itself"),
 ])
 def test_bad_or_unhonoured_keys_are_refused_at_registration_by_name(kube, testbed, work_dir, key, value,
                                                                      named):

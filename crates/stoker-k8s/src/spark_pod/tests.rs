@@ -346,8 +346,8 @@ fn refusals_name_what_is_wrong() {
         let mut p = spark_pods();
         p.strict = true;
         p.unsupported_keys.insert(
-            "spark.kubernetes.driver.waitToReusePersistentVolumeClaim".into(),
-            "not reused".into(),
+            "spark.kubernetes.executor.podDeletionCost".into(),
+            "no deletion cost is applied".into(),
         );
         p
     };
@@ -368,10 +368,7 @@ fn refusals_name_what_is_wrong() {
             builder_error,
             "spark.kubernetes.executor.volumes.hostPath.data.mount.path",
         ),
-        (
-            strict,
-            "spark.kubernetes.driver.waitToReusePersistentVolumeClaim",
-        ),
+        (strict, "spark.kubernetes.executor.podDeletionCost"),
         (
             wrong_kind,
             "app_resources_json[0]: kind \"PersistentVolumeClaim\", expected ConfigMap",
