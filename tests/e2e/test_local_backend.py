@@ -74,6 +74,7 @@ def test_dynamic_allocation_scales_up_and_down(stoker, driver_factory, work_dir)
     check_result(result)
 
 
+@pytest.mark.long
 def test_driver_sigkill_removes_every_executor_within_the_lease(stoker, driver_factory, work_dir):
     driver = driver_factory(stoker, "--executors", "2", "--jobs", "2", "--pause-s", "120")
     started = driver.wait_event("started", timeout=120)
@@ -108,6 +109,7 @@ def test_driver_reattaches_after_stoker_restart(work_dir, driver_factory):
         server.stop()
 
 
+@pytest.mark.long
 def test_out_of_memory_executor_is_replaced_by_a_bigger_one_and_the_job_finishes(
     stoker, driver_factory, work_dir
 ):
