@@ -865,14 +865,21 @@ class Harness:
 
     def case_watch_expiry(self):
         """(c) 410 Gone: stoker cut off (blackhole), the revision moved past what its watch has
-        seen (a ConfigMap written), etcd compacted at that revision, stoker's connections reset,
+        seen (two ConfigMaps written), etcd compacted at that revision, stoker's connections reset,
         the proxy healed: the watcher's resume must fail with 410 and re-list (stoker's log)."""
         marker = "pod watch: listing pods"
 
         def fault(ctx):
             ctx["proxy"].blackhole()
-            self.api.create(f"/api/v1/namespaces/{ctx['ns']}/configmaps", {
-                "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "chaos-bump"}, "data": {"k": "v"}})
+            # Two writes: the revision moves at least 2 past the last one stoker can have seen.
+            # With one, a compaction at exactly that write's revision leaves stoker's resume
+            # (from the revision after its last) valid, and no 410 comes (seen once in CI on a
+            # quiet bed).
+            path = f"/api/v1/namespaces/{ctx['ns']}/configmaps"
+            self.api.create(path, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "chaos-bump"},
+                                   "data": {"k": "v"}})
+            self.api.create(path, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "chaos-bump-2"},
+                                   "data": {"k": "v"}})
             rev = self.compact_etcd()
             dropped = ctx["proxy"].drop()
             ctx["proxy"].heal()
