@@ -10,6 +10,7 @@ use std::time::Instant;
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
+use kube::runtime::watcher::DefaultBackoff;
 use kube::{Api, Client};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -43,6 +44,8 @@ pub async fn run(
         tasks.spawn(async move {
             let _slot = permit;
             let mut retries = 0u32;
+            // kube-runtime's jittered backoff, as stoker's own writer uses.
+            let mut backoff = DefaultBackoff::default();
             loop {
                 match api.create(&PostParams::default(), &pod).await {
                     Ok(_) => break Ok(retries),
@@ -50,7 +53,8 @@ pub async fn run(
                         if (s.code == 429 || s.code >= 500) && retries + 1 < ATTEMPTS =>
                     {
                         retries += 1;
-                        tokio::time::sleep(std::time::Duration::from_millis(50 << retries)).await;
+                        let delay = backoff.next().unwrap_or(std::time::Duration::from_secs(1));
+                        tokio::time::sleep(delay).await;
                     }
                     Err(err) => break Err(err),
                 }
