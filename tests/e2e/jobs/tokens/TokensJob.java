@@ -16,6 +16,8 @@ import java.util.ArrayList;
 import java.util.List;
 import java.util.TreeMap;
 import java.util.TreeSet;
+import java.util.concurrent.Semaphore;
+import java.util.concurrent.TimeUnit;
 
 import org.apache.hadoop.conf.Configuration;
 import org.apache.hadoop.fs.Path;
@@ -26,6 +28,8 @@ import org.apache.hadoop.security.token.Token;
 import org.apache.hadoop.security.token.TokenIdentifier;
 import org.apache.spark.SparkEnv;
 import org.apache.spark.api.java.JavaSparkContext;
+import org.apache.spark.scheduler.SparkListener;
+import org.apache.spark.scheduler.SparkListenerExecutorAdded;
 import org.apache.spark.sql.SparkSession;
 
 public final class TokensJob {
@@ -63,20 +67,30 @@ public final class TokensJob {
     int executors = Integer.parseInt(args[0]);
     SparkSession spark = SparkSession.builder().appName("stoker-e2e-tokens").getOrCreate();
     JavaSparkContext sc = new JavaSparkContext(spark.sparkContext());
-    // Every executor takes tasks only if all are there when the job starts (the driver counts too).
+    // Every executor takes tasks only if all are there when the job starts (the driver counts
+    // too): woken by each executor's registration, the count read again each time.
+    Semaphore added = new Semaphore(0);
+    sc.sc().addSparkListener(new SparkListener() {
+      @Override
+      public void onExecutorAdded(SparkListenerExecutorAdded event) {
+        added.release();
+      }
+    });
     long deadline = System.nanoTime() + 120_000_000_000L;
     while (sc.sc().statusTracker().getExecutorInfos().length < executors + 1) {
-      if (System.nanoTime() > deadline) {
+      long left = deadline - System.nanoTime();
+      if (left <= 0 || !added.tryAcquire(left, TimeUnit.NANOSECONDS)) {
         throw new IllegalStateException("fewer than " + executors + " executors registered in 120 s");
       }
-      Thread.sleep(100);
     }
     List<Integer> ids = new ArrayList<>();
     for (int i = 0; i < 8 * executors; i++) {
       ids.add(i);
     }
     List<List<String>> seen = sc.parallelize(ids, ids.size()).map(i -> {
-      Thread.sleep(100);  // no executor runs them all before the others start theirs
+      // Workload, not a wait: tasks of 100 ms, so that no executor runs them all before the
+      // others start theirs.
+      Thread.sleep(100);
       List<String> row = new ArrayList<>();
       row.add(SparkEnv.get().executorId());
       row.add(System.getenv("HADOOP_TOKEN_FILE_LOCATION"));
