@@ -5,9 +5,9 @@ Each case is one function that runs one ramp (a real Spark 4.2.0 driver, tests/b
 asking stoker for N executors, on a process-less kubelet) with one fault in the middle of it, and
 returns one row of figures. `main` runs the matrix and prints a table; a non-zero loss figure (or
 a run that did not finish) makes it exit non-zero. Case f waits for the whole ramp before its
-fault (the pods must exist to be adopted); cases g and h run a real shuffle job
-(tests/chaos/job.py) on real executors (the process kubelet) through their faults and check the
-job's answer.
+fault (the pods must exist to be adopted); cases g, h and i run a real shuffle job
+(tests/chaos/job.py) on real executors (process kubelets) through their faults and check the
+job's answer (case i: the node its executors run on is lost mid-job).
 
 Ground truth is the API server, not stoker: a pods watch of our own (straight to the API server,
 not through the fault proxy) records every ADDED pod per (stoker.dev/app-id annotation,
@@ -15,7 +15,7 @@ spark-exec-id label); a second pod for one executor id is a duplicate. What stok
 from `stoker executors <app>` (admin token); what the driver was told comes from the plugin's
 INFO log in the driver's stderr ("stoker: executor N exited ...").
 
-Usage: chaos.py [--quick] [--runs R] [--n N] [--cases a,b,c,d,e,f,g,h] [--out DIR]
+Usage: chaos.py [--quick] [--runs R] [--n N] [--cases a,b,c,d,e,f,g,h,i] [--out DIR]
 """
 import argparse
 import base64
@@ -49,7 +49,8 @@ IMAGE = "apache/spark:4.2.0"
 NODE = "chaos-noproc"
 PROC_NODE = "chaos-proc"  # the process kubelet's node: case g's executors are real JVMs
 CLAIM_N = 200  # case f: executors adopted while stoker is killed
-JOB_N = 3  # cases g and h: real executors
+JOB_N = 3  # cases g, h and i: real executors
+POOL = "stoker.dev/chaos-pool"  # case i: the node label its driver selects
 LEASE_TTL_S = 10
 DELETE_GRACE_S = 3
 # The API server serves pods without its watch cache on the chaos test bed: a watch that resumes
@@ -352,11 +353,11 @@ class PodWatch:
                     raise AssertionError(f"driver exited ({proc.returncode}) before {count} pods existed")
                 self.cond.wait(min(left, 0.5))
 
-    def wait_gone(self, deadline):
-        """Waits (on the watch, until the monotonic `deadline`) for every pod it has seen to be
-        DELETED; True when none is left."""
+    def wait_gone(self, deadline, uids=None):
+        """Waits (on the watch, until the monotonic `deadline`) for every pod it has seen (or
+        those of `uids`) to be DELETED; True when none is left."""
         with self.cond:
-            while self.live:
+            while self.live if uids is None else self.live & uids:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -488,7 +489,9 @@ class HoldDriver:
     script = HOLD
     node = NODE
 
-    def __init__(self, work, stoker_port, namespace, n, jar=JAR, extra=()):
+    def __init__(self, work, stoker_port, namespace, n, jar=JAR, extra=(), selector=None):
+        """`selector`: the executors' node selector (default: this class's node)."""
+        selector = selector or {"kubernetes.io/hostname": self.node}
         self.stop_file = work / f"stop-{namespace}"
         self.log_path = work / f"driver-{namespace}.log"
         self.out_path = work / f"driver-{namespace}.out"
@@ -501,7 +504,7 @@ class HoldDriver:
              "--stop-file", str(self.stop_file), "--max-seconds", "1200", *extra,
              "--conf", f"spark.kubernetes.namespace={namespace}",
              "--conf", f"spark.kubernetes.container.image={IMAGE}",
-             "--conf", f"spark.kubernetes.node.selector.kubernetes.io/hostname={self.node}",
+             *(a for k, v in selector.items() for a in ("--conf", f"spark.kubernetes.node.selector.{k}={v}")),
              "--conf", f"spark.executorEnv.PYSPARK_PYTHON={sys.executable}",
              # The plugin's INFO lines (terminal events of executors stoker deleted or lost are
              # INFO) pass PySpark's default WARN threshold only for a logger configured on its own.
@@ -674,12 +677,14 @@ class Harness:
         return rev
 
     # -- one run --
-    def run(self, case, key, fault, kill_driver=False, check=None, n=None, job=False, fault_at=None):
+    def run(self, case, key, fault, kill_driver=False, check=None, n=None, job=False, fault_at=None,
+            selector=None, final=None):
         """One ramp with `fault(ctx)` injected once a third of the pods exist. `fault` returns the
         monotonic time the fault ended (recovery is measured from there). A run that failed
         before its fault was injected (e.g. the driver JVM did not start) is set-up trouble, not
-        a finding: it is run once more, and counted in `setup_retries`."""
-        args = (case, key, fault, kill_driver, check, n or self.n, job, fault_at)
+        a finding: it is run once more, and counted in `setup_retries`. `check(ctx)` runs before
+        the driver is stopped, `final(ctx)` after it stopped and the leak was counted."""
+        args = (case, key, fault, kill_driver, check, n or self.n, job, fault_at, selector, final)
         row = self._run_once(*args)
         if "error" in row and "created_at_fault" not in row:
             log(f"{case}: failed before the fault ({row['error']}); running it once more")
@@ -687,10 +692,12 @@ class Harness:
             row["setup_retries"] = 1
         return row
 
-    def _run_once(self, case, key, fault, kill_driver, check, n, job, fault_at):
+    def _run_once(self, case, key, fault, kill_driver, check, n, job, fault_at, selector, final):
         """`n` executors; the fault once `fault_at` pods exist (default a third of n). With `job`,
-        the driver runs tests/chaos/job.py on the process kubelet and the row gets the
-        `wrong_answer` figure (else n/a)."""
+        the driver runs tests/chaos/job.py on the process kubelet (or on the nodes `selector`
+        picks) and the row gets the `wrong_answer` figure (else n/a). A fault may put pod uids
+        in ctx["not_live"] (pods its fault killed, e.g. on a lost node): their deletions are not
+        counted as live pods deleted."""
         self.runs += 1
         tag = f"{key}-{self.runs}"
         ns = self.namespace(f"chaos-{tag}")
@@ -703,12 +710,12 @@ class Harness:
         try:
             if job:
                 self.process_kubelet()
-                driver = JobDriver(self.work, stoker.port, ns, n, self.jar)
+                driver = JobDriver(self.work, stoker.port, ns, n, self.jar, selector=selector)
             else:
                 driver = HoldDriver(self.work, stoker.port, ns, n, self.jar)
             watch.wait_added(fault_at or max(1, n // 3), 300, driver.proc)
             ctx = {"stoker": stoker, "proxy": proxy, "driver": driver, "watch": watch, "ns": ns,
-                   "log_offset": stoker.log_size(), "row": row, "n": n}
+                   "log_offset": stoker.log_size(), "row": row, "n": n, "not_live": set()}
             row["created_at_fault"] = len(watch.added())
             log(f"{tag}: fault at {row['created_at_fault']}/{n} pods created")
             t_end = fault(ctx)
@@ -723,9 +730,12 @@ class Harness:
                 if check is not None:
                     check(ctx)
                 t_stop = time.monotonic()
-                row["live_deleted"] = len({e[2] for e in watch.snapshot() if (e[6] or e[1] == "DELETED") and e[0] < t_stop})
+                row["live_deleted"] = len({e[2] for e in watch.snapshot() if (e[6] or e[1] == "DELETED")
+                                           and e[0] < t_stop and e[2] not in ctx["not_live"]})
                 driver.stop()
                 row["leaked"] = self._leaked(ns, watch, LEASE_TTL_S + DELETE_GRACE_S + n / self.qps + 30)
+                if final is not None:
+                    final(ctx)
                 # Not a loss (the driver has gone), but a wrong label: stoker's own deletions at
                 # the application's end reported as DELETED_EXTERNALLY "(not by stoker)" when the
                 # pod's last state was not a terminated container (the process-less kubelet
@@ -1023,6 +1033,103 @@ class Harness:
         return self.run("real shuffle job: kube-apiserver SIGKILL alone, mid-job", "h", fault,
                         check=check, n=n, job=True, fault_at=n)
 
+    def case_node_lost(self):
+        """(i) the same real shuffle job as (g) on JOB_N executors that all run on a node of their
+        own (a process kubelet started for the run, the only node with the run's POOL label);
+        once the job's first map task has finished that node is lost (Kubelet.lose: its
+        containers die, it writes nothing more) and PROC_NODE gets the label, so replacements can
+        run there. The node lifecycle controller marks the lost pods not ready; stoker must tell
+        the driver NODE_LOST exactly once for each lost executor and nothing else, and create
+        replacements (new ids) on PROC_NODE; the answer must be right. stoker deletes the lost pods
+        (grace 0): those deletions are not counted as live pods deleted. Once the job is done the
+        lost Node is deleted, as a cloud provider's node controller does for a machine that is
+        gone, and every pod of it must be gone from the API server (a pod deleted with a grace
+        period on a silent node stays terminating until then). Recovery: from the loss to the
+        application whole again (JOB_N replacements RUNNING in stoker's view, JOB_N live pods)."""
+        n = JOB_N
+        case = "real shuffle job: its node lost mid-job"
+        pool = f"i-{self.runs + 1}"
+        doomed = Kubelet(self.testbed, self.work / "kubelets", f"chaos-lost-{self.runs + 1}", spark_home=spark_home())
+        try:
+            doomed.start()
+            proc_node = f"/api/v1/nodes/{self.process_kubelet().node}"
+        except Exception as e:  # noqa: BLE001 - the run counts as failed, the matrix goes on
+            log(f"case i: a kubelet did not start: {e!r}")
+            doomed.stop()
+            return {"case": case, "n": n, "wrong_answer": None, "error": repr(e)[:300]}
+        lost = {}  # exec id: pod uid, of the executors on the lost node
+
+        def fault(ctx):
+            drv, row = ctx["driver"], ctx["row"]
+            drv.wait_event("task-done", 300, pred=lambda ev: ev["n"] >= 1)
+            for p in self.api.pods(ctx["ns"]):
+                if p["spec"].get("nodeName") == doomed.node and not p["metadata"].get("deletionTimestamp"):
+                    lost[p["metadata"]["labels"]["spark-exec-id"]] = p["metadata"]["uid"]
+            if len(lost) != n:
+                raise AssertionError(f"{len(lost)} of {n} executor pods on {doomed.node} before the loss")
+            ctx["not_live"].update(lost.values())
+            doomed.lose()
+            t = time.monotonic()
+            self.api.merge_patch(proc_node, {"metadata": {"labels": {POOL: pool}}})
+            log(f"node {doomed.node} lost with executors {sorted(lost, key=int)}")
+            # Until stoker has noticed, the lost pods look live and RUNNING: recovery would pass at
+            # once. Wait for the driver to be told about every lost executor (any reason: the
+            # check counts the reasons).
+            def told():
+                if drv.proc.poll() is not None:
+                    raise AssertionError(f"driver exited ({drv.proc.returncode}): {drv.log()[-2000:]}")
+                return set(lost) <= set(drv.exited())
+            wait_until(told, 180, "the driver to hear of every executor of the lost node", interval=0.2)
+            row["reported_s"] = time.monotonic() - t
+            row["faults_in_job"] = drv.event("result") is None
+            return t
+
+        def count_exits(ctx):
+            """The terminal events stoker sent for the application (its log has one `executor pod
+            ended app=A executor=N reason=R` line per event; the plugin drops repeats, so the
+            driver's log cannot show one) and the reasons the driver logged. Returns how many lost
+            executors got exactly one event, NODE_LOST, logged as NODE_LOST by the driver, and the
+            events sent for any other executor."""
+            app = ctx["row"]["app_id"]
+            sent = re.findall(rf"executor pod ended app={re.escape(app)} executor=(\d+) reason=([A-Z_0-9]+)",
+                              ctx["stoker"].log())
+            told = ctx["driver"].exited()
+            node_lost = sum(1 for eid in lost
+                            if [r for e, r in sent if e == eid] == ["NODE_LOST"] and told.get(eid) == "NODE_LOST")
+            return node_lost, [f"{e} {r}" for e, r in sent if e not in lost]
+
+        def check(ctx):
+            row, watch = ctx["row"], ctx["watch"]
+            row["lost_node_executors"] = len(lost)
+            row["replacements"] = sum(1 for (app, eid) in watch.added() if app == row["app_id"] and eid not in lost)
+            with watch.cond:
+                row["lost_pods_at_node_delete"] = len(watch.live & set(lost.values()))
+            self.api.delete(f"/api/v1/nodes/{doomed.node}")
+            if not watch.wait_gone(time.monotonic() + 180, set(lost.values())):
+                raise AssertionError("pods of the lost node still there 180 s after its Node's deletion")
+            node_lost, others = count_exits(ctx)
+            row["node_lost_once"], row["other_exits"] = node_lost, len(others)
+            row["wrong"] += (len(lost) - node_lost) + len(others)
+            if others:
+                row["other_exit_ids"] = others[:20]
+
+        def final(ctx):
+            # The driver has stopped and its pods are gone: still one NODE_LOST per lost executor
+            # (the replacements' ends at the application's end are not counted).
+            node_lost, _ = count_exits(ctx)
+            if node_lost != ctx["row"]["node_lost_once"]:
+                ctx["row"]["wrong"] += ctx["row"]["node_lost_once"] - node_lost
+                ctx["row"]["node_lost_once"] = node_lost
+
+        try:
+            self.api.merge_patch(f"/api/v1/nodes/{doomed.node}", {"metadata": {"labels": {POOL: pool}}})
+            return self.run(case, "i", fault, check=check, n=n, job=True, fault_at=n, selector={POOL: pool},
+                            final=final)
+        finally:
+            self.api.merge_patch(proc_node, {"metadata": {"labels": {POOL: None}}})
+            doomed.stop()
+            self.api.delete(f"/api/v1/nodes/{doomed.node}")
+
 
 def count_api_restart_effects(ctx, text):
     """What an API server restart cost stoker, from its log `text`: pod creates retried after a
@@ -1033,7 +1140,8 @@ def count_api_restart_effects(ctx, text):
 
 
 CASES = {"a": "case_stoker_kill", "b": "case_blackhole", "c": "case_watch_expiry", "d": "case_driver_kill",
-         "e": "case_apiserver_restart", "f": "case_claim_kill", "g": "case_job", "h": "case_job_apiserver"}
+         "e": "case_apiserver_restart", "f": "case_claim_kill", "g": "case_job", "h": "case_job_apiserver",
+         "i": "case_node_lost"}
 LOSS = ("duplicates", "leaked", "lost", "wrong", "wrong_answer", "live_deleted")
 
 
@@ -1064,7 +1172,7 @@ def summarize(rows):
         line["recovery_max"] = rec[-1] if rec else None
         if any("relisted" in r for r in rs):
             line["relisted"] = sum(1 for r in rs if r.get("relisted"))
-        for k in ("apiserver_down_s", "kill_after_claim_ms", "job_s", "stoker_back_s"):
+        for k in ("apiserver_down_s", "kill_after_claim_ms", "job_s", "stoker_back_s", "reported_s"):
             vals = [r[k] for r in rs if r.get(k) is not None]
             if vals:
                 line[k] = (min(vals), max(vals))
@@ -1077,7 +1185,8 @@ def summarize(rows):
         for k in ("claims_first", "claims_final"):
             if any(k in r for r in rs):
                 line[k] = [r.get(k) for r in rs]
-        for k in ("create_retries", "create_409", "watch_errors", "reaped"):
+        for k in ("create_retries", "create_409", "watch_errors", "reaped", "lost_node_executors", "node_lost_once",
+                  "other_exits", "replacements", "lost_pods_at_node_delete"):
             if any(k in r for r in rs):
                 line[k] = sum(r.get(k, 0) for r in rs)
         if any("faults_in_job" in r for r in rs):
@@ -1129,6 +1238,16 @@ def table(summary):
                          + f"; its pod watch broken and resumed: {s['watch_errors']} time(s)")
         if "reaped" in s:
             notes.append(f"pods deleted as orphans or unclaimed (stoker's log): {s['reaped']}")
+        if "lost_node_executors" in s:
+            notes.append(f"executors of the lost node reported NODE_LOST exactly once (stoker's log) and logged so by "
+                         f"the driver: {s.get('node_lost_once', 0)}/{s['lost_node_executors']}; "
+                         f"terminal events stoker sent for other executors before the driver stopped: "
+                         f"{s.get('other_exits', 0)}; replacements created: {s.get('replacements', 0)}")
+        if s.get("reported_s"):
+            notes.append("node lost to the driver told of all its executors: {:.1f}–{:.1f} s".format(*s["reported_s"]))
+        if "lost_pods_at_node_delete" in s:
+            notes.append(f"pods of the lost node still on the API server when its Node was deleted after the job: "
+                         f"{s['lost_pods_at_node_delete']}")
         if s.get("job_s"):
             notes.append("job time {:.0f}–{:.0f} s".format(*s["job_s"]))
         if "faults_in_job" in s:

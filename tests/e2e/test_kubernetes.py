@@ -15,7 +15,7 @@ import pytest
 from conftest import (DECOMMISSIONING, JAR, JOBS, PROCESS_NODE, STOKER, Driver, Stoker, wait_tasks_running,
                       wait_until)
 from test_tls import SERVER_EXT, issue, make_ca
-from testbed import FAULT, LOST, ROOT, ApiError, terminated
+from testbed import FAULT, ROOT, ApiError, terminated
 
 IMAGE = "apache/spark:4.2.0"
 _instances = itertools.count(1)
@@ -784,7 +784,7 @@ def test_a_node_lost_mid_job_is_reported_and_its_executors_replaced(kube, testbe
                           120, "two running executor pods")
         assert {p["spec"]["nodeName"] for p in pods} == {lost.node}
         wait_tasks_running(pod_logs(lost, pods), 2)
-        testbed.api.merge_patch(f"/api/v1/nodes/{lost.node}", {"metadata": {"annotations": {LOST: "true"}}})
+        lost.lose()
         # Replacements may run on the node that is left.
         testbed.api.merge_patch(node, {"metadata": {"labels": {label: "lost"}}})
         wait_until(lambda: len(re.findall(r"stoker: executor [12] exited.*\(NODE_LOST\)", driver.log())) == 2, 150,

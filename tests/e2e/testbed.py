@@ -508,6 +508,13 @@ class Kubelet:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=30)
 
+    def lose(self):
+        """The machine is gone (the LOST annotation on its Node): the kubelet kills the node's
+        containers and stops writing anything (no Lease renewal, no status), so the node lifecycle
+        controller marks the node NotReady and its pods not ready after its grace period (20 s on
+        the test bed). The Node stays until it is deleted."""
+        self.testbed.api.merge_patch(f"/api/v1/nodes/{self.node}", {"metadata": {"annotations": {LOST: "true"}}})
+
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
