@@ -609,7 +609,7 @@ class Harness:
         return self
 
     def process_kubelet(self):
-        """The process kubelet (case g), started on first use."""
+        """The process kubelet (cases g, h and i), started on first use."""
         if self.proc_kubelet is None:
             self.proc_kubelet = Kubelet(self.testbed, self.work / "kubelets", PROC_NODE,
                                         spark_home=spark_home()).start()

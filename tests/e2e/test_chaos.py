@@ -2,8 +2,9 @@
 API server blackholed, watch expiry, driver SIGKILL, kube-apiserver SIGKILL + restart), with a small
 ramp, on a test bed of its own (the chaos test bed serves pods without the API server's watch cache,
 and its etcd gets compacted). The loss figures must be 0. `make chaos` runs the full matrix, with
-cases f (stoker killed at the claim of 200 adopted pods) and g (a real shuffle job through a stoker
-and an API server kill), which `make chaos-quick` runs once each."""
+cases f (stoker killed at the claim of 200 adopted pods), g (a real shuffle job through a stoker
+and an API server kill), h (a real shuffle job through an API server kill alone) and i (a real
+shuffle job whose node is lost), which `make chaos-quick` runs once each."""
 import sys
 from pathlib import Path
 

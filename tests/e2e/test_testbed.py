@@ -15,7 +15,7 @@ import pytest
 
 from conftest import JOBS, PROCESS_NODE
 from testbed import (
-    FAULT, LOST, alive, condition, container_pid, group_members, phase, pod_manifest,
+    FAULT, alive, condition, container_pid, group_members, phase, pod_manifest,
     processes_under, running, terminated, wait_until,
 )
 
@@ -239,7 +239,7 @@ def test_node_lost(testbed, kubelet_factory, cleanup_pods):
     assert group_members(pid)
     assert condition(pod, "Ready") == "True"
 
-    api.merge_patch(f"/api/v1/nodes/{kubelet.node}", {"metadata": {"annotations": {LOST: "true"}}})
+    kubelet.lose()
     # Its containers die at once; the kubelet itself keeps running but reports nothing.
     wait_until(lambda: not group_members(pid), 15, "the lost node's container processes to end")
     assert kubelet.proc.poll() is None
