@@ -265,6 +265,16 @@ pub struct KubeArgs {
         default_value_t = 64
     )]
     pub create_concurrency: usize,
+    /// Connections pod writes are spread over, per identity they are made as (stoker's own,
+    /// or each impersonated driver's): on one HTTP/2 connection the API server reads every
+    /// request's frames in one loop, which limits a ramp.
+    #[arg(
+        long = "kube-write-connections",
+        env = "STOKER_KUBE_WRITE_CONNECTIONS",
+        default_value_t = 4,
+        value_parser = clap::value_parser!(u16).range(1..=64)
+    )]
+    pub write_connections: u16,
     /// Leader election for two or more replicas of one instance: only the holder of the Lease
     /// lists, watches, adopts and writes pods and serves gRPC; the others wait (their gRPC port
     /// is closed, so readiness fails and Services and multi-address drivers skip them). A

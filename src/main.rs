@@ -202,7 +202,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let kube_config = kube::Config::infer().await.context(
                 "no Kubernetes configuration: set KUBECONFIG, or run in a pod with a service account",
             )?;
-            // Requests share one HTTP/2 connection; the watch gets its own.
+            // Reviews and the lease share one HTTP/2 connection, the watch gets its own, pod
+            // writes a few (--kube-write-connections).
             let client = stoker_k8s::client(kube_config.clone())?;
             let watch_client = stoker_k8s::client(kube_config.clone())?;
             let kubernetes_auth = auth == AuthMode::Kubernetes;
@@ -280,6 +281,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 qps: args.kube.qps,
                 burst: args.kube.burst,
                 create_concurrency: args.kube.create_concurrency,
+                write_connections: usize::from(args.kube.write_connections),
                 watch_namespace: args.kube.watch_namespace.clone(),
                 // A driver re-attaches within a lease; give it one more.
                 adoption_window: std::time::Duration::from_millis(args.lease_ttl.saturating_mul(2)),
@@ -306,7 +308,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     s(o);
                 }
             });
-            let backend = KubernetesBackend::start(client.clone(), watch_client, config, sink)
+            let writers = stoker_k8s::client::Clients::new(&kube_config, config.write_connections)?;
+            let backend = KubernetesBackend::start(writers, watch_client, config, sink)
                 .await
                 .context("cannot start the Kubernetes backend")?;
             if let Some(selector) = &args.limits.allowed_namespace_selector {

@@ -65,6 +65,9 @@ pub struct KubernetesConfig {
     pub burst: u32,
     /// Pod creations in flight at once, handed to applications in turn (see `fair.rs`).
     pub create_concurrency: usize,
+    /// Connections the writes of one identity (stoker's, or each impersonated driver's) are
+    /// spread over (see [`client::Clients`]).
+    pub write_connections: usize,
     /// Watch and list only this namespace (for a namespaced Role); `None`: all namespaces.
     pub watch_namespace: Option<String>,
     /// Pods of an earlier stoker whose driver has not re-registered this long after start are
@@ -125,7 +128,9 @@ pub enum K8sError {
 }
 
 struct Inner {
-    client: Client,
+    /// Reads (lists, driver pods) and, with stoker's own rights, writes, in turn over its
+    /// connections.
+    clients: client::Clients,
     /// The shared watch's client (its own connection).
     watch_client: Client,
     config: KubernetesConfig,
@@ -137,7 +142,7 @@ struct Inner {
     spark: resources::SparkApps,
     /// One client per driver identity that pods are written as (see
     /// [`KubernetesConfig::write_as`]).
-    driver_clients: DashMap<String, Client>,
+    driver_clients: DashMap<String, client::Clients>,
 }
 
 /// The Kubernetes backend. Cheap to clone.
@@ -158,11 +163,12 @@ pub fn selector(instance: &str) -> String {
 
 impl KubernetesBackend {
     /// Lists this stoker's pods (kept for adoption), then starts the shared watch and the
-    /// reaper of pods nobody claims. `watch_client` serves the shared watch: give it a client of
-    /// its own (see [`client()`]) so the watch's stream of pod events does not share an HTTP/2
-    /// connection with pod creations; a clone of `client` works too.
+    /// reaper of pods nobody claims. `clients` make the reads and stoker's own writes.
+    /// `watch_client` serves the shared watch: give it a client of its own (see [`client()`])
+    /// so the watch's stream of pod events does not share an HTTP/2 connection with pod
+    /// creations; one of `clients` works too.
     pub async fn start(
-        client: Client,
+        clients: client::Clients,
         watch_client: Client,
         config: KubernetesConfig,
         sink: ObservationSink,
@@ -171,7 +177,7 @@ impl KubernetesBackend {
         let inner = Arc::new(Inner {
             limiter: Limiter::new(config.qps, config.burst),
             create_slots: fair::FairSlots::new(config.create_concurrency),
-            client,
+            clients,
             watch_client,
             config,
             sink,
@@ -181,7 +187,7 @@ impl KubernetesBackend {
             spark: resources::SparkApps::default(),
         });
         let backend = Self { inner };
-        let pods = backend.pods_api(&backend.inner.client);
+        let pods = backend.pods_api(&backend.inner.clients.pick());
         let list = pods
             .list(&ListParams::default().labels(&selector))
             .await

@@ -528,7 +528,7 @@ impl KubernetesBackend {
             Some(r) => r,
             None => {
                 let name = pod::pod_name(&key.0, key.1);
-                let api: Api<Pod> = Api::namespaced(self.inner.client.clone(), &app.namespace);
+                let api: Api<Pod> = Api::namespaced(self.inner.clients.pick(), &app.namespace);
                 self.inner.limiter.acquire().await;
                 let uid = api.get_opt(&name).await.ok()??.metadata.uid?;
                 (name, uid)

@@ -33,22 +33,22 @@ fn next_delay(backoff: &mut DefaultBackoff) -> Duration {
 }
 
 impl KubernetesBackend {
-    /// The client pod writes go through: stoker's own, or, with [`WriteAs::Impersonate`], one
-    /// that impersonates `as_user` (one client, so one HTTP/2 connection, per driver identity).
+    /// The client a pod write goes through: stoker's own, or, with [`WriteAs::Impersonate`],
+    /// one that impersonates `as_user`; either way the next of its identity's
+    /// `write_connections` connections in turn.
     pub(crate) fn writer_client(&self, as_user: Option<&str>) -> Result<kube::Client, K8sError> {
         let (WriteAs::Impersonate(base), Some(user)) = (&self.inner.config.write_as, as_user)
         else {
-            return Ok(self.inner.client.clone());
+            return Ok(self.inner.clients.pick());
         };
-        if let Some(client) = self.inner.driver_clients.get(user) {
-            return Ok(client.clone());
+        if let Some(clients) = self.inner.driver_clients.get(user) {
+            return Ok(clients.pick());
         }
         let mut config = (**base).clone();
         config.auth_info.impersonate = Some(user.to_owned());
-        let client = crate::client::client(config)?;
-        self.inner
-            .driver_clients
-            .insert(user.to_owned(), client.clone());
+        let clients = crate::client::Clients::new(&config, self.inner.config.write_connections)?;
+        let client = clients.pick();
+        self.inner.driver_clients.insert(user.to_owned(), clients);
         Ok(client)
     }
 
@@ -158,7 +158,7 @@ impl KubernetesBackend {
                 uid: uid.clone(),
             });
         }
-        let api: Api<Pod> = Api::namespaced(self.inner.client.clone(), namespace);
+        let api: Api<Pod> = Api::namespaced(self.inner.clients.pick(), namespace);
         self.inner.limiter.acquire().await;
         match api.get_opt(&name).await {
             Ok(Some(p)) => {
