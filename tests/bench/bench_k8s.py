@@ -5,6 +5,11 @@ backend) and `--master spark+stoker://...` (stoker's Kubernetes backend through 
 Pod times come from one independent watch on the API server, the same for both; API load from
 the API server's own /metrics (apiserver_request_total).
 
+The ramp-up part also runs, on the same bed, the bed's ceiling (`bare`: a bare client creating
+copies of one of stoker's pods, nothing else) and stoker driven by a light gRPC client instead of
+a Spark JVM (`rpc`, with its own ceiling `bare-rpc` that copies one of its pods): the share of
+the ceiling stoker reaches by itself, apart from the driver JVM's load on the same cores.
+
 Usage: bench_k8s.py --out DIR [--quick]
 Writes DIR/k8s.md (markdown table) and DIR/k8s-samples.json. Prints the table. Asserts nothing
 about timings.
@@ -207,6 +212,16 @@ def cpu_delta(a, b):
             "cpu_s": {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}}
 
 
+# Ramp-up systems, in the order they run: Spark's backend, stoker (a Spark driver through the
+# plugin), the bare client copying stoker's pod, stoker driven by a light gRPC client, the bare
+# client copying that client's pod (smaller: stoker builds it from a minimal template).
+SYSTEMS = ("spark", "stoker", "bare", "bare-h2", "rpc", "bare-rpc")
+BARE_OF = {"bare": "stoker", "bare-h2": "stoker", "bare-rpc": "rpc"}
+# The bare client's connections: kube's default client (HTTP/1.1, a connection per create in
+# flight), or stoker's own (HTTP/2, one connection) for bare-h2.
+BARE_CLIENT = {"bare": "kube", "bare-h2": "stoker", "bare-rpc": "kube"}
+
+
 def bare_pod(pod):
     """One of stoker's executor pods as a bare client's template: the same spec, unbound (the
     scheduler places it as it placed stoker's), with a label of its own instead of stoker's and
@@ -217,8 +232,9 @@ def bare_pod(pod):
 
 
 class Bench:
-    def __init__(self, out, quick, sizes=None, only=None, systems=("spark", "stoker", "bare")):
+    def __init__(self, out, quick, sizes=None, only=None, systems=SYSTEMS):
         self.systems = systems
+        self.bare_templates = {}  # system (stoker, rpc) -> one of the pods its ramp created
         self.out = Path(out)
         self.quick = quick
         self.sizes = sizes
@@ -346,12 +362,12 @@ class Bench:
         env.pop("SPARK_HOME", None)
         return env
 
-    def hold_driver(self, system, n, namespace, node=NOPROC, light=False, master=None, env=None):
+    def hold_driver(self, system, n, namespace, node=NOPROC, light=False, master=None, env=None, extra=()):
         stop_file = self.work / f"stop-{namespace}-{time.monotonic_ns()}"
         log = open(self.work / f"driver-{namespace}-{time.monotonic_ns()}.log", "w")
         p = subprocess.Popen([sys.executable, str(JOBS / "hold.py"), master or self.master(system), "--executors", str(n),
                               "--stop-file", str(stop_file), *(["--light"] if light else []),
-                              *self.conf(namespace, node)],
+                              *self.conf(namespace, node), *extra],
                              stdout=subprocess.PIPE, stderr=log, text=True, env=env or self.env())
         self.procs.append(p)
         return p, stop_file
@@ -380,27 +396,33 @@ class Bench:
 
     # ---- 1. ramp-up ----
     def ramp(self, system, n):
-        """`system` spark or stoker: a driver asks for n executors. `bare`: the bed's ceiling, a
-        bare client (`stoker-bench bare-create`: the kube client stoker uses, 64 creates in
-        flight like stoker's --kube-create-concurrency, no rate limiter, nothing else) creates n
-        copies of a pod stoker created in its ramp."""
-        if system == "bare" and not getattr(self, "bare_template", None):
-            raise AssertionError("the bare client copies a pod of stoker's ramp: run stoker's first")
+        """`system` spark or stoker: a Spark driver asks for n executors. `rpc`: one light gRPC
+        client (bench_scale.App: register, ask for n, read the stream, heartbeat) asks stoker for
+        n, with no JVM beside stoker. `bare` / `bare-rpc`: the bed's ceiling, a bare client
+        (`stoker-bench bare-create`: the kube client stoker uses, 64 creates in flight like
+        stoker's --kube-create-concurrency, no rate limiter, nothing else) creates n copies of a
+        pod stoker created in its `stoker` / `rpc` ramp."""
+        if system in BARE_OF and BARE_OF[system] not in self.bare_templates:
+            raise AssertionError(f"{system} copies a pod of {BARE_OF[system]}'s ramp: run {BARE_OF[system]} first")
         ns = self.namespace(f"ramp-{system}-{n}")
         watch = TimedWatch(self.testbed.api, ns)
         m0 = api_requests(self.testbed)
         c0 = cpu_snapshot()
         t_launch = time.time()
-        if system == "bare":
-            template = self.work / "bare-pod.json"
-            template.write_text(json.dumps(self.bare_template))
+        p = stop = light = None
+        if system in BARE_OF:
+            template = self.work / f"{system}-pod.json"
+            template.write_text(json.dumps(self.bare_templates[BARE_OF[system]]))
             bare = subprocess.run(
                 [str(newest_build("stoker-bench")), "bare-create", "--pod", str(template), "--namespace", ns,
-                 "--count", str(n), "--concurrency", "64"],
+                 "--count", str(n), "--concurrency", "64", "--client", BARE_CLIENT[system],
+                 # As many connections as stoker's writes use.
+                 "--connections", os.environ.get("STOKER_KUBE_WRITE_CONNECTIONS", "4")],
                 capture_output=True, text=True, env=self.testbed.client_env(), timeout=900)
             if bare.returncode != 0:
                 raise AssertionError(f"bare-create failed ({bare.returncode}): {bare.stderr[-2000:]}")
-            p = stop = None
+        elif system == "rpc":
+            light = self.light_driver(n, ns)
         else:
             p, stop = self.hold_driver(system, n, ns)
             self.wait_ready(p)
@@ -427,15 +449,32 @@ class Bench:
             "pods_created": len(created),
             "cpu": cpu,
         }
-        if system == "stoker":
+        if system in BARE_OF.values():
             # limit=1: no need to list 2,000 pods for one.
             [one] = self.testbed.api.get(f"/api/v1/namespaces/{ns}/pods", limit="1")["items"]
-            self.bare_template = bare_pod(one)
+            self.bare_templates[system] = bare_pod(one)
+            sample["pod_json_bytes"] = len(json.dumps(one["spec"]))
         if p is not None:
             self.end_driver(p, stop)
+        if light is not None:
+            app, beats = light
+            sample["rpc_exited_events"] = len(app.exited())
+            beats.stop()
+            app.unregister()
+            app.close()
         watch.close()
         self.drop_namespace(ns)
         return sample
+
+    def light_driver(self, n, ns):
+        """One light application on stoker (bench_scale's client), asking for n executors on
+        the process-less node; returned with its heartbeat thread (the lease is 10 s)."""
+        from bench_scale import App, Heartbeats  # bench_scale imports this module: not at the top
+        app = App(self.stoker_port, 0, n, prefix=ns, namespace=ns, node=NOPROC)
+        app.register()
+        beats = Heartbeats([app])
+        app.request(n)
+        return app, beats
 
     # ---- 2. failure replacement ----
     def failures(self, system, count, executors=5):
@@ -614,15 +653,36 @@ class Bench:
                 lines.append(f"| ramp-up N={n} | {label} | {fig(sp, key)} | {fig(st, key)} | {ratio(sp, st, key)} |")
             lines.append(f"| ramp-up N={n} | pod creations/s (first → all created) | "
                          f"{fig(sp, 'creation_rate_per_s', '{:.0f}')} | {fig(st, 'creation_rate_per_s', '{:.0f}')} | |")
-            [bare] = [x for x in s["ramp"] if x["n"] == n and x["system"] == "bare"] or [None]
+            by = {x["system"]: x for x in s["ramp"] if x["n"] == n}
+            bare = by.get("bare")
+
+            def of(x, ceiling):
+                return f"{x['creation_rate_per_s'] / max(ceiling['creation_rate_per_s'], 1e-9):.2f}×"
             if bare:
-                of_bare = (f"stoker {st['creation_rate_per_s'] / max(bare['creation_rate_per_s'], 1e-9):.2f}× "
-                           f"of the bare client, Spark {sp['creation_rate_per_s'] / max(bare['creation_rate_per_s'], 1e-9):.2f}×"
-                           if sp and st else "")
-                lines.append(f"| ramp-up N={n} | the bed's ceiling: a bare client's pod creations/s (same kube client, "
-                             f"64 in flight, no limiter; first → all created {bare['first_pod_to_n_created_s']:.2f} s, "
-                             f"all Running {bare['first_pod_to_n_running_s']:.2f} s) | "
-                             f"{bare['creation_rate_per_s']:.0f} | {bare['creation_rate_per_s']:.0f} | {of_bare} |")
+                of_bare = ", ".join(f"{name} {of(x, bare)}" for name, x in (("stoker", st), ("Spark", sp)) if x)
+                lines.append(f"| ramp-up N={n} | the bed's ceiling: a bare client's pod creations/s (kube's default "
+                             f"client, HTTP/1.1, 64 in flight, no limiter, copies of stoker's pod; first → all created "
+                             f"{bare['first_pod_to_n_created_s']:.2f} s, all Running {bare['first_pod_to_n_running_s']:.2f} s) | "
+                             f"{bare['creation_rate_per_s']:.0f} | {bare['creation_rate_per_s']:.0f} | "
+                             f"{of_bare} of the bare client |")
+            bare_h2 = by.get("bare-h2")
+            if bare_h2:
+                of_h2 = ", ".join(f"{name} {of(x, bare_h2)}" for name, x in (("stoker", st), ("Spark", sp)) if x)
+                lines.append(f"| ramp-up N={n} | the same bare client on stoker's own connection (HTTP/2, one "
+                             f"connection; first → all created {bare_h2['first_pod_to_n_created_s']:.2f} s, "
+                             f"all Running {bare_h2['first_pod_to_n_running_s']:.2f} s) | "
+                             f"{bare_h2['creation_rate_per_s']:.0f} | {bare_h2['creation_rate_per_s']:.0f} | "
+                             f"{of_h2} of it |")
+            rpc, bare_rpc = by.get("rpc"), by.get("bare-rpc")
+            if rpc:
+                lines.append(f"| ramp-up N={n} | stoker driven by a light gRPC client (no Spark JVM): pod creations/s; "
+                             f"first → all created {rpc['first_pod_to_n_created_s']:.2f} s, all Running "
+                             f"{rpc['first_pod_to_n_running_s']:.2f} s; {cpu(rpc)} | | "
+                             f"{rpc['creation_rate_per_s']:.0f} | "
+                             + (f"{of(rpc, bare_rpc)} of a bare client copying its pod "
+                                f"({bare_rpc['creation_rate_per_s']:.0f}/s, {bare_rpc['first_pod_to_n_created_s']:.2f} s; "
+                                f"pod spec {rpc['pod_json_bytes']} bytes of JSON, Spark's "
+                                f"{st['pod_json_bytes'] if st else '?'})" if bare_rpc else "") + " |")
             lines.append(f"| ramp-up N={n} | API server requests/s over the window (all clients) | "
                          f"{fig(sp, 'apiserver_requests_per_s', '{:.0f}')} | {fig(st, 'apiserver_requests_per_s', '{:.0f}')} | |")
             lines.append(f"| ramp-up N={n} | API server requests in the window (all clients); of them POST pods (creates + scheduler bindings) | "
@@ -675,19 +735,22 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", help="ramp-up sizes, e.g. 500,2000 (default: 100, or 100,500,2000)")
     ap.add_argument("--only", choices=["ramp", "load"], help="run only the ramp-up or the API-load part")
-    ap.add_argument("--systems", default="spark,stoker,bare",
-                    help="ramp-up only: which systems to run (spark, stoker, bare: the bed's ceiling, "
-                         "which copies a pod of stoker's ramp; default all three)")
+    ap.add_argument("--systems", default=",".join(SYSTEMS),
+                    help="ramp-up only: which systems to run, in this order: spark, stoker, bare (the bed's "
+                         "ceiling, copies a pod of stoker's ramp), rpc (stoker driven by a light gRPC client), "
+                         "bare-rpc (copies a pod of rpc's ramp); default all")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = [int(x) for x in a.sizes.split(",")] if a.sizes else None
-    systems = tuple(x for x in a.systems.split(",") if x)
-    if not systems or any(x not in ("spark", "stoker", "bare") for x in systems):
-        ap.error(f"--systems takes spark, stoker and/or bare, got {a.systems!r}")
-    if "bare" in systems and "stoker" not in systems:
-        ap.error("--systems bare copies a pod of stoker's ramp: give stoker too")
-    if systems != ("spark", "stoker", "bare") and a.only != "ramp":
+    chosen = {x for x in a.systems.split(",") if x}
+    if not chosen or not chosen <= set(SYSTEMS):
+        ap.error(f"--systems takes {', '.join(SYSTEMS)}, got {a.systems!r}")
+    systems = tuple(x for x in SYSTEMS if x in chosen)
+    for bare, of in BARE_OF.items():
+        if bare in systems and of not in systems:
+            ap.error(f"--systems {bare} copies a pod of {of}'s ramp: give {of} too")
+    if systems != SYSTEMS and a.only != "ramp":
         ap.error("--systems needs --only ramp (the other parts compare both systems)")
     bench = Bench(out, a.quick, sizes, a.only, systems)
     try:

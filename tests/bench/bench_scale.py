@@ -98,9 +98,10 @@ class RssPeak:
 class App:
     """One application: its own channel, a watch stream read by a thread, EXECUTOR events kept."""
 
-    def __init__(self, port, i, per, prefix="scale"):
+    def __init__(self, port, i, per, prefix="scale", namespace=NS, node=NODE):
         self.app_id = f"{prefix}-{i:03d}"
         self.per = per
+        self.namespace, self.node = namespace, node
         # A channel of its own (no shared subchannel): 100 watch streams on one HTTP/2 connection
         # would reach stoker's --max-streams-per-connection and queue every other call.
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
@@ -118,7 +119,8 @@ class App:
             template=pb.ExecutorTemplate(
                 driver_url="spark://CoarseGrainedScheduler@127.0.0.1:40000", spark_version="4.2.0",
                 spark_user="bench", profiles=[pb.ResourceProfile(id=0, cores=1, heap_mib=512, overhead_mib=384)],
-                kubernetes=pb.KubernetesSettings(namespace=NS, node_selector={"kubernetes.io/hostname": NODE})),
+                kubernetes=pb.KubernetesSettings(namespace=self.namespace,
+                                                 node_selector={"kubernetes.io/hostname": self.node})),
             initial_targets=[pb.ProfileTarget(resource_profile_id=0, total=0)])
         self.token = self.stub.RegisterApplication(req, timeout=30).token
         self.stream = self.stub.WatchExecutors(pb.WatchExecutorsRequest(app_id=self.app_id, token=self.token))

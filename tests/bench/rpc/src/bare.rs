@@ -12,12 +12,23 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
 use kube::runtime::watcher::DefaultBackoff;
 use kube::{Api, Client};
+use stoker_k8s::client::Clients;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 /// Attempts per pod when the API server answers 429 or 5xx (a bare client still has to be
 /// polite enough to finish).
 const ATTEMPTS: u32 = 5;
+
+/// The client a bare run creates its pods through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Connection {
+    /// stoker's own clients (`stoker_k8s::client::Clients`): HTTP/2 by ALPN, `--connections`
+    /// connections taken in turn.
+    Stoker,
+    /// kube's default client: HTTP/1.1, one connection per request in flight.
+    Kube,
+}
 
 /// Creates `count` pods named `<prefix>-<i>` from the pod in `pod_json` (KUBECONFIG's cluster);
 /// prints one JSON line: created, seconds, retries.
@@ -27,12 +38,21 @@ pub async fn run(
     prefix: &str,
     count: usize,
     concurrency: usize,
+    connection: Connection,
+    connections: usize,
 ) -> anyhow::Result<()> {
     let template: Pod = serde_json::from_str(pod_json).context("the pod JSON is not a v1 Pod")?;
-    let client = Client::try_default()
-        .await
-        .context("cannot build a Kubernetes client from KUBECONFIG")?;
-    let api: Api<Pod> = Api::namespaced(client, namespace);
+    let clients = match connection {
+        Connection::Kube => Clients::from_clients(vec![Client::try_default()
+            .await
+            .context("cannot build a Kubernetes client from KUBECONFIG")?]),
+        Connection::Stoker => {
+            let config = kube::Config::infer()
+                .await
+                .context("cannot read KUBECONFIG")?;
+            Clients::new(&config, connections).context("cannot build stoker's Kubernetes client")?
+        }
+    };
     let slots = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = JoinSet::new();
     let started = Instant::now();
@@ -40,7 +60,7 @@ pub async fn run(
         let permit = Arc::clone(&slots).acquire_owned().await?;
         let mut pod = template.clone();
         pod.metadata.name = Some(format!("{prefix}-{i}"));
-        let api = api.clone();
+        let api: Api<Pod> = Api::namespaced(clients.pick(), namespace);
         tasks.spawn(async move {
             let _slot = permit;
             let mut retries = 0u32;
@@ -70,7 +90,9 @@ pub async fn run(
     let seconds = started.elapsed().as_secs_f64();
     println!(
         "{}",
-        serde_json::json!({"created": count, "seconds": seconds, "retries": retries, "concurrency": concurrency})
+        serde_json::json!({"created": count, "seconds": seconds, "retries": retries,
+                           "concurrency": concurrency, "client": format!("{connection:?}"),
+                           "connections": clients.len()})
     );
     Ok(())
 }

@@ -74,6 +74,14 @@ enum Command {
         /// Creates in flight.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Which client: `stoker` (stoker's own: HTTP/2, every request on one connection) or
+        /// `kube` (kube's default: HTTP/1.1, a connection per request in flight).
+        #[arg(long, value_enum, default_value_t = bare::Connection::Stoker)]
+        client: bare::Connection,
+        /// With `--client stoker`: connections the creates are spread over (stoker's
+        /// --kube-write-connections).
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
     },
 }
 
@@ -197,10 +205,20 @@ fn main() -> anyhow::Result<()> {
             prefix,
             count,
             concurrency,
+            client,
+            connections,
         }) => {
             let json = std::fs::read_to_string(&pod)
                 .with_context(|| format!("cannot read the pod JSON {}", pod.display()))?;
-            runtime.block_on(bare::run(&json, &namespace, &prefix, count, concurrency))
+            runtime.block_on(bare::run(
+                &json,
+                &namespace,
+                &prefix,
+                count,
+                concurrency,
+                client,
+                connections,
+            ))
         }
         None => {
             let out = cli
