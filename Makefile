@@ -76,11 +76,13 @@ bench-sizing: setup
 bench-scale: setup
 	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python tests/bench/bench_scale.py --out target/bench-scale --again
 
-# Issue 13's fairness benchmark (tests/bench/bench_fairness.py, not part of `make test`): two real
-# Spark drivers of 20 executors each, B 20 s after A, under a ResourceQuota of 20 pods, once through
-# Spark's built-in backend and once through stoker with a queue file of capacity 20; Jain's index,
-# B's time to its first and 8th executor, pending pods, quota refusals; prints the table and writes
-# target/bench-fairness/fairness.md. About 8 minutes.
+# Issue 13's fairness benchmark (tests/bench/bench_fairness.py, not part of `make test`): three real
+# Spark drivers with dynamic allocation (A asks up to 200 executors at 0 s, B and C up to 100 at 60 s
+# and 120 s) under a ResourceQuota of 60 pods, once through Spark's built-in backend and once
+# through stoker with a queue file of capacity 60; time until every application is within 10% of
+# its fair share, Jain's index, first executors, pending pods, quota refusals, API requests; prints
+# the table and writes target/bench-fairness/fairness.md. About 12 minutes. `--scenario two`: the
+# earlier two static applications under a bound of 20.
 bench-fairness: setup
 	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python tests/bench/bench_fairness.py --out target/bench-fairness
 

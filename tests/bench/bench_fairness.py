@@ -1,37 +1,41 @@
-"""Fair share of one bound between two applications, stoker against Spark's built-in Kubernetes
+"""Fair share of one bound between applications, stoker against Spark's built-in Kubernetes
 backend, on the same test bed in one run (issue 13, "How it is shown": the fairness benchmark).
 
 The harness is bench_k8s.py's (test bed, process-less kubelet NOPROC, stoker with --auth none,
 real Spark 4.2.0 drivers of jobs/hold.py in client mode, so no driver pod is in the bed and only
-executor pods count). Per system, in a namespace of its own that both drivers use:
+executor pods count). Per system, in a namespace of its own that every driver uses, the bound is
+a ResourceQuota of CAPACITY pods, for both systems; stoker also gets a queue file (`--queues`,
+through STOKER_QUEUES) of capacity CAPACITY executors with one queue, `default`, that every
+application maps to (max-min fairness inside the queue; queues of equal weight would split the
+same). Two scenarios (`--scenario`):
 
-* the bound: a ResourceQuota of CAPACITY (20) pods in the namespace, for both systems; stoker
-  also gets a queue file (`--queues`, through STOKER_QUEUES) of capacity 20 executors with one
-  queue, `default`, that both applications map to (one queue: the two applications share it by
-  max-min fairness inside the queue, which is the case the issue is about; two queues of equal
-  weight would give the same split);
-* application A asks for 20 executors (static, spark.executor.instances=20); B's driver is
-  launched DELAY (20) s after A has asked (A's "ready" line: its SparkContext is up and has
-  asked) and asks for 20 as well; both hold until HOLD (90) s after B's launch, then both stop.
-  B "arrives" at its driver's launch: a driver asks for its executors while its SparkContext
-  starts (about 6 s here), and under stoker B's executors can run before its ready line.
+* `three` (the issue's, the default): capacity 60; A (dynamic allocation, maxExecutors 200, a
+  job of 10,000 tasks that never run, so its backlog stays) at 0 s; B and C (dynamic allocation,
+  maxExecutors 100, the same backlog) launched 60 s and 120 s after A's SparkContext is up; all
+  hold until 120 s after C's launch;
+* `two`: capacity 20; A and B static (spark.executor.instances 20), B launched 20 s after A is
+  up; both hold 90 s after B's launch.
 
-On the process-less node no executor ever registers with its driver, so under stoker the
-reclaim's first path is what runs: the plugin stops executors that have not registered through
-stoker (KillExecutors) instead of decommissioning them.
+On the process-less node no executor ever registers with its driver, so dynamic allocation's
+backlog never drains (the target climbs to maxExecutors), and under stoker the reclaim's first
+path is what runs: the plugin stops executors that have not registered through stoker
+(KillExecutors) instead of decommissioning them.
 
 Figures come from one pod watch on the namespace (executor pods by their spark-app-selector
-label), replayed at every second of the window from B's launch to the end of the hold:
-running and pending pods per application; Jain's fairness index of the two applications'
-running executors, J = (a + b)^2 / (2 (a^2 + b^2)) (1 = equal, 0.5 = one has everything),
-averaged over the window and its value 30 s after B's launch; the time from B's launch until B
-has its first Running executor pod and until it has 8; the most pods Pending at once (both
-applications, over the whole run and after B's launch); pods created in all; pod creations the API server refused for the quota (its
-own counter apiserver_request_total{verb="POST",resource="pods",code="403"}, and the lines of
-the drivers' and stoker's logs that mention the quota); and stoker's fair-share messages in A's
-log (`stoker: admitted …`, `stoker: give back …`, `stoker: giving back …`).
+label), replayed at every second: running and pending pods per application; each application's
+fair share at that second (max-min of CAPACITY over the applications launched so far, each
+asking its maxExecutors or instances); per arrival, the time until every application launched
+so far is within ±10% of its fair share (running pods); Jain's fairness index of the running
+executors, J = (Σx)² / (n Σx²) (1 = equal, 1/n = one has everything), averaged over the window
+in which all applications are present (the overlap) and its value 30 s after the last launch;
+each later application's time to its first Running executor pod; the most pods Pending at once;
+pods created in all; pod creations the API server refused for the quota (its own counter
+apiserver_request_total{verb="POST",resource="pods",code="403"}, and the lines of the drivers'
+and stoker's logs that mention the quota); the API server's requests over the run (all
+clients); and stoker's fair-share messages in the drivers' logs (`stoker: admitted …`,
+`stoker: give back …`, `stoker: giving back …`).
 
-Usage: bench_fairness.py --out DIR [--capacity 20] [--delay 20] [--hold 90]
+Usage: bench_fairness.py --out DIR [--scenario three|two] [--hold S]
 Writes DIR/fairness.md (the table), DIR/fairness-samples.json (every second of both runs) and
 the drivers' and stoker's logs under DIR/logs; prints the table. Asserts nothing about the
 figures.
@@ -49,10 +53,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # bench_k8s picks the kubelet binary and puts tests/e2e on sys.path.
-from bench_k8s import IMAGE, Bench, TimedWatch, machine, stoker_binary  # noqa: E402
+from bench_k8s import IMAGE, Bench, TimedWatch, api_requests, machine, stoker_binary  # noqa: E402
 from testbed import wait_until  # noqa: E402
 
 SYSTEMS = (("spark", "Spark built-in"), ("stoker", "stoker"))
+BACKLOG_TASKS = 10000
+
+
+class App:
+    """One application of a scenario: launched `at` s after A's SparkContext is up, asking for
+    `ask` executors (dynamic allocation's maxExecutors, or spark.executor.instances)."""
+
+    def __init__(self, name, at, ask, dynamic):
+        self.name, self.at, self.ask, self.dynamic = name, at, ask, dynamic
+
+
+SCENARIOS = {
+    "three": (60, [App("A", 0, 200, True), App("B", 60, 100, True), App("C", 120, 100, True)], 120),
+    "two": (20, [App("A", 0, 20, False), App("B", 20, 20, False)], 90),
+}
 # A pod creation a driver reports refused: Spark's allocator logs an ERROR per attempt, stoker's
 # plugin relays stoker's one warning per waiting executor.
 REFUSAL = re.compile(r"ERROR ExecutorPodsAllocator: Failed to create executor pod|"
@@ -127,10 +146,33 @@ def refused_pod_creates(testbed):
                and 'resource="pods"' in line and 'code="403"' in line and 'subresource="binding"' not in line)
 
 
+def fair_shares(capacity, asks):
+    """Max-min fair shares of `capacity` among demands `asks` (water-filling; equal weights)."""
+    shares, left, open_ = [0.0] * len(asks), float(capacity), list(range(len(asks)))
+    while open_ and left > 1e-9:
+        each = left / len(open_)
+        done = [i for i in open_ if asks[i] - shares[i] <= each]
+        if not done:
+            for i in open_:
+                shares[i] += each
+            break
+        for i in done:
+            left -= asks[i] - shares[i]
+            shares[i] = asks[i]
+        open_ = [i for i in open_ if i not in done]
+    return shares
+
+
+def within(running, share, tolerance=0.10):
+    return abs(running - share) <= tolerance * share
+
+
 class FairnessBench(Bench):
-    def __init__(self, out, capacity, delay, hold):
+    def __init__(self, out, scenario, hold=None):
         super().__init__(out, quick=False)
-        self.capacity, self.delay, self.hold = capacity, delay, hold
+        self.scenario = scenario
+        self.capacity, self.apps, default_hold = SCENARIOS[scenario]
+        self.hold = default_hold if hold is None else hold
         self.logs = self.out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.results = {}
@@ -143,10 +185,18 @@ class FairnessBench(Bench):
         os.environ["STOKER_QUEUES"] = str(queues)
         super().start()
 
-    def driver(self, system, ns):
-        """A hold.py driver asking for CAPACITY executors; (process, stop file, its log)."""
+    def driver(self, system, ns, app):
+        """A hold.py driver for `app`; (process, stop file, its log)."""
         before = set(self.work.glob("driver-*.log"))
-        p, stop = self.hold_driver(system, self.capacity, ns)
+        extra = []
+        if app.dynamic:
+            extra = ["--backlog", str(BACKLOG_TASKS),
+                     "--conf", "spark.dynamicAllocation.enabled=true",
+                     "--conf", "spark.dynamicAllocation.shuffleTracking.enabled=true",
+                     "--conf", "spark.dynamicAllocation.minExecutors=0",
+                     "--conf", f"spark.dynamicAllocation.maxExecutors={app.ask}"]
+        # --light: three driver JVMs and the test bed share 2 cores.
+        p, stop = self.hold_driver(system, 0 if app.dynamic else app.ask, ns, light=True, extra=extra)
         log = next(iter(set(self.work.glob("driver-*.log")) - before))
         return p, stop, log
 
@@ -160,37 +210,39 @@ class FairnessBench(Bench):
                    .get("hard"), 60, "the quota to be in force")
         watch = AppWatch(api, ns)
         refused0 = refused_pod_creates(self.testbed)
+        requests0 = api_requests(self.testbed)
         stoker_log = self.work / "stoker-bench.log"
         stoker_quota0 = stoker_log.read_text().count("resource quota exceeded") if stoker_log.exists() else 0
-        drivers = []
+        drivers, launched, ready, logs_of = [], {}, {}, {}
         try:
-            t_a_launch = time.time()
-            pa, stop_a, log_a = self.driver(system, ns)
-            drivers.append((pa, stop_a))
-            ready_a = self.wait_ready(pa)
-            print(f"[bench-fairness] {system}: A asked for {self.capacity} ({ready_a['app_id']})", file=sys.stderr,
-                  flush=True)
-            time.sleep(max(0.0, ready_a["t"] + self.delay - time.time()))
-            t_b_launch = time.time()
-            pb, stop_b, log_b = self.driver(system, ns)
-            drivers.append((pb, stop_b))
-            ready_b = self.wait_ready(pb)
-            # B's arrival is its driver's launch: a driver asks for its executors while its
-            # SparkContext starts, so under stoker B's executors can run before the ready line.
-            t_b = t_b_launch
-            print(f"[bench-fairness] {system}: B launched {t_b - ready_a['t']:.1f} s after A asked, ready after "
-                  f"{ready_b['t'] - t_b:.1f} s ({ready_b['app_id']})", file=sys.stderr, flush=True)
-            time.sleep(max(0.0, t_b + self.hold - time.time()))
+            t0 = None
+            for app in self.apps:
+                if t0 is not None:
+                    time.sleep(max(0.0, t0 + app.at - time.time()))
+                launched[app.name] = time.time()
+                p, stop, log = self.driver(system, ns, app)
+                drivers.append((p, stop))
+                logs_of[app.name] = log
+                ready[app.name] = self.wait_ready(p)
+                if t0 is None:
+                    t0 = ready[app.name]["t"]  # A's SparkContext is up and has asked
+                print(f"[bench-fairness] {system}: {app.name} launched at {launched[app.name] - t0:.1f} s, ready "
+                      f"after {ready[app.name]['t'] - launched[app.name]:.1f} s ({ready[app.name]['app_id']})",
+                      file=sys.stderr, flush=True)
+            t_last = launched[self.apps[-1].name]
+            time.sleep(max(0.0, t_last + self.hold - time.time()))
             t_end = time.time()
             for p, stop in drivers:
                 stop.touch()
             for p, stop in drivers:
                 self.end_driver(p, stop)
-            # Every event of the window is in once the watch has seen both drivers' pods go.
+            requests1 = api_requests(self.testbed)
+
+            # Every event of the window is in once the watch has seen every driver's pods go.
             def all_gone():
                 replay = watch.replay()
                 return not replay or all(gone for _, _, gone in replay[-1][1].values())
-            wait_until(all_gone, 120, "both drivers' executor pods gone")
+            wait_until(all_gone, 300, "every driver's executor pods gone")
             refused = refused_pod_creates(self.testbed) - refused0
         finally:
             for p, _ in drivers:  # after a failure: no driver may outlive its part
@@ -199,72 +251,88 @@ class FairnessBench(Bench):
                     p.wait()
             watch.close()
             self.drop_namespace(ns)
-        apps = {"A": ready_a["app_id"], "B": ready_b["app_id"]}
+        names = [a.name for a in self.apps]
+        ids = [ready[w]["app_id"] for w in names]
         with watch.lock:
             app_of = dict(watch.app_of)
         replay = watch.replay()
-        ids = list(apps.values())
 
         def at(t):
             state = {}
-            for te, s in replay:
+            for te, st in replay:
                 if te > t:
                     break
-                state = s
-            return counts(state, app_of, ids)
+                state = st
+            c = counts(state, app_of, ids)
+            return {w: c[i] for w, i in zip(names, ids)}
 
-        # Every second from A's launch to the end of the hold.
+        def shares(t):
+            present = [a for a in self.apps if launched[a.name] <= t]
+            return dict(zip([a.name for a in present], fair_shares(self.capacity, [a.ask for a in present])))
+
+        # Every second from A's ready line to the end of the hold.
         seconds = []
-        for k in range(int(t_end - t_a_launch) + 1):
-            t = t_a_launch + k
-            c = at(t)
-            seconds.append({"t_since_b_launch": round(t - t_b, 1),
-                            **{f"{w}_running": c[i][0] for w, i in apps.items()},
-                            **{f"{w}_pending": c[i][1] for w, i in apps.items()}})
-        window = [s for s in seconds if 0 < s["t_since_b_launch"] <= self.hold]
-        js = [jain([s["A_running"], s["B_running"]]) for s in window]
-        js = [j for j in js if j is not None]
-        at30 = at(t_b + 30)
-        j30 = jain([at30[ids[0]][0], at30[ids[1]][0]])
+        for k in range(int(t_end - t0) + 1):
+            t = t0 + k
+            c, sh = at(t), shares(t)
+            seconds.append({"t": k, **{f"{w}_running": c[w][0] for w in names},
+                            **{f"{w}_pending": c[w][1] for w in names},
+                            **{f"{w}_share": round(sh.get(w, 0.0), 2) for w in names}})
+        overlap = [s for s in seconds if s["t"] > t_last - t0]
+        js = [j for j in (jain([s[f"{w}_running"] for w in names]) for s in overlap) if j is not None]
+        c30 = at(t_last + 30)
+        j30 = jain([c30[w][0] for w in names])
 
-        def b_reaches(n):
-            if at(t_b)[ids[1]][0] >= n:
-                return 0.0
-            for te, s in replay:
-                if te > t_b and counts(s, app_of, ids)[ids[1]][0] >= n:
-                    return te - t_b
+        def converged_after(t_from, t_to):
+            """Seconds from t_from until every application launched by then is within ±10% of its
+            fair share, from the replayed events before t_to; None if never."""
+            sh = shares(t_from)
+            for te, st in [(t_from, None)] + [(te, st) for te, st in replay if t_from < te <= t_to]:
+                c = at(te)
+                if all(within(c[w][0], share) for w, share in sh.items()):
+                    return te - t_from
             return None
-        pending = [(te, sum(v[1] for v in counts(s, app_of, ids).values())) for te, s in replay]
-        max_pending = max((n for _, n in pending), default=0)
-        max_pending_after_b = max([n for te, n in pending if te >= t_b] + [at(t_b)[ids[0]][1] + at(t_b)[ids[1]][1]])
-        created = {w: len({n for n, a in app_of.items() if a == i}) for w, i in apps.items()}
-        logs = {}
-        for w, src in (("A", log_a), ("B", log_b)):
+        starts = [launched[a.name] for a in self.apps]
+        # A's phase starts when it is up (its driver has asked); the others' at their launch.
+        starts[0] = t0
+        ends = starts[1:] + [t_end]
+        convergence = {a.name: converged_after(s, e) for a, s, e in zip(self.apps, starts, ends)}
+
+        def first_running(w):
+            for te, st in replay:
+                if counts(st, app_of, ids)[ready[w]["app_id"]][0] >= 1:
+                    return max(0.0, te - launched[w])
+            return None
+        pending = [sum(v[1] for v in counts(st, app_of, ids).values()) for _, st in replay]
+        created = {w: len({n for n, a in app_of.items() if a == ready[w]["app_id"]}) for w in names}
+        logs, fair_lines = {}, {}
+        for w in names:
             dst = self.logs / f"{system}-{w}.log"
-            shutil.copy(src, dst)
+            shutil.copy(logs_of[w], dst)
             logs[w] = dst.read_text(errors="replace")
-        fair_a_lines = [m.group(0) for m in FAIR_MESSAGE.finditer(logs["A"])]
-        fair_b_lines = [m.group(0) for m in FAIR_MESSAGE.finditer(logs["B"])]
+            fair_lines[w] = [m.group(0) for m in FAIR_MESSAGE.finditer(logs[w])]
         stoker_quota = 0
         if system == "stoker" and stoker_log.exists():
             stoker_quota = stoker_log.read_text().count("resource quota exceeded") - stoker_quota0
         sample = {
-            "system": system, "apps": apps,
-            "b_launched_after_a_asked_s": t_b - ready_a["t"], "b_launch_to_ready_s": ready_b["t"] - t_b,
-            "jain_mean": sum(js) / len(js) if js else None, "jain_at_30s": j30,
-            "b_first_s": b_reaches(1), "b_8_s": b_reaches(8),
-            "end_running": {w: seconds[-1][f"{w}_running"] for w in apps},
-            "mean_running": {w: sum(s[f"{w}_running"] for s in window) / max(len(window), 1) for w in apps},
-            "max_pending": max_pending, "max_pending_after_b": max_pending_after_b, "pods_created": sum(created.values()), "pods_created_by_app": created,
+            "system": system, "apps": dict(zip(names, ids)),
+            "launched_s": {w: round(launched[w] - t0, 1) for w in names},
+            "ready_after_launch_s": {w: round(ready[w]["t"] - launched[w], 1) for w in names},
+            "jain_mean": sum(js) / len(js) if js else None, "jain_30s_after_last": j30,
+            "convergence_s": convergence, "first_running_s": {w: first_running(w) for w in names},
+            "end_running": {w: seconds[-1][f"{w}_running"] for w in names},
+            "mean_running_overlap": {w: sum(s[f"{w}_running"] for s in overlap) / max(len(overlap), 1) for w in names},
+            "max_pending": max(pending, default=0), "pods_created": sum(created.values()), "pods_created_by_app": created,
             "refused_by_quota_api": refused,
-            "quota_log_lines": {"A": len(REFUSAL.findall(logs["A"])), "B": len(REFUSAL.findall(logs["B"])),
-                                "stoker": stoker_quota},
-            "fair_messages_a": len(fair_a_lines), "fair_lines_a": fair_a_lines[:20], "fair_lines_b": fair_b_lines[:20],
+            "api_requests": requests1[1] - requests0[1], "api_requests_window_s": requests1[0] - requests0[0],
+            "quota_log_lines": {**{w: len(REFUSAL.findall(logs[w])) for w in names}, "stoker": stoker_quota},
+            "fair_lines": {w: v[:20] for w, v in fair_lines.items()},
+            "fair_counts": {w: len(v) for w, v in fair_lines.items()},
             "seconds": seconds,
-            # The watch's events, to compute other figures from: (s since B's launch, type, pod,
-            # phase, deleting, application A or B).
-            "events": [(round(t - t_b, 3), typ, o["name"], o["phase"], o["deleting"],
-                        next((w for w, i in apps.items() if app_of.get(o["name"]) == i), None))
+            # The watch's events, to compute other figures from: (s since A was up, type, pod,
+            # phase, deleting, application).
+            "events": [(round(t - t0, 3), typ, o["name"], o["phase"], o["deleting"],
+                        next((w for w in names if app_of.get(o["name"]) == ready[w]["app_id"]), None))
                        for t, typ, o in watch.snapshot()],
         }
         print(f"[bench-fairness] {system}: " + json.dumps({k: v for k, v in sample.items()
@@ -299,42 +367,54 @@ class FairnessBench(Bench):
             if a is None or b is None:
                 return ""
             return "∞" if a == 0 and b else fmt.format(b / a) if a else ""
-        h = self.hold
-        rows = [
-            (f"Jain's index of running executors, mean over the {h:.0f} s after B's launch", "jain_mean", "{:.3f}", True),
-            ("Jain's index 30 s after B's launch", "jain_at_30s", "{:.3f}", True),
-            ("B's launch → B's first executor Running (s)", "b_first_s", "{:.1f}", False),
-            ("B's launch → B has 8 executors Running (s)", "b_8_s", "{:.1f}", False),
-            ("most executor pods Pending at once, whole run (A's ramp included)", "max_pending", "{}", True),
-            ("most executor pods Pending at once after B's launch", "max_pending_after_b", "{}", True),
-            ("executor pods created in all (A + B)", "pods_created", "{}", True),
-            ("pod creations refused by the quota (API server, 403 on POST pods)", "refused_by_quota_api", "{:.0f}",
-             True),
-        ]
-        for label, key, fmt, plain in rows:
-            a, b = sp.get(key), st.get(key)
-            if plain:
-                r = ratio(a, b)
-            elif a is None and b is not None:
-                r = f"B never got one in {h:.0f} s under Spark's backend"
-            else:
-                r = ratio(b, a, "{:.1f}× faster") if a and b else ""
-            lines.append(f"| {label} | {num(a, fmt)} | {num(b, fmt)} | {r} |")
-        lines.append("| running executors A / B, mean over the window | "
-                     + " | ".join(f"{s['mean_running']['A']:.1f} / {s['mean_running']['B']:.1f}" for s in (sp, st))
+
+        def faster(a, b):
+            if a is None and b is not None:
+                return "never under Spark's backend"
+            return f"{a / b:.1f}× faster" if a and b else ""
+        names = [a.name for a in self.apps]
+        last = self.apps[-1]
+        lines.append(f"| Jain's index of running executors, mean over the overlap ({last.name}'s launch + "
+                     f"{self.hold:.0f} s) | {num(sp['jain_mean'], '{:.3f}')} | {num(st['jain_mean'], '{:.3f}')} | "
+                     f"{ratio(sp['jain_mean'], st['jain_mean'])} |")
+        lines.append(f"| Jain's index 30 s after {last.name}'s launch | {num(sp['jain_30s_after_last'], '{:.3f}')} | "
+                     f"{num(st['jain_30s_after_last'], '{:.3f}')} | |")
+        for i, a in enumerate(self.apps):
+            present = ", ".join(names[:i + 1])
+            shares = fair_shares(self.capacity, [x.ask for x in self.apps[:i + 1]])
+            what = "A is up" if i == 0 else f"{a.name}'s launch"
+            lines.append(f"| {what} → {present} all within ±10% of the fair share "
+                         f"({' / '.join(f'{x:.0f}' for x in shares)}) (s) | {num(sp['convergence_s'][a.name], '{:.1f}')} | "
+                         f"{num(st['convergence_s'][a.name], '{:.1f}')} | "
+                         f"{faster(sp['convergence_s'][a.name], st['convergence_s'][a.name])} |")
+        for a in self.apps[1:]:
+            lines.append(f"| {a.name}'s launch → its first executor Running (s) | "
+                         f"{num(sp['first_running_s'][a.name], '{:.1f}')} | {num(st['first_running_s'][a.name], '{:.1f}')} | "
+                         f"{faster(sp['first_running_s'][a.name], st['first_running_s'][a.name])} |")
+        for label, key, fmt in (("most executor pods Pending at once", "max_pending", "{}"),
+                                ("executor pods created in all", "pods_created", "{}"),
+                                ("pod creations refused by the quota (API server, 403 on POST pods)",
+                                 "refused_by_quota_api", "{:.0f}"),
+                                ("API server requests over the run, all clients", "api_requests", "{:.0f}")):
+            lines.append(f"| {label} | {num(sp.get(key), fmt)} | {num(st.get(key), fmt)} | "
+                         f"{ratio(sp.get(key), st.get(key))} |")
+        lines.append(f"| running executors {' / '.join(names)}, mean over the overlap | "
+                     + " | ".join(" / ".join(f"{s['mean_running_overlap'][w]:.1f}" for w in names) for s in (sp, st))
                      + " | |")
-        lines.append("| running executors A / B at the end of the hold | "
-                     + " | ".join(f"{s['end_running']['A']} / {s['end_running']['B']}" for s in (sp, st)) + " | |")
-        lines.append("| refusals in the logs: driver A, driver B, stoker (Spark: `ERROR ExecutorPodsAllocator: Failed to "
-                     "create executor pod N`, one per attempt; stoker's plugin: `stoker: executor N is waiting: … "
-                     "exceeded quota`, one per executor; stoker: `resource quota exceeded`) | "
-                     + " | ".join(f"{s['quota_log_lines']['A']}, {s['quota_log_lines']['B']}, "
-                                  f"{s['quota_log_lines']['stoker'] if s is st else '–'}" for s in (sp, st)) + " | |")
+        lines.append(f"| running executors {' / '.join(names)} at the end | "
+                     + " | ".join(" / ".join(str(s['end_running'][w]) for w in names) for s in (sp, st)) + " | |")
+        lines.append("| refusals in the logs: drivers " + ", ".join(names) + ", stoker (Spark: `ERROR "
+                     "ExecutorPodsAllocator: Failed to create executor pod N`, one per attempt; stoker's plugin: "
+                     "`stoker: executor N is waiting: … exceeded quota`, one per executor; stoker: `resource quota "
+                     "exceeded`) | " + " | ".join(", ".join(str(s['quota_log_lines'][w]) for w in names) + ", "
+                                                  + (str(s['quota_log_lines']['stoker']) if s is st else '–')
+                                                  for s in (sp, st)) + " | |")
+
         def shown(msgs):
             return "; ".join(f"`{x if len(x) <= 110 else x[:110] + ' …'}`" for x in msgs[:4]).replace("|", "\\|")
-        for w in ("a", "b"):
-            lines.append(f"| stoker's fair-share messages in {w.upper()}'s log | {len(sp[f'fair_lines_{w}'])} | "
-                         f"{len(st[f'fair_lines_{w}'])}: {shown(st[f'fair_lines_{w}'])} | |")
+        for w in names:
+            lines.append(f"| stoker's fair-share messages in {w}'s log | {sp['fair_counts'][w]} | "
+                         f"{st['fair_counts'][w]}: {shown(st['fair_lines'][w])} | |")
         return "\n".join(lines)
 
 
@@ -342,17 +422,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="directory for fairness.md, the samples and the logs")
-    ap.add_argument("--capacity", type=int, default=20,
-                    help="the bound (ResourceQuota pods, stoker's queue capacity) and each driver's ask")
-    ap.add_argument("--delay", type=float, default=20, help="seconds between A's request and B's launch")
-    ap.add_argument("--hold", type=float, default=90, help="seconds both hold after B's launch")
+    ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="three",
+                    help="three: the issue's (capacity 60, A/B/C with dynamic allocation at 0/60/120 s); "
+                         "two: capacity 20, two static applications 20 s apart")
+    ap.add_argument("--hold", type=float, help="seconds all hold after the last launch (three: 120, two: 90)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     # SIGTERM (e.g. from `timeout`) ends the run through the finally below: no process, pod or
     # test bed is left behind.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    bench = FairnessBench(out, a.capacity, a.delay, a.hold)
+    bench = FairnessBench(out, a.scenario, a.hold)
     t0 = time.time()
     try:
         bench.start()
@@ -360,13 +440,15 @@ def main():
     finally:
         bench.stop()
         shutil.rmtree(bench.work, ignore_errors=True)
-    header = (f"Fairness benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} ({time.time() - t0:.0f} s); "
-              f"machine: {machine()}; stoker binary: {stoker_binary().relative_to(bench_root())}; "
-              f"Spark {IMAGE}; test bed: kube-apiserver v1.37.2, process-less kubelet. Bound: ResourceQuota of "
-              f"{a.capacity} pods per namespace for both, and for stoker a queue file of capacity {a.capacity} "
-              f"executors with one queue. A asks {a.capacity} executors, B asks {a.capacity} about {a.delay:.0f} s "
-              f"later (its driver launched {a.delay:.0f} s after A's had asked); both hold {a.hold:.0f} s after "
-              f"B's launch.")
+    apps = "; ".join(f"{x.name} at {x.at:.0f} s asking {x.ask}"
+                     + (" (dynamic allocation, maxExecutors, a backlog that never drains)" if x.dynamic
+                        else " (static)") for x in bench.apps)
+    header = (f"Fairness benchmark, scenario {a.scenario}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
+              f"({time.time() - t0:.0f} s); machine: {machine()}; stoker binary: "
+              f"{stoker_binary().relative_to(bench_root())}; Spark {IMAGE}; test bed: kube-apiserver v1.37.2, "
+              f"process-less kubelet. Bound: ResourceQuota of {bench.capacity} pods per namespace for both, and "
+              f"for stoker a queue file of capacity {bench.capacity} executors with one queue. Applications "
+              f"(times from A's SparkContext up): {apps}; all hold {bench.hold:.0f} s after the last launch.")
     text = header + "\n\n" + bench.table() + "\n"
     (out / "fairness.md").write_text(text)
     (out / "fairness-samples.json").write_text(json.dumps(bench.results, indent=1))

@@ -510,9 +510,10 @@ def main():
         harness.stop()
     s["wall_s"] = time.monotonic() - t_start
     header = (f"Scale benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}; "
-              f"stoker binary: {chaos.STOKER.name} copied from target/debug (debug build; --auth none, --kube-qps 0, "
+              f"stoker binary: copy of {chaos.STOKER} (STOKER_BIN; --auth none, --kube-qps 0, "
               f"create concurrency 64, lease 10 s); test bed: kube-apiserver without a pods watch cache "
-              f"(--watch-cache-sizes=pods#0), process-less kubelet; whole run {s['wall_s']:.0f} s.")
+              f"(--watch-cache-sizes=pods#0), process-less kubelet {os.environ['STOKER_KUBELET_BIN']}; "
+              f"whole run {s['wall_s']:.0f} s.")
     text = header + "\n\n" + table(s) + "\n"
     (out / "scale.md").write_text(text)
     (out / "scale-samples.json").write_text(json.dumps(s, indent=1, default=str))

@@ -1,14 +1,17 @@
 """A Spark driver that asks for executors and holds them until told to stop (benchmarks).
 
-Usage: hold.py MASTER --executors N --stop-file PATH [--max-seconds S] [--conf K=V ...]
+Usage: hold.py MASTER --executors N --stop-file PATH [--max-seconds S] [--backlog TASKS] [--conf K=V ...]
 Prints one JSON line {"event": "ready", "t": <unix time>} once the SparkContext is up (the
 backend has started and asked for its executors), then waits for PATH to exist (or S seconds)
-and stops the context cleanly.
+and stops the context cleanly. --backlog submits, from a thread of its own, one job of TASKS
+tasks that each sleep for an hour: with dynamic allocation its backlog keeps the driver asking
+for executors up to spark.dynamicAllocation.maxExecutors (the job is cancelled by the stop).
 """
 import argparse
 import json
 import os
 import sys
+import threading
 import time
 
 from pyspark.sql import SparkSession
@@ -21,6 +24,7 @@ def main():
     p.add_argument("--stop-file", required=True)
     p.add_argument("--max-seconds", type=float, default=900)
     p.add_argument("--conf", action="append", default=[])
+    p.add_argument("--backlog", type=int, default=0, help="tasks of a job that keeps a backlog (see above)")
     p.add_argument("--light", action="store_true",
                    help="small driver JVM (serial GC, C1 only, heap grown on demand) so 50 drivers fit on one machine")
     a = p.parse_args()
@@ -49,6 +53,15 @@ def main():
         b = b.config("spark.driver.extraJavaOptions",
                      "-Xms32m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=64m -Xss512k")
     spark = b.getOrCreate()
+    if a.backlog:
+        sc = spark.sparkContext
+
+        def backlog():
+            try:
+                sc.parallelize(range(a.backlog), a.backlog).foreach(lambda _: time.sleep(3600))
+            except Exception:  # noqa: BLE001 - cancelled by spark.stop(): the job is only a backlog
+                pass
+        threading.Thread(target=backlog, daemon=True, name="backlog").start()
     print(json.dumps({"event": "ready", "t": time.time(), "app_id": spark.sparkContext.applicationId}),
           flush=True)
     deadline = time.monotonic() + a.max_seconds
