@@ -88,9 +88,10 @@ bench-fairness: setup
 
 # The fault matrix (tests/chaos/chaos.py, not part of `make test`, which runs its quick variant
 # tests/e2e/test_chaos.py, cases a-e): every case 10 times (ramps of 500 executor pods in a-e, 200
-# adopted pods in f, a real 3-executor shuffle job in g, h and i, i: its node lost mid-job; about
-# 65 minutes); prints the table and writes target/chaos/chaos.md. Exits non-zero when a loss figure
-# is not 0. chaos-quick: each case once, N = 60 (f: 200, g, h and i: 3), about 7 minutes.
+# adopted pods in f, a real 3-executor shuffle job in g-j, i: its node lost mid-job, j: the leader
+# of two stoker replicas SIGKILLed mid-job; about 73 minutes); prints the table and writes
+# target/chaos/chaos.md. Exits non-zero when a loss figure is not 0. chaos-quick: each case once,
+# N = 60 (f: 200, g-j: 3), about 8 minutes.
 chaos: setup
 	STOKER_PLUGIN_JAR=$(CURDIR)/$(JAR) $(VENV)/bin/python tests/chaos/chaos.py --out target/chaos
 

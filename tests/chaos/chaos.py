@@ -5,9 +5,10 @@ Each case is one function that runs one ramp (a real Spark 4.2.0 driver, tests/b
 asking stoker for N executors, on a process-less kubelet) with one fault in the middle of it, and
 returns one row of figures. `main` runs the matrix and prints a table; a non-zero loss figure (or
 a run that did not finish) makes it exit non-zero. Case f waits for the whole ramp before its
-fault (the pods must exist to be adopted); cases g, h and i run a real shuffle job
+fault (the pods must exist to be adopted); cases g, h, i and j run a real shuffle job
 (tests/chaos/job.py) on real executors (process kubelets) through their faults and check the
-job's answer (case i: the node its executors run on is lost mid-job).
+job's answer (case i: the node its executors run on is lost mid-job; case j: two stoker replicas
+with leader election, the leader SIGKILLed mid-job, the standby takes over).
 
 Ground truth is the API server, not stoker: a pods watch of our own (straight to the API server,
 not through the fault proxy) records every ADDED pod per (stoker.dev/app-id annotation,
@@ -15,7 +16,7 @@ spark-exec-id label); a second pod for one executor id is a duplicate. What stok
 from `stoker executors <app>` (admin token); what the driver was told comes from the plugin's
 INFO log in the driver's stderr ("stoker: executor N exited ...").
 
-Usage: chaos.py [--quick] [--runs R] [--n N] [--cases a,b,c,d,e,f,g,h,i] [--out DIR]
+Usage: chaos.py [--quick] [--runs R] [--n N] [--cases a,b,c,d,e,f,g,h,i,j] [--out DIR]
 """
 import argparse
 import base64
@@ -34,11 +35,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
+import leader_pair  # noqa: E402
 from testbed import ApiError, Kubelet, Testbed, wait_until  # noqa: E402
 
 STOKER = Path(os.environ.get("STOKER_BIN", ROOT / "target" / "debug" / "stoker"))
@@ -49,7 +52,7 @@ IMAGE = "apache/spark:4.2.0"
 NODE = "chaos-noproc"
 PROC_NODE = "chaos-proc"  # the process kubelet's node: case g's executors are real JVMs
 CLAIM_N = 200  # case f: executors adopted while stoker is killed
-JOB_N = 3  # cases g, h and i: real executors
+JOB_N = 3  # cases g, h, i and j: real executors
 POOL = "stoker.dev/chaos-pool"  # case i: the node label its driver selects
 LEASE_TTL_S = 10
 DELETE_GRACE_S = 3
@@ -376,17 +379,25 @@ class PodWatch:
 # ---- stoker, drivers ---------------------------------------------------------------------------
 
 class ChaosStoker:
-    """stoker with --backend kubernetes whose API server is the fault proxy."""
+    """stoker with --backend kubernetes whose API server is the fault proxy. `name` (default: the
+    instance) names its work dir and log; `extra`: more `stoker serve` flags."""
 
-    def __init__(self, work, instance, kubeconfig, qps, burst):
+    def __init__(self, work, instance, kubeconfig, qps, burst, name=None, extra=()):
         self.work = work
         self.instance = instance
         self.kubeconfig = kubeconfig
         self.port = free_port()
-        self.work_dir = work / f"stoker-{instance}"
-        self.log_path = work / f"stoker-{instance}.log"
+        name = name or instance
+        self.work_dir = work / f"stoker-{name}"
+        self.log_path = work / f"stoker-{name}.log"
         self.qps, self.burst = qps, burst
+        self.extra = list(extra)
         self.proc = None
+
+    @property
+    def address(self):
+        """What a driver's master URL names (spark+stoker://ADDRESS)."""
+        return f"127.0.0.1:{self.port}"
 
     def start(self):
         env = dict(os.environ)
@@ -402,16 +413,19 @@ class ChaosStoker:
              "--work-dir", str(self.work_dir), "--lease-ttl", f"{LEASE_TTL_S}s",
              "--delete-grace", f"{DELETE_GRACE_S}s", "--kube-image", IMAGE,
              "--kube-instance", self.instance, "--kube-qps", str(self.qps),
-             "--kube-burst", str(self.burst), "--kube-create-concurrency", "64"],
+             "--kube-burst", str(self.burst), "--kube-create-concurrency", "64", *self.extra],
             stdout=open(self.log_path, "a"), stderr=subprocess.STDOUT, env=env)
-
-        def listening():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"stoker exited ({self.proc.returncode}): {self.log()[-3000:]}")
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", self.port)) == 0
-        wait_until(listening, 60, "stoker to listen")
+        wait_until(self._started, 60, "stoker to listen")
         return self
+
+    def _started(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"stoker exited ({self.proc.returncode}): {self.log()[-3000:]}")
+        return self.port_open()
+
+    def port_open(self):
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
 
     def log(self):
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -464,6 +478,64 @@ class ChaosStoker:
                 self.proc.wait(timeout=30)
 
 
+class ChaosReplica(ChaosStoker):
+    """A ChaosStoker started with --leader-elect (tests/e2e/leader_pair.py): a standby does not
+    listen on its gRPC port, so it has started once its log says it stands by until it holds the
+    Lease."""
+
+    def __init__(self, work, instance, kubeconfig, qps, burst, identity):
+        super().__init__(work, instance, kubeconfig, qps, burst, name=f"{instance}-{identity}",
+                         extra=leader_pair.args(identity))
+        self.identity = identity
+
+    def _started(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"stoker exited ({self.proc.returncode}): {self.log()[-3000:]}")
+        return self.first(leader_pair.STANDING_BY) is not None
+
+    def first(self, text):
+        """Its first log line holding `text`, or None."""
+        return next((line for line in self.log().splitlines() if text in line), None)
+
+
+class ReplicaPair:
+    """Case j: two replicas of one instance (a Lease, tests/e2e/leader_pair.py), both through the
+    fault proxy; the driver is given both addresses. Stands in for the run's ChaosStoker: what the
+    harness asks of "stoker" (executors, log) goes to the replica that leads; the case sets
+    `leader` when the standby has taken over."""
+
+    def __init__(self, work, instance, kubeconfig, qps, burst):
+        self.instance = instance
+        self.replicas = [ChaosReplica(work, instance, kubeconfig, qps, burst, identity)
+                         for identity in ("replica-a", "replica-b")]
+        self.leader, self.standby = self.replicas
+
+    @property
+    def address(self):
+        return ",".join(r.address for r in self.replicas)
+
+    def start(self):
+        try:
+            leader_pair.start_pair(*self.replicas)
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def executors(self, app_id):
+        return self.leader.executors(app_id)
+
+    def log(self):
+        return self.leader.log()
+
+    def log_size(self):
+        return self.leader.log_size()
+
+    def stop(self):
+        for r in self.replicas:
+            r.stop()
+
+
 def log4j2(work):
     path = work / "log4j2-driver.properties"
     if not path.exists():
@@ -489,8 +561,9 @@ class HoldDriver:
     script = HOLD
     node = NODE
 
-    def __init__(self, work, stoker_port, namespace, n, jar=JAR, extra=(), selector=None):
-        """`selector`: the executors' node selector (default: this class's node)."""
+    def __init__(self, work, address, namespace, n, jar=JAR, extra=(), selector=None):
+        """`address`: stoker's (several, comma-separated, for replicas); `selector`: the executors'
+        node selector (default: this class's node)."""
         selector = selector or {"kubernetes.io/hostname": self.node}
         self.stop_file = work / f"stop-{namespace}"
         self.log_path = work / f"driver-{namespace}.log"
@@ -500,7 +573,7 @@ class HoldDriver:
                    PYSPARK_DRIVER_PYTHON=sys.executable)
         env.pop("SPARK_HOME", None)
         self.proc = subprocess.Popen(
-            [sys.executable, str(self.script), f"spark+stoker://127.0.0.1:{stoker_port}", "--executors", str(n),
+            [sys.executable, str(self.script), f"spark+stoker://{address}", "--executors", str(n),
              "--stop-file", str(self.stop_file), "--max-seconds", "1200", *extra,
              "--conf", f"spark.kubernetes.namespace={namespace}",
              "--conf", f"spark.kubernetes.container.image={IMAGE}",
@@ -609,7 +682,7 @@ class Harness:
         return self
 
     def process_kubelet(self):
-        """The process kubelet (cases g, h and i), started on first use."""
+        """The process kubelet (cases g, h, i and j), started on first use."""
         if self.proc_kubelet is None:
             self.proc_kubelet = Kubelet(self.testbed, self.work / "kubelets", PROC_NODE,
                                         spark_home=spark_home()).start()
@@ -678,13 +751,15 @@ class Harness:
 
     # -- one run --
     def run(self, case, key, fault, kill_driver=False, check=None, n=None, job=False, fault_at=None,
-            selector=None, final=None):
+            selector=None, final=None, stoker=ChaosStoker):
         """One ramp with `fault(ctx)` injected once a third of the pods exist. `fault` returns the
         monotonic time the fault ended (recovery is measured from there). A run that failed
         before its fault was injected (e.g. the driver JVM did not start) is set-up trouble, not
         a finding: it is run once more, and counted in `setup_retries`. `check(ctx)` runs before
-        the driver is stopped, `final(ctx)` after it stopped and the leak was counted."""
-        args = (case, key, fault, kill_driver, check, n or self.n, job, fault_at, selector, final)
+        the driver is stopped, `final(ctx)` after it stopped and the leak was counted. `stoker`
+        makes the run's stoker from (work, instance, kubeconfig, qps, burst), as ChaosStoker does
+        (case j: a ReplicaPair of two replicas)."""
+        args = (case, key, fault, kill_driver, check, n or self.n, job, fault_at, selector, final, stoker)
         row = self._run_once(*args)
         if "error" in row and "created_at_fault" not in row:
             log(f"{case}: failed before the fault ({row['error']}); running it once more")
@@ -692,7 +767,7 @@ class Harness:
             row["setup_retries"] = 1
         return row
 
-    def _run_once(self, case, key, fault, kill_driver, check, n, job, fault_at, selector, final):
+    def _run_once(self, case, key, fault, kill_driver, check, n, job, fault_at, selector, final, make_stoker):
         """`n` executors; the fault once `fault_at` pods exist (default a third of n). With `job`,
         the driver runs tests/chaos/job.py on the process kubelet (or on the nodes `selector`
         picks) and the row gets the `wrong_answer` figure (else n/a). A fault may put pod uids
@@ -702,7 +777,7 @@ class Harness:
         tag = f"{key}-{self.runs}"
         ns = self.namespace(f"chaos-{tag}")
         proxy = FaultProxy(self.testbed.port)
-        stoker = ChaosStoker(self.work, f"chaos-{tag}", self.kubeconfig(proxy.port, tag), self.qps,
+        stoker = make_stoker(self.work, f"chaos-{tag}", self.kubeconfig(proxy.port, tag), self.qps,
                              max(1, self.qps // 10)).start()
         watch = PodWatch(self.api, ns)
         driver = None
@@ -710,9 +785,9 @@ class Harness:
         try:
             if job:
                 self.process_kubelet()
-                driver = JobDriver(self.work, stoker.port, ns, n, self.jar, selector=selector)
+                driver = JobDriver(self.work, stoker.address, ns, n, self.jar, selector=selector)
             else:
-                driver = HoldDriver(self.work, stoker.port, ns, n, self.jar)
+                driver = HoldDriver(self.work, stoker.address, ns, n, self.jar)
             watch.wait_added(fault_at or max(1, n // 3), 300, driver.proc)
             ctx = {"stoker": stoker, "proxy": proxy, "driver": driver, "watch": watch, "ns": ns,
                    "log_offset": stoker.log_size(), "row": row, "n": n, "not_live": set()}
@@ -1130,6 +1205,91 @@ class Harness:
             doomed.stop()
             self.api.delete(f"/api/v1/nodes/{doomed.node}")
 
+    def case_leader_failover(self):
+        """(j) issue 12's failover on a real job: the same real shuffle job as (g) through two
+        stoker replicas of one instance with leader election (a ReplicaPair: a Lease, both
+        through the fault proxy; the driver is given both addresses, only the leader listens).
+        Once the job's first map task has finished, the leader is SIGKILLed; its Lease expires
+        (15 s after its last renewal), the standby takes it, starts its backend (lists and adopts
+        the pods), opens its gRPC port, and the driver re-attaches to it. Nothing may be created
+        twice, replaced, reported lost or deleted; the answer must be right. Recovery: from the
+        leader's SIGKILL (its process reaped) to the first RPC served by the new leader, the
+        driver's re-registration (the time of the new leader's `driver re-registered` log line;
+        measured as the e2e test does). The notes give the SIGKILL to the Lease taken, to the
+        new leader's gRPC port open, to the driver's `re-attached to stoker` log line, and to
+        the application whole in the new leader's view (JOB_N RUNNING, JOB_N live pods)."""
+        n = JOB_N
+        pairs = []
+
+        def make(*args):
+            pairs.append(ReplicaPair(*args))
+            return pairs[-1]
+
+        def fault(ctx):
+            pair, drv, row = ctx["stoker"], ctx["driver"], ctx["row"]
+            old, new = pair.leader, pair.standby
+            drv.wait_event("task-done", 300, pred=lambda ev: ev["n"] >= 1)
+            if new.port_open() or new.first("starting stoker"):
+                raise AssertionError(f"the standby {new.identity} serves gRPC or started its backend before it leads")
+            drv_offset = drv.log_path.stat().st_size
+            old.kill9()
+            killed, t = time.time(), time.monotonic()
+            pair.leader, pair.standby = new, old
+            log(f"leader {old.identity} SIGKILLed")
+            line, _ = wait_log(new.log_path, 0, leader_pair.SERVED, 120, new.proc, interval=0.05)
+            row["served_at"] = leader_pair.stamp(line)
+            row["rpc_s"] = row["served_at"] - killed
+            m = re.search(r"executors=(\d+)", line)
+            row["adopted_by_leader"] = int(m.group(1)) if m else 0
+            row["lease_s"] = leader_pair.stamp(new.first(leader_pair.ACQUIRED)) - killed
+            row["listening_s"] = leader_pair.stamp(new.first(leader_pair.LISTENING)) - killed
+            text = new.log().splitlines()
+            acquired = next(i for i, l in enumerate(text) if leader_pair.ACQUIRED in l)
+            backend = next((i for i, l in enumerate(text) if "starting stoker" in l), None)
+            if backend is None or backend < acquired:
+                raise AssertionError("the new leader's backend started before it held the Lease")
+            dline, _ = wait_log(drv.log_path, drv_offset, "re-attached to stoker", 60, drv.proc, interval=0.05)
+            row["reattached_s"] = clock_stamp(dline, killed) - killed
+            log(f"new leader {new.identity}: Lease {row['lease_s']:.1f} s, gRPC {row['listening_s']:.1f} s, first RPC "
+                f"{row['rpc_s']:.1f} s, driver re-attached {row['reattached_s']:.1f} s after the SIGKILL")
+            return t
+
+        def check(ctx):
+            row, pair = ctx["row"], ctx["stoker"]
+            # _recover measured from the SIGKILL to the application whole in the new leader's view;
+            # the row's recovery is the SIGKILL to the first RPC the new leader served.
+            row["whole_s"], row["recovery_s"] = row["recovery_s"], row["rpc_s"]
+            res = ctx["driver"].event("result")
+            row["faults_in_job"] = res is not None and row["served_at"] < res["t"]
+            holder = self.api.get(leader_pair.lease_path(pair.instance))["spec"].get("holderIdentity")
+            problems = []
+            if holder != pair.leader.identity:
+                problems.append(f"the Lease is held by {holder}, not by the new leader {pair.leader.identity}")
+            if row["adopted_by_leader"] != n:
+                problems.append(f"the new leader handed back {row['adopted_by_leader']} pods, not {n}")
+            if problems:
+                row["error"] = "; ".join(problems)
+
+        try:
+            return self.run("real shuffle job: the leader of two replicas SIGKILLed mid-job", "j", fault,
+                            check=check, n=n, job=True, fault_at=n, stoker=make)
+        finally:
+            for pair in pairs:
+                try:
+                    self.api.delete(leader_pair.lease_path(pair.instance))
+                except (ApiError, OSError) as e:
+                    log(f"Lease of {pair.instance}: {e!r}")
+
+
+def clock_stamp(line, near):
+    """A driver log line's time (log4j2's HH:mm:ss.SSS, local time; the line may follow Spark's
+    console progress bar) as seconds since the epoch: on the day, of those around `near` (seconds
+    since the epoch), that puts it closest to `near`."""
+    h, m, sec = re.findall(r"(\d{2}):(\d{2}):(\d{2}\.\d{3}) [A-Z]+ ", line)[-1]
+    day = datetime.fromtimestamp(near).replace(hour=0, minute=0, second=0, microsecond=0)
+    t = (day + timedelta(hours=int(h), minutes=int(m), seconds=float(sec))).timestamp()
+    return min((t + d * 86400 for d in (-1, 0, 1)), key=lambda x: abs(x - near))
+
 
 def count_api_restart_effects(ctx, text):
     """What an API server restart cost stoker, from its log `text`: pod creates retried after a
@@ -1141,7 +1301,7 @@ def count_api_restart_effects(ctx, text):
 
 CASES = {"a": "case_stoker_kill", "b": "case_blackhole", "c": "case_watch_expiry", "d": "case_driver_kill",
          "e": "case_apiserver_restart", "f": "case_claim_kill", "g": "case_job", "h": "case_job_apiserver",
-         "i": "case_node_lost"}
+         "i": "case_node_lost", "j": "case_leader_failover"}
 LOSS = ("duplicates", "leaked", "lost", "wrong", "wrong_answer", "live_deleted")
 
 
@@ -1172,7 +1332,8 @@ def summarize(rows):
         line["recovery_max"] = rec[-1] if rec else None
         if any("relisted" in r for r in rs):
             line["relisted"] = sum(1 for r in rs if r.get("relisted"))
-        for k in ("apiserver_down_s", "kill_after_claim_ms", "job_s", "stoker_back_s", "reported_s"):
+        for k in ("apiserver_down_s", "kill_after_claim_ms", "job_s", "stoker_back_s", "reported_s", "lease_s",
+                  "listening_s", "rpc_s", "reattached_s", "whole_s"):
             vals = [r[k] for r in rs if r.get(k) is not None]
             if vals:
                 line[k] = (min(vals), max(vals))
@@ -1186,7 +1347,7 @@ def summarize(rows):
             if any(k in r for r in rs):
                 line[k] = [r.get(k) for r in rs]
         for k in ("create_retries", "create_409", "watch_errors", "reaped", "lost_node_executors", "node_lost_once",
-                  "other_exits", "replacements", "lost_pods_at_node_delete"):
+                  "other_exits", "replacements", "lost_pods_at_node_delete", "adopted_by_leader"):
             if any(k in r for r in rs):
                 line[k] = sum(r.get(k, 0) for r in rs)
         if any("faults_in_job" in r for r in rs):
@@ -1248,6 +1409,14 @@ def table(summary):
         if "lost_pods_at_node_delete" in s:
             notes.append(f"pods of the lost node still on the API server when its Node was deleted after the job: "
                          f"{s['lost_pods_at_node_delete']}")
+        if s.get("rpc_s"):
+            notes.append(f"recovery: the leader's SIGKILL (its process reaped) to the first RPC served by the new "
+                         f"leader (the time of its `driver re-registered` log line: the driver's re-registration), "
+                         f"{_span(s.get('rpc_s'))}; SIGKILL to the standby holding the Lease: {_span(s.get('lease_s'))} "
+                         f"(Lease duration {leader_pair.LEASE_DURATION_S} s), to its gRPC port open: "
+                         f"{_span(s.get('listening_s'))}, to the driver's `re-attached to stoker` log line: "
+                         f"{_span(s.get('reattached_s'))}, to the application whole in the new leader's view: "
+                         f"{_span(s.get('whole_s'))}; pods handed back by the new leader: {s.get('adopted_by_leader', 0)}")
         if s.get("job_s"):
             notes.append("job time {:.0f}–{:.0f} s".format(*s["job_s"]))
         if "faults_in_job" in s:
@@ -1256,6 +1425,10 @@ def table(summary):
                      f"{f(s['leaked'])} | {f(s['lost'])} | {f(s['wrong'])} | {f(s['wrong_answer'])} | {f(s['live_deleted'])} | "
                      f"{f(s['recovery_p50'], '{:.1f}')} / {f(s['recovery_max'], '{:.1f}')} | {'; '.join(notes)} |")
     return "\n".join(lines)
+
+
+def _span(pair):
+    return "{:.1f}–{:.1f} s".format(*pair) if pair else "?"
 
 
 def _range(vals):

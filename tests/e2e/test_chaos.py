@@ -3,8 +3,9 @@ API server blackholed, watch expiry, driver SIGKILL, kube-apiserver SIGKILL + re
 ramp, on a test bed of its own (the chaos test bed serves pods without the API server's watch cache,
 and its etcd gets compacted). The loss figures must be 0. `make chaos` runs the full matrix, with
 cases f (stoker killed at the claim of 200 adopted pods), g (a real shuffle job through a stoker
-and an API server kill), h (a real shuffle job through an API server kill alone) and i (a real
-shuffle job whose node is lost), which `make chaos-quick` runs once each."""
+and an API server kill), h (a real shuffle job through an API server kill alone), i (a real
+shuffle job whose node is lost) and j (a real shuffle job through two stoker replicas whose leader
+is SIGKILLed), which `make chaos-quick` runs once each."""
 import sys
 from pathlib import Path
 

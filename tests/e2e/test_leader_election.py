@@ -3,15 +3,15 @@ Lease on the test bed's API server). The leader is SIGKILLed mid-job; the standb
 Lease, adopts the pods, the driver (given both addresses) re-attaches to it, and the job ends
 with the right answer and no pod created twice."""
 import json
-import re
 import socket
 import time
-from datetime import datetime
 from types import SimpleNamespace
 
 import pytest
 
+import leader_pair
 from conftest import wait_until
+from leader_pair import stamp
 from test_kubernetes import (KubeStoker, _driver_tokens, check_result, k8s_args, kube,  # noqa: F401
                              pods_of, running_pods, selector)
 
@@ -22,9 +22,8 @@ class Replica(KubeStoker):
 
     def __init__(self, work_dir, testbed, instance, identity):
         work_dir.mkdir(parents=True, exist_ok=True)
-        super().__init__(work_dir, testbed, instance, extra=[
-            "--leader-elect", "--leader-elect-namespace", "default",
-            "--leader-elect-identity", identity, "--log-format", "json"])
+        super().__init__(work_dir, testbed, instance,
+                         extra=[*leader_pair.args(identity), "--log-format", "json"])
         self.identity = identity
 
     def lines(self):
@@ -37,7 +36,7 @@ class Replica(KubeStoker):
                     pass
         return out
 
-    def _port_open(self):
+    def port_open(self):
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", self.port)) == 0
 
@@ -47,13 +46,7 @@ class Replica(KubeStoker):
     def _listening(self):
         if self.proc.poll() is not None:
             raise AssertionError(f"stoker exited: {self.log_path.read_text()[-3000:]}")
-        return self.first("standing by until this replica holds the lease") is not None
-
-
-def stamp(line):
-    """A JSON log line's time, as seconds since the epoch."""
-    text = re.sub(r"(\.\d{6})\d*", r"\1", line["timestamp"]).replace("Z", "+00:00")
-    return datetime.fromisoformat(text).timestamp()
+        return self.first(leader_pair.STANDING_BY) is not None
 
 
 @pytest.fixture
@@ -61,21 +54,17 @@ def pair(kube, work_dir):
     """The `kube` fixture's instance (it checks that no pod is left afterwards), served by two
     replicas with leader election instead of its single stoker."""
     kube.stop()
-    lease = f"stoker-{kube.instance}"
-    a = Replica(work_dir / "a", kube.testbed, kube.instance, "replica-a").start()
-    wait_until(lambda: a.first("leader: lease acquired"), 60, "replica a to lead")
-    wait_until(a._port_open, 60, "the leader's gRPC port")
-    b = Replica(work_dir / "b", kube.testbed, kube.instance, "replica-b").start()
-    wait_until(lambda: b.first("standby: another replica leads"), 60, "replica b to stand by")
+    a, b = leader_pair.start_pair(Replica(work_dir / "a", kube.testbed, kube.instance, "replica-a"),
+                                  Replica(work_dir / "b", kube.testbed, kube.instance, "replica-b"))
     yield a, b
     for r in (a, b):
         r.stop()
-    kube.testbed.api.delete(f"/apis/coordination.k8s.io/v1/namespaces/default/leases/{lease}")
+    kube.testbed.api.delete(leader_pair.lease_path(kube.instance))
 
 
 def test_standby_takes_over_mid_job_without_duplicates(pair, testbed, driver_factory):
     a, b = pair
-    assert not b._port_open(), "a standby must not serve gRPC"
+    assert not b.port_open(), "a standby must not serve gRPC"
     assert b.first("kubernetes backend") is None, "a standby must not list, watch or write pods"
     watch = testbed.api.watch("/api/v1/pods", labelSelector=selector(a.instance))
     # The driver knows both replicas (spark+stoker://a,b); only the leader listens.
@@ -88,8 +77,8 @@ def test_standby_takes_over_mid_job_without_duplicates(pair, testbed, driver_fac
 
     killed_at = time.time()
     a.kill9()
-    took = wait_until(lambda: b.first("leader: lease acquired"), 60, "the standby to take the lease")
-    served = wait_until(lambda: b.first("driver re-registered"), 90, "the driver to re-attach to the new leader")
+    took = wait_until(lambda: b.first(leader_pair.ACQUIRED), 60, "the standby to take the lease")
+    served = wait_until(lambda: b.first(leader_pair.SERVED), 90, "the driver to re-attach to the new leader")
     result = driver.wait(timeout=400)
     check_result(result)
 
@@ -105,7 +94,7 @@ def test_standby_takes_over_mid_job_without_duplicates(pair, testbed, driver_fac
     to_rpc = stamp(served) - killed_at
     print(f"\nFAILOVER: leader SIGKILLed -> standby holds the lease in {to_lease:.1f} s, "
           f"-> first RPC served by the new leader (the driver's re-registration) in {to_rpc:.1f} s "
-          f"(lease duration 15 s)")
+          f"(lease duration {leader_pair.LEASE_DURATION_S} s)")
     # The figure is printed, not asserted: this only checks the standby did take over.
     assert to_rpc > 0
 
@@ -116,10 +105,10 @@ def test_a_released_lease_is_taken_over_at_once(pair, testbed):
     # not after the 15 s lease duration.
     stopped_at = time.time()
     a.stop()
-    took = wait_until(lambda: b.first("leader: lease acquired"), 30, "the standby to take the lease")
+    took = wait_until(lambda: b.first(leader_pair.ACQUIRED), 30, "the standby to take the lease")
     assert a.first("lease released"), a.log_path.read_text()[-3000:]
     assert stamp(took) - stopped_at < 15, "a released lease is taken before it would expire"
-    wait_until(b._port_open, 60, "the new leader's gRPC port")
-    lease = testbed.api.get(f"/apis/coordination.k8s.io/v1/namespaces/default/leases/stoker-{a.instance}")
+    wait_until(b.port_open, 60, "the new leader's gRPC port")
+    lease = testbed.api.get(leader_pair.lease_path(a.instance))
     assert lease["spec"]["holderIdentity"] == "replica-b"
     assert lease["spec"]["leaseTransitions"] >= 1
