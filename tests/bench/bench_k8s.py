@@ -422,10 +422,23 @@ class Bench:
             if bare.returncode != 0:
                 raise AssertionError(f"bare-create failed ({bare.returncode}): {bare.stderr[-2000:]}")
         elif system == "rpc":
+            # Creation fairness: a small application asks for 1 executor when a quarter of this
+            # ramp's pods exist (its namespace and watch made before the ramp starts).
+            small_ns = self.namespace(f"ramp-small-{n}")
+            small_watch = TimedWatch(self.testbed.api, small_ns)
             light = self.light_driver(n, ns)
         else:
             p, stop = self.hold_driver(system, n, ns)
             self.wait_ready(p)
+
+        small = None
+        if system == "rpc":
+            wait_until(lambda: len(watch.first_times()[0]) >= n // 4, 300, f"{n // 4} pods of the ramp created",
+                       interval=0.05)
+            small = self.light_driver(1, small_ns, prefix=small_ns)
+            t_small = time.time()  # its request returned: stoker has its executor to create
+            wait_until(lambda: small_watch.first_times()[0], 300, "the small application's pod created",
+                       interval=0.05)
 
         def all_running():
             created, running = watch.first_times()
@@ -456,6 +469,23 @@ class Bench:
             sample["pod_json_bytes"] = len(json.dumps(one["spec"]))
         if p is not None:
             self.end_driver(p, stop)
+        if small is not None:
+            [t_pod] = small_watch.first_times()[0].values()
+            ramp_times = sorted(created.values())
+            sample["small_app"] = {
+                "request_to_pod_created_s": t_pod - t_small,
+                "ramp_pods_created_at_request": sum(1 for t in ramp_times if t <= t_small),
+                "ramp_pods_created_before_its_pod": sum(1 for t in ramp_times if t <= t_pod),
+                # First come, first served would create it after every pod the ramp had asked
+                # for before it: the ramp's last creation, measured in this run.
+                "fcfs_request_to_pod_created_s": ramp_times[n - 1] - t_small,
+            }
+            app, beats = small
+            beats.stop()
+            app.unregister()
+            app.close()
+            small_watch.close()
+            self.drop_namespace(small_ns)
         if light is not None:
             app, beats = light
             sample["rpc_exited_events"] = len(app.exited())
@@ -466,11 +496,11 @@ class Bench:
         self.drop_namespace(ns)
         return sample
 
-    def light_driver(self, n, ns):
+    def light_driver(self, n, ns, prefix=None):
         """One light application on stoker (bench_scale's client), asking for n executors on
         the process-less node; returned with its heartbeat thread (the lease is 10 s)."""
         from bench_scale import App, Heartbeats  # bench_scale imports this module: not at the top
-        app = App(self.stoker_port, 0, n, prefix=ns, namespace=ns, node=NOPROC)
+        app = App(self.stoker_port, 0, n, prefix=prefix or ns, namespace=ns, node=NOPROC)
         app.register()
         beats = Heartbeats([app])
         app.request(n)
@@ -654,25 +684,21 @@ class Bench:
             lines.append(f"| ramp-up N={n} | pod creations/s (first → all created) | "
                          f"{fig(sp, 'creation_rate_per_s', '{:.0f}')} | {fig(st, 'creation_rate_per_s', '{:.0f}')} | |")
             by = {x["system"]: x for x in s["ramp"] if x["n"] == n}
-            bare = by.get("bare")
 
             def of(x, ceiling):
                 return f"{x['creation_rate_per_s'] / max(ceiling['creation_rate_per_s'], 1e-9):.2f}×"
-            if bare:
-                of_bare = ", ".join(f"{name} {of(x, bare)}" for name, x in (("stoker", st), ("Spark", sp)) if x)
-                lines.append(f"| ramp-up N={n} | the bed's ceiling: a bare client's pod creations/s (kube's default "
-                             f"client, HTTP/1.1, 64 in flight, no limiter, copies of stoker's pod; first → all created "
-                             f"{bare['first_pod_to_n_created_s']:.2f} s, all Running {bare['first_pod_to_n_running_s']:.2f} s) | "
-                             f"{bare['creation_rate_per_s']:.0f} | {bare['creation_rate_per_s']:.0f} | "
-                             f"{of_bare} of the bare client |")
-            bare_h2 = by.get("bare-h2")
-            if bare_h2:
-                of_h2 = ", ".join(f"{name} {of(x, bare_h2)}" for name, x in (("stoker", st), ("Spark", sp)) if x)
-                lines.append(f"| ramp-up N={n} | the same bare client on stoker's own connection (HTTP/2, one "
-                             f"connection; first → all created {bare_h2['first_pod_to_n_created_s']:.2f} s, "
-                             f"all Running {bare_h2['first_pod_to_n_running_s']:.2f} s) | "
-                             f"{bare_h2['creation_rate_per_s']:.0f} | {bare_h2['creation_rate_per_s']:.0f} | "
-                             f"{of_h2} of it |")
+            for key, what in (("bare", "the bed's ceiling: a bare client's pod creations/s (kube's default client, "
+                                       "HTTP/1.1, 64 in flight, no limiter, copies of stoker's pod"),
+                              ("bare-h2", "the same bare client on stoker's own client (HTTP/2, as many connections "
+                                          "as stoker's writes")):
+                ceiling = by.get(key)
+                if not ceiling:
+                    continue
+                shares = ", ".join(f"{name} {of(x, ceiling)}" for name, x in (("stoker", st), ("Spark", sp)) if x)
+                lines.append(f"| ramp-up N={n} | {what}; first → all created {ceiling['first_pod_to_n_created_s']:.2f} s, "
+                             f"all Running {ceiling['first_pod_to_n_running_s']:.2f} s) | "
+                             f"{ceiling['creation_rate_per_s']:.0f} | {ceiling['creation_rate_per_s']:.0f} | "
+                             f"{shares} of it |")
             rpc, bare_rpc = by.get("rpc"), by.get("bare-rpc")
             if rpc:
                 lines.append(f"| ramp-up N={n} | stoker driven by a light gRPC client (no Spark JVM): pod creations/s; "
@@ -683,6 +709,16 @@ class Bench:
                                 f"({bare_rpc['creation_rate_per_s']:.0f}/s, {bare_rpc['first_pod_to_n_created_s']:.2f} s; "
                                 f"pod spec {rpc['pod_json_bytes']} bytes of JSON, Spark's "
                                 f"{st['pod_json_bytes'] if st else '?'})" if bare_rpc else "") + " |")
+                small = rpc.get("small_app")
+                if small:
+                    lines.append(f"| ramp-up N={n} | creation fairness: a second light application asks for 1 executor "
+                                 f"during rpc's ramp ({small['ramp_pods_created_at_request']} of its {n} pods "
+                                 f"created): its request → its pod created (s); first come, first served would "
+                                 f"put it after the ramp's last pod (measured in the same run) | "
+                                 f"{small['fcfs_request_to_pod_created_s']:.2f} (FCFS, from this run) | "
+                                 f"{small['request_to_pod_created_s']:.2f} (after "
+                                 f"{small['ramp_pods_created_before_its_pod']} of the ramp's pods) | "
+                                 f"{small['fcfs_request_to_pod_created_s'] / max(small['request_to_pod_created_s'], 1e-9):.0f}× sooner |")
             lines.append(f"| ramp-up N={n} | API server requests/s over the window (all clients) | "
                          f"{fig(sp, 'apiserver_requests_per_s', '{:.0f}')} | {fig(st, 'apiserver_requests_per_s', '{:.0f}')} | |")
             lines.append(f"| ramp-up N={n} | API server requests in the window (all clients); of them POST pods (creates + scheduler bindings) | "

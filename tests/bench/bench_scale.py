@@ -510,7 +510,7 @@ def main():
         harness.stop()
     s["wall_s"] = time.monotonic() - t_start
     header = (f"Scale benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}; "
-              f"stoker binary: copy of {chaos.STOKER} (STOKER_BIN; --auth none, --kube-qps 0, "
+              f"stoker binary: {os.environ.get('STOKER_BIN', 'target/debug/stoker')} (STOKER_BIN; --auth none, --kube-qps 0, "
               f"create concurrency 64, lease 10 s); test bed: kube-apiserver without a pods watch cache "
               f"(--watch-cache-sizes=pods#0), process-less kubelet {os.environ['STOKER_KUBELET_BIN']}; "
               f"whole run {s['wall_s']:.0f} s.")

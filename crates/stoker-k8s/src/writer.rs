@@ -225,6 +225,7 @@ impl KubernetesBackend {
                 // Per application in turn: another application's ramp does not hold this one's
                 // first executor back (see fair.rs).
                 let _slot = self.inner.create_slots.acquire(key.0.as_str()).await;
+                debug!(app = %key.0, executor = %key.1, "create slot taken");
                 self.inner.limiter.acquire().await;
                 if !self.inner.config.gate.is_open() {
                     // Leadership is gone; the process is stepping down. The next leader adopts
@@ -236,6 +237,7 @@ impl KubernetesBackend {
             };
             match result {
                 Ok(created) => {
+                    debug!(app = %key.0, executor = %key.1, pod = %name, "pod created");
                     self.pod_created(&key, Some(&created));
                     let uid = created.metadata.uid;
                     self.apply(|index| index.created(&key, uid));
