@@ -215,11 +215,11 @@ def cpu_delta(a, b):
 # Ramp-up systems, in the order they run: Spark's backend, stoker (a Spark driver through the
 # plugin), the bare client copying stoker's pod, stoker driven by a light gRPC client, the bare
 # client copying that client's pod (smaller: stoker builds it from a minimal template).
-SYSTEMS = ("spark", "stoker", "bare", "bare-h2", "rpc", "bare-rpc")
-BARE_OF = {"bare": "stoker", "bare-h2": "stoker", "bare-rpc": "rpc"}
+SYSTEMS = ("spark", "stoker", "bare", "bare-h2", "bare-watch", "rpc", "bare-rpc")
+BARE_OF = {"bare": "stoker", "bare-h2": "stoker", "bare-watch": "stoker", "bare-rpc": "rpc"}
 # The bare client's connections: kube's default client (HTTP/1.1, a connection per create in
 # flight), or stoker's own (HTTP/2, one connection) for bare-h2.
-BARE_CLIENT = {"bare": "kube", "bare-h2": "stoker", "bare-rpc": "kube"}
+BARE_CLIENT = {"bare": "kube", "bare-h2": "stoker", "bare-watch": "stoker", "bare-rpc": "kube"}
 
 
 def bare_pod(pod):
@@ -417,7 +417,9 @@ class Bench:
                 [str(newest_build("stoker-bench")), "bare-create", "--pod", str(template), "--namespace", ns,
                  "--count", str(n), "--concurrency", "64", "--client", BARE_CLIENT[system],
                  # As many connections as stoker's writes use.
-                 "--connections", os.environ.get("STOKER_KUBE_WRITE_CONNECTIONS", "4")],
+                 "--connections", os.environ.get("STOKER_KUBE_WRITE_CONNECTIONS", "4"),
+                 # bare-watch: and a watch of its pods beside the creates, as a controller has.
+                 *(["--watch"] if system == "bare-watch" else [])],
                 capture_output=True, text=True, env=self.testbed.client_env(), timeout=900)
             if bare.returncode != 0:
                 raise AssertionError(f"bare-create failed ({bare.returncode}): {bare.stderr[-2000:]}")
@@ -690,7 +692,9 @@ class Bench:
             for key, what in (("bare", "the bed's ceiling: a bare client's pod creations/s (kube's default client, "
                                        "HTTP/1.1, 64 in flight, no limiter, copies of stoker's pod"),
                               ("bare-h2", "the same bare client on stoker's own client (HTTP/2, as many connections "
-                                          "as stoker's writes")):
+                                          "as stoker's writes"),
+                              ("bare-watch", "bare-h2 with a watch of its pods beside the creates, as a controller "
+                                             "such as stoker has")):
                 ceiling = by.get(key)
                 if not ceiling:
                     continue
@@ -773,8 +777,9 @@ def main():
     ap.add_argument("--only", choices=["ramp", "load"], help="run only the ramp-up or the API-load part")
     ap.add_argument("--systems", default=",".join(SYSTEMS),
                     help="ramp-up only: which systems to run, in this order: spark, stoker, bare (the bed's "
-                         "ceiling, copies a pod of stoker's ramp), rpc (stoker driven by a light gRPC client), "
-                         "bare-rpc (copies a pod of rpc's ramp); default all")
+                         "ceiling, copies a pod of stoker's ramp), bare-h2 (on stoker's client), bare-watch "
+                         "(and a watch of its pods), rpc (stoker driven by a light gRPC client), bare-rpc "
+                         "(copies a pod of rpc's ramp); default all")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,12 @@
 //! requests in flight, as fast as the API server takes them. `bench_k8s.py` runs it beside
 //! stoker's and Spark's ramps and times the pods on the same watch.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
 use kube::runtime::watcher::DefaultBackoff;
@@ -30,18 +32,87 @@ pub enum Connection {
     Kube,
 }
 
+/// What `bare-create` is told.
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// File with the pod as JSON (a v1 Pod; its name is replaced).
+    #[arg(long)]
+    pub pod: PathBuf,
+    /// Namespace to create the pods in.
+    #[arg(long)]
+    pub namespace: String,
+    /// Pod names are PREFIX-0, PREFIX-1, ...
+    #[arg(long, default_value = "bare")]
+    pub prefix: String,
+    /// How many pods.
+    #[arg(long)]
+    pub count: usize,
+    /// Creates in flight.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Which client: `stoker` (stoker's own: HTTP/2, `--connections` connections) or `kube`
+    /// (kube's default: HTTP/1.1, a connection per request in flight).
+    #[arg(long, value_enum, default_value_t = Connection::Stoker)]
+    pub client: Connection,
+    /// With `--client stoker`: connections the creates are spread over (stoker's
+    /// --kube-write-connections).
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Also watch the created pods (by the pod's labels) on a connection of its own while
+    /// creating, as a controller such as stoker does.
+    #[arg(long)]
+    pub watch: bool,
+}
+
 /// Creates `count` pods named `<prefix>-<i>` from the pod in `pod_json` (KUBECONFIG's cluster);
 /// prints one JSON line: created, seconds, retries.
-pub async fn run(
-    pod_json: &str,
-    namespace: &str,
-    prefix: &str,
-    count: usize,
-    concurrency: usize,
-    connection: Connection,
-    connections: usize,
-) -> anyhow::Result<()> {
+pub async fn run(pod_json: &str, options: &Options) -> anyhow::Result<()> {
+    let Options {
+        namespace,
+        prefix,
+        count,
+        concurrency,
+        client: connection,
+        connections,
+        watch,
+        ..
+    } = options;
+    let (namespace, count, concurrency, connection, connections, watch) = (
+        namespace.as_str(),
+        *count,
+        *concurrency,
+        *connection,
+        *connections,
+        *watch,
+    );
     let template: Pod = serde_json::from_str(pod_json).context("the pod JSON is not a v1 Pod")?;
+    // A controller's load beside the creates: one watch of the pods it creates, on a connection
+    // of its own, as stoker watches its executor pods (its events are read and dropped).
+    let watcher = if watch {
+        let config = kube::Config::infer()
+            .await
+            .context("cannot read KUBECONFIG")?;
+        let client = stoker_k8s::client(config).context("cannot build the watch's client")?;
+        let api: Api<Pod> = Api::namespaced(client, namespace);
+        let labels = template
+            .metadata
+            .labels
+            .iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let stream = kube::runtime::watcher(
+            api,
+            kube::runtime::watcher::Config::default().labels(&labels),
+        );
+        Some(tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while stream.next().await.is_some() {}
+        }))
+    } else {
+        None
+    };
     let clients = match connection {
         Connection::Kube => Clients::from_clients(vec![Client::try_default()
             .await
@@ -88,11 +159,16 @@ pub async fn run(
             .context("a pod create failed")?;
     }
     let seconds = started.elapsed().as_secs_f64();
+    // The pods' later events (scheduled, running) go on after the creates; the figure is the
+    // creation rate, so the watch stops here.
+    if let Some(task) = watcher {
+        task.abort();
+    }
     println!(
         "{}",
         serde_json::json!({"created": count, "seconds": seconds, "retries": retries,
                            "concurrency": concurrency, "client": format!("{connection:?}"),
-                           "connections": clients.len()})
+                           "connections": clients.len(), "watch": watch})
     );
     Ok(())
 }

@@ -58,31 +58,7 @@ enum Command {
     /// The test bed's pod-creation ceiling: a bare client creates COUNT copies of a pod
     /// (KUBECONFIG's cluster), CONCURRENCY at a time, as fast as the API server takes them.
     #[command(name = "bare-create")]
-    BareCreate {
-        /// File with the pod as JSON (a v1 Pod; its name is replaced).
-        #[arg(long)]
-        pod: PathBuf,
-        /// Namespace to create the pods in.
-        #[arg(long)]
-        namespace: String,
-        /// Pod names are PREFIX-0, PREFIX-1, ...
-        #[arg(long, default_value = "bare")]
-        prefix: String,
-        /// How many pods.
-        #[arg(long)]
-        count: usize,
-        /// Creates in flight.
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        /// Which client: `stoker` (stoker's own: HTTP/2, every request on one connection) or
-        /// `kube` (kube's default: HTTP/1.1, a connection per request in flight).
-        #[arg(long, value_enum, default_value_t = bare::Connection::Stoker)]
-        client: bare::Connection,
-        /// With `--client stoker`: connections the creates are spread over (stoker's
-        /// --kube-write-connections).
-        #[arg(long, default_value_t = 4)]
-        connections: usize,
-    },
+    BareCreate(bare::Options),
 }
 
 /// How much to measure.
@@ -199,26 +175,10 @@ fn main() -> anyhow::Result<()> {
         Some(Command::MemoryChild { apps, executors }) => {
             runtime.block_on(memory::child(apps, executors))
         }
-        Some(Command::BareCreate {
-            pod,
-            namespace,
-            prefix,
-            count,
-            concurrency,
-            client,
-            connections,
-        }) => {
-            let json = std::fs::read_to_string(&pod)
-                .with_context(|| format!("cannot read the pod JSON {}", pod.display()))?;
-            runtime.block_on(bare::run(
-                &json,
-                &namespace,
-                &prefix,
-                count,
-                concurrency,
-                client,
-                connections,
-            ))
+        Some(Command::BareCreate(options)) => {
+            let json = std::fs::read_to_string(&options.pod)
+                .with_context(|| format!("cannot read the pod JSON {}", options.pod.display()))?;
+            runtime.block_on(bare::run(&json, &options))
         }
         None => {
             let out = cli
