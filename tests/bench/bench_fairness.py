@@ -257,14 +257,17 @@ class FairnessBench(Bench):
             app_of = dict(watch.app_of)
         replay = watch.replay()
 
+        def named(state):
+            c = counts(state, app_of, ids)
+            return {w: c[i] for w, i in zip(names, ids)}
+
         def at(t):
             state = {}
             for te, st in replay:
                 if te > t:
                     break
                 state = st
-            c = counts(state, app_of, ids)
-            return {w: c[i] for w, i in zip(names, ids)}
+            return named(state)
 
         def shares(t):
             present = [a for a in self.apps if launched[a.name] <= t]
@@ -287,8 +290,9 @@ class FairnessBench(Bench):
             """Seconds from t_from until every application launched by then is within ±10% of its
             fair share, from the replayed events before t_to; None if never."""
             sh = shares(t_from)
-            for te, st in [(t_from, None)] + [(te, st) for te, st in replay if t_from < te <= t_to]:
-                c = at(te)
+            # The state at t_from, then each replayed state up to t_to (each already whole).
+            states = [(t_from, at(t_from))] + [(te, named(st)) for te, st in replay if t_from < te <= t_to]
+            for te, c in states:
                 if all(within(c[w][0], share) for w, share in sh.items()):
                     return te - t_from
             return None

@@ -41,15 +41,16 @@ impl KubernetesBackend {
         else {
             return Ok(self.inner.clients.pick());
         };
-        if let Some(clients) = self.inner.driver_clients.get(user) {
-            return Ok(clients.pick());
-        }
-        let mut config = (**base).clone();
-        config.auth_info.impersonate = Some(user.to_owned());
-        let clients = crate::client::Clients::new(&config, self.inner.config.write_connections)?;
-        let client = clients.pick();
-        self.inner.driver_clients.insert(user.to_owned(), clients);
-        Ok(client)
+        let clients = self
+            .inner
+            .driver_clients
+            .entry(user.to_owned())
+            .or_try_insert_with(|| {
+                let mut config = (**base).clone();
+                config.auth_info.impersonate = Some(user.to_owned());
+                crate::client::Clients::new(&config, self.inner.config.write_connections)
+            })?;
+        Ok(clients.pick())
     }
 
     /// With [`WriteAs::Review`]: whether the driver may create `resource` in `namespace`

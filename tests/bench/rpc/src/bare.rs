@@ -67,32 +67,16 @@ pub struct Options {
 /// Creates `count` pods named `<prefix>-<i>` from the pod in `pod_json` (KUBECONFIG's cluster);
 /// prints one JSON line: created, seconds, retries.
 pub async fn run(pod_json: &str, options: &Options) -> anyhow::Result<()> {
-    let Options {
-        namespace,
-        prefix,
-        count,
-        concurrency,
-        client: connection,
-        connections,
-        watch,
-        ..
-    } = options;
-    let (namespace, count, concurrency, connection, connections, watch) = (
-        namespace.as_str(),
-        *count,
-        *concurrency,
-        *connection,
-        *connections,
-        *watch,
-    );
+    let namespace = options.namespace.as_str();
     let template: Pod = serde_json::from_str(pod_json).context("the pod JSON is not a v1 Pod")?;
+    let config = kube::Config::infer()
+        .await
+        .context("cannot read KUBECONFIG")?;
     // A controller's load beside the creates: one watch of the pods it creates, on a connection
     // of its own, as stoker watches its executor pods (its events are read and dropped).
-    let watcher = if watch {
-        let config = kube::Config::infer()
-            .await
-            .context("cannot read KUBECONFIG")?;
-        let client = stoker_k8s::client(config).context("cannot build the watch's client")?;
+    let watcher = if options.watch {
+        let client =
+            stoker_k8s::client(config.clone()).context("cannot build the watch's client")?;
         let api: Api<Pod> = Api::namespaced(client, namespace);
         let labels = template
             .metadata
@@ -113,24 +97,20 @@ pub async fn run(pod_json: &str, options: &Options) -> anyhow::Result<()> {
     } else {
         None
     };
-    let clients = match connection {
-        Connection::Kube => Clients::from_clients(vec![Client::try_default()
-            .await
-            .context("cannot build a Kubernetes client from KUBECONFIG")?]),
-        Connection::Stoker => {
-            let config = kube::Config::infer()
-                .await
-                .context("cannot read KUBECONFIG")?;
-            Clients::new(&config, connections).context("cannot build stoker's Kubernetes client")?
-        }
-    };
-    let slots = Arc::new(Semaphore::new(concurrency.max(1)));
+    let clients =
+        match options.client {
+            Connection::Kube => Clients::from_clients(vec![Client::try_from(config)
+                .context("cannot build a Kubernetes client from KUBECONFIG")?]),
+            Connection::Stoker => Clients::new(&config, options.connections)
+                .context("cannot build stoker's Kubernetes client")?,
+        };
+    let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
     let mut tasks = JoinSet::new();
     let started = Instant::now();
-    for i in 0..count {
+    for i in 0..options.count {
         let permit = Arc::clone(&slots).acquire_owned().await?;
         let mut pod = template.clone();
-        pod.metadata.name = Some(format!("{prefix}-{i}"));
+        pod.metadata.name = Some(format!("{}-{i}", options.prefix));
         let api: Api<Pod> = Api::namespaced(clients.pick(), namespace);
         tasks.spawn(async move {
             let _slot = permit;
@@ -166,9 +146,9 @@ pub async fn run(pod_json: &str, options: &Options) -> anyhow::Result<()> {
     }
     println!(
         "{}",
-        serde_json::json!({"created": count, "seconds": seconds, "retries": retries,
-                           "concurrency": concurrency, "client": format!("{connection:?}"),
-                           "connections": clients.len(), "watch": watch})
+        serde_json::json!({"created": options.count, "seconds": seconds, "retries": retries,
+                           "concurrency": options.concurrency, "client": format!("{:?}", options.client),
+                           "connections": clients.len(), "watch": options.watch})
     );
     Ok(())
 }
