@@ -154,9 +154,11 @@ pub struct ServeArgs {
     /// Work directory: executor logs, scratch space, the admin token file.
     #[arg(long, env = "STOKER_WORK_DIR", default_value = "/tmp/stoker")]
     pub work_dir: PathBuf,
-    /// Host name local executors advertise.
-    #[arg(long, env = "STOKER_EXECUTOR_HOST", default_value = "127.0.0.1")]
-    pub executor_host: String,
+    /// Host local executors advertise and bind: `loopback` gives each executor a loopback
+    /// address of its own (127.0.0.2, 127.0.0.3, …), so that Spark sees a host per executor as
+    /// it does with pods; an address or host name is shared by every executor.
+    #[arg(long, env = "STOKER_EXECUTOR_HOST", default_value = "loopback")]
+    pub executor_host: stoker_local::ExecutorHosts,
     /// Admin token for ListApplications/GetApplication; generated and written to
     /// <work-dir>/admin-token (mode 0600) when not set.
     #[arg(long, env = "STOKER_ADMIN_TOKEN", hide_env_values = true)]

@@ -587,7 +587,7 @@ fn local_config(args: &ServeArgs) -> anyhow::Result<LocalConfig> {
         spark_home,
         java,
         work_dir: args.work_dir.clone(),
-        host: args.executor_host.clone(),
+        hosts: args.executor_host.clone(),
         wrapper,
     })
 }

@@ -65,20 +65,19 @@ def executors_given_back(driver_log, count=2):
     return given if len(given) >= count else None
 
 
-def check_given_back_outputs_migrated(executor_logs, result, own_hosts=False):
+def check_given_back_outputs_migrated(executor_logs, result):
     """Running tasks finished on the decommissioned executors and every map output they wrote
-    moved to an executor that stays before they left. Tasks may run again only for Spark's
-    same-host rule: Spark treats a decommissioned executor's host as going away with it, so a map
-    task that finished there while its stage still runs is run again unless its output moved to
-    another *host* (TaskSetManager.executorLost); executors of the local backend and of the test
-    bed's kubelets have host 127.0.0.1. With `own_hosts` (kubelets with a pod hosts file: every
-    executor has a host of its own) nothing may run again. Returns (map outputs written there,
-    migrated, task re-runs)."""
+    moved to an executor that stays before they left, and no task ran again. Spark treats a
+    decommissioned executor's host as going away with it, so a map task that finished there
+    while its stage still runs is run again unless its output moved to another *host*
+    (TaskSetManager.executorLost): every executor needs a host of its own, as pods have (the
+    local backend's loopback address per executor; the test bed's pod hosts file). Returns (map
+    outputs written there, migrated, task re-runs)."""
     finished = sum(len(re.findall(r"Finished task \d+\.\d+ in stage 0\.0", log)) for log in executor_logs)
     migrated = sum(len(re.findall(r"Migrated migrate_shuffle_0_\d+ ", log)) for log in executor_logs)
     assert finished >= 2 and migrated >= finished, (finished, migrated)
     reruns = result["results"][0]["task_reruns"]
-    assert reruns <= (0 if own_hosts else finished), (reruns, finished)
+    assert reruns == 0, (reruns, finished)
     return finished, migrated, reruns
 
 

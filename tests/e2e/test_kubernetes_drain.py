@@ -239,7 +239,7 @@ def test_a_node_drain_decommissions_its_executors_and_they_are_replaced(kube, te
     assert len(added) >= len(drained) and set(nodes.values()) == {a.node}, nodes
     # Every map output written on B moved to another host before its executors left: no task ran
     # again.
-    finished, migrated, reruns = check_given_back_outputs_migrated(list(logs.values()), result, own_hosts=True)
+    finished, migrated, reruns = check_given_back_outputs_migrated(list(logs.values()), result)
     print(f"drain of {b.node}: executors drained {drained} (map outputs before the drain {before}); "
           f"map outputs written there {finished}, shuffle blocks migrated {migrated}; map tasks re-run {reruns}; "
           f"kubectl drain took {drain_s:.1f} s; replacements {sorted(added)} running on {a.node} "

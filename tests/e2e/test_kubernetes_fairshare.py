@@ -110,6 +110,6 @@ def test_fair_share_reclaim_decommissions_executor_pods_and_stoker_deletes_them(
         assert f"Starting executor ID {e} on host {pod_host_name(p)}\n" in executor_log(p), executor_log(p)[-4000:]
     # Every map output written on the given-back executors moved to another host before they
     # left: no task ran again.
-    finished, migrated, reruns = check_given_back_outputs_migrated(logs, result_a, own_hosts=True)
+    finished, migrated, reruns = check_given_back_outputs_migrated(logs, result_a)
     print(f"reclaim on pods: A gave back executors {given}; map outputs on them {finished}, migrated "
           f"{migrated}; task re-runs A={reruns}; pods created A={len(by_app[app_a])} B={len(by_app[app_b])}")

@@ -291,8 +291,15 @@ def test_fair_share_reclaim_decommissions_the_first_applications_executors_and_m
         assert "RECLAIMED" not in log_a and "not given back" not in log_a
         server_log = server.log_path.read_text()
         assert "fair share: asked the driver to give back 2 executors" in server_log, server_log[-3000:]
-        # Running tasks finished on the given-back executors and their map outputs moved; tasks
-        # ran again only by Spark's same-host rule (2 or 3 in the runs seen).
+        # Each of A's executors had a loopback address of its own (stoker's default
+        # `--executor-host loopback`), so Spark took each for a host of its own, as pods are.
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", server_log)
+        hosts = dict(re.findall(rf"executor process started app={re.escape(app_a)} executor=(\d+) .*?host=(\S+)", plain))
+        assert len(hosts) >= 4 and len(set(hosts.values())) == len(hosts), hosts
+        assert all(h.startswith("127.") and h != "127.0.0.1" for h in hosts.values()), hosts
+        # Running tasks finished on the given-back executors and their map outputs moved to
+        # another host: no task ran again (with one host for all, Spark's same-host rule re-ran
+        # the map tasks that had finished on them).
         logs = [(work_dir / app_a / f"executor-{e}.log").read_text() for e in given]
         finished, migrated, reruns = check_given_back_outputs_migrated(logs, result_a)
         print(f"reclaim: A gave back executors {given}; map outputs on them {finished}, migrated "

@@ -39,6 +39,9 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+mod hosts;
+pub use hosts::{loopback_address, BadExecutorHost, ExecutorHosts, HostPicker};
+
 /// Errors of the local backend's set-up.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
@@ -65,8 +68,8 @@ pub struct LocalConfig {
     pub java: PathBuf,
     /// Where executor logs and scratch directories go.
     pub work_dir: PathBuf,
-    /// Host name executors advertise.
-    pub host: String,
+    /// The host each executor advertises and binds (see [`ExecutorHosts`]).
+    pub hosts: ExecutorHosts,
     /// Program and arguments put before `java`, e.g. the stoker binary's `exec-guard` that ties
     /// the executor's life to stoker's.
     pub wrapper: Vec<String>,
@@ -96,6 +99,7 @@ struct Handle {
 #[derive(Clone)]
 pub struct LocalBackend {
     config: Arc<LocalConfig>,
+    hosts: Arc<HostPicker>,
     sink: ObservationSink,
     processes: Arc<Mutex<HashMap<Key, Handle>>>,
 }
@@ -105,6 +109,7 @@ impl LocalBackend {
     pub fn new(config: LocalConfig, sink: ObservationSink) -> Result<Self, LocalError> {
         config.validate()?;
         Ok(Self {
+            hosts: Arc::new(HostPicker::new(config.hosts.clone())),
             config: Arc::new(config),
             sink,
             processes: Arc::new(Mutex::new(HashMap::new())),
@@ -140,7 +145,13 @@ impl LocalBackend {
         });
     }
 
-    fn command(&self, request: &LaunchRequest, log: &Path, local_dir: &Path) -> Command {
+    fn command(
+        &self,
+        request: &LaunchRequest,
+        host: &str,
+        log: &Path,
+        local_dir: &Path,
+    ) -> Command {
         let config = &self.config;
         let template = &request.template;
         let profile = template.profiles.get(&request.profile);
@@ -172,9 +183,9 @@ impl LocalBackend {
                 "--executor-id",
                 &request.executor_id.to_string(),
                 "--hostname",
-                &config.host,
+                host,
                 "--bind-address",
-                &config.host,
+                host,
                 "--cores",
                 &cores.to_string(),
                 "--app-id",
@@ -255,7 +266,8 @@ impl LocalBackend {
                 message: format!("executor {id} stopped before it started"),
             };
         }
-        let mut command = self.command(request, &log, &local_dir);
+        let host = self.hosts.next();
+        let mut command = self.command(request, &host, &log, &local_dir);
         command.stdout(log_file).stderr(stderr);
         let mut child = match command.spawn() {
             Ok(child) => child,
@@ -273,6 +285,7 @@ impl LocalBackend {
             executor = %id,
             profile = request.profile,
             pid,
+            host = %host,
             heap_mib = request.size.heap_mib,
             log = %log.display(),
             "executor process started"
@@ -284,14 +297,7 @@ impl LocalBackend {
                 backend_name: backend_name.clone(),
             },
         );
-        self.report(
-            app,
-            id,
-            Observation::Running {
-                host: self.config.host.clone(),
-                backend_name,
-            },
-        );
+        self.report(app, id, Observation::Running { host, backend_name });
 
         let group = Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
         let mut stopping = false;
