@@ -15,6 +15,7 @@ Writes DIR/k8s.md (markdown table) and DIR/k8s-samples.json. Prints the table. A
 about timings.
 """
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -151,7 +152,8 @@ class TimedWatch:
 
 
 def api_requests(testbed):
-    """(total requests, pod POSTs) from the API server's own counters."""
+    """(time, total requests, pod POSTs, dispatched requests per flow schema, requests per
+    "VERB resource") from the API server's own counters."""
     api = testbed.api
     req = urllib.request.Request(f"{api.url}/metrics")
     req.add_header("Authorization", f"Bearer {api.token}")
@@ -159,6 +161,7 @@ def api_requests(testbed):
         text = r.read().decode()
     total = pods_post = 0.0
     flows = {}
+    by_verb = {}
     for line in text.splitlines():
         if line.startswith("apiserver_flowcontrol_dispatched_requests_total{"):
             m = re.search(r'flow_schema="([^"]+)"', line)
@@ -167,9 +170,20 @@ def api_requests(testbed):
         if line.startswith("apiserver_request_total{"):
             value = float(line.rsplit(" ", 1)[1])
             total += value
+            verb = re.search(r'verb="([^"]*)"', line)
+            resource = re.search(r'resource="([^"]*)"', line)
+            key = f"{verb.group(1) if verb else '?'} {resource.group(1) if resource else '-'}"
+            by_verb[key] = by_verb.get(key, 0.0) + value
             if 'verb="POST"' in line and 'resource="pods"' in line:
                 pods_post += value
-    return time.time(), total, pods_post, flows
+    return time.time(), total, pods_post, flows, by_verb
+
+
+def requests_delta(a, b):
+    """Requests per "VERB resource" between two api_requests() readings, the largest first,
+    those that did not move left out."""
+    out = {k: v - a[4].get(k, 0.0) for k, v in b[4].items()}
+    return {k: round(v) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 1}
 
 
 # Process names (as /proc/PID/comm shows them, 15 characters at most) -> component.
@@ -232,8 +246,9 @@ def bare_pod(pod):
 
 
 class Bench:
-    def __init__(self, out, quick, sizes=None, only=None, systems=SYSTEMS):
+    def __init__(self, out, quick, sizes=None, only=None, systems=SYSTEMS, rounds=1):
         self.systems = systems
+        self.rounds = rounds
         self.bare_templates = {}  # system (stoker, rpc) -> one of the pods its ramp created
         self.out = Path(out)
         self.quick = quick
@@ -270,7 +285,10 @@ class Bench:
              "--work-dir", str(self.work / f"stoker-{instance}"), "--lease-ttl", "10s", "--delete-grace", "3s",
              "--kube-image", IMAGE, "--kube-instance", instance, "--kube-qps", "0",
              "--kube-create-concurrency", "64", "--log-format", "json"],
-            stdout=log, stderr=subprocess.STDOUT, env=env)
+            stdout=log, stderr=subprocess.STDOUT,
+            # The writer's debug lines (`create slot taken`, `pod created`) time a ramp's creates
+            # as stoker sent them and the API server answered them: the client-side rate.
+            env={**env, "RUST_LOG": env.get("RUST_LOG", "info,stoker_k8s::writer=debug")})
         self.procs.append(p)
         import socket
 
@@ -395,7 +413,32 @@ class Bench:
             p.wait()
 
     # ---- 1. ramp-up ----
-    def ramp(self, system, n):
+    def client_timed(self, offset):
+        """From stoker's log after byte `offset`: (pods, seconds) of the application with the
+        most creates, from its first `create slot taken` to its last `pod created`."""
+        first, last, count = {}, {}, {}
+        with open(self.work / "stoker-bench.log", "rb") as f:
+            f.seek(offset)
+            for raw in f:
+                if b"create slot taken" not in raw and b"pod created" not in raw:
+                    continue
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    continue
+                app, message = line.get("app"), line.get("message")
+                t = datetime.datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
+                if message == "create slot taken":
+                    first.setdefault(app, t)
+                elif message == "pod created":
+                    last[app] = t
+                    count[app] = count.get(app, 0) + 1
+        if not count:
+            return None
+        app = max(count, key=count.get)
+        return count[app], last[app] - first[app]
+
+    def ramp(self, system, n, round_=0):
         """`system` spark or stoker: a Spark driver asks for n executors. `rpc`: one light gRPC
         client (bench_scale.App: register, ask for n, read the stream, heartbeat) asks stoker for
         n, with no JVM beside stoker. `bare` / `bare-rpc`: the bed's ceiling, a bare client
@@ -408,6 +451,8 @@ class Bench:
         watch = TimedWatch(self.testbed.api, ns)
         m0 = api_requests(self.testbed)
         c0 = cpu_snapshot()
+        log_offset = (self.work / "stoker-bench.log").stat().st_size
+        client = None  # (pods, seconds) as the creating client timed them
         t_launch = time.time()
         p = stop = light = None
         if system in BARE_OF:
@@ -423,6 +468,8 @@ class Bench:
                 capture_output=True, text=True, env=self.testbed.client_env(), timeout=900)
             if bare.returncode != 0:
                 raise AssertionError(f"bare-create failed ({bare.returncode}): {bare.stderr[-2000:]}")
+            said = json.loads(bare.stdout.strip().splitlines()[-1])
+            client = (said["created"], said["seconds"])
         elif system == "rpc":
             # Creation fairness: a small application asks for 1 executor when a quarter of this
             # ramp's pods exist (its namespace and watch made before the ramp starts).
@@ -451,8 +498,15 @@ class Bench:
         created, running = watch.first_times()
         c, r = sorted(created.values()), sorted(running.values())
         first = c[0]
+        if system not in BARE_OF:
+            client = self.client_timed(log_offset) if system != "spark" else None
         sample = {
-            "system": system, "n": n,
+            "system": system, "n": n, "round": round_ + 1,
+            # The creating client's own clock: first create sent → last create answered (stoker:
+            # its writer's debug lines; a bare client: its own timer). The watch's figures below
+            # add the delivery of each ADDED event to the benchmark's (Python) watch.
+            "client_creation_rate_per_s": client[0] / max(client[1], 1e-9) if client else None,
+            "client_creates_s": client[1] if client else None,
             "first_pod_to_n_created_s": c[n - 1] - first,
             "first_pod_to_n_running_s": r[n - 1] - first,
             "driver_launch_to_n_running_s": r[n - 1] - t_launch,
@@ -461,6 +515,10 @@ class Bench:
             "apiserver_requests": m1[1] - m0[1],
             "pod_creates": m1[2] - m0[2],
             "creation_rate_per_s": (n - 1) / max(c[n - 1] - first, 1e-9),
+            # The steady part of the ramp: from the 10th to the 90th percentile pod.
+            "creation_rate_10_90_per_s": (int(n * 0.9) - int(n * 0.1)) / max(c[int(n * 0.9)] - c[int(n * 0.1)], 1e-9)
+            if n >= 20 else None,
+            "apiserver_requests_by_verb": requests_delta(m0, m1),
             "pods_created": len(created),
             "cpu": cpu,
         }
@@ -644,8 +702,13 @@ class Bench:
         if self.only == "load":
             sizes = []
         for n in sizes:
-            for system in self.systems:
-                self.attempt("ramp", f"ramp-up {system} N={n}", self.ramp, system, n)
+            for r in range(self.rounds):
+                # Later rounds alternate the order, so that no system always runs on a fresher
+                # or a fuller bed (etcd grows with every ramp); the first one makes the bare
+                # clients' templates.
+                for system in self.systems if r % 2 == 0 else reversed(self.systems):
+                    self.attempt("ramp", f"ramp-up {system} N={n} round {r + 1}/{self.rounds}",
+                                 self.ramp, system, n, r)
         if self.only == "ramp":
             return
         for system in ("spark", "stoker") if self.only is None else ():
@@ -655,6 +718,51 @@ class Bench:
                 self.attempt("api_load", f"API load {system} apps={apps}", self.api_load, system, apps, window)
         for system in ("spark", "stoker") if self.only is None else ():
             self.attempt("real", f"real executors {system}", self.real, system)
+
+    def ceiling_table(self):
+        """Each ramp system's pod creations/s over all rounds, timed two ways (the benchmark's
+        watch, the creating client's own clock), as median (min–max), and each system against
+        its bare client: the ratio of the medians and the range of the per-round ratios."""
+        ramp = self.samples.get("ramp", [])
+        out = []
+        for n in sorted({x["n"] for x in ramp}):
+            by = {}
+            for x in ramp:
+                if x["n"] == n:
+                    by.setdefault(x["system"], []).append(x)
+            if not any(system in BARE_OF for system in by):
+                continue
+            rounds = max(len(v) for v in by.values())
+            out += ["", f"Ramp-up N={n}, the bed's ceiling: pod creations/s, median (min–max) of {rounds} round(s)",
+                    "", "| system | watch-timed (first → all ADDED) | client-timed (first create sent → last answered) |",
+                    "|---|---|---|"]
+
+            def spread(xs, key):
+                v = [x[key] for x in xs if x.get(key)]
+                if not v:
+                    return "", None
+                return f"{statistics.median(v):.0f} ({min(v):.0f}–{max(v):.0f})", statistics.median(v)
+            medians = {}
+            for system in (x for x in SYSTEMS if x in by):
+                watch, medians[(system, "w")] = spread(by[system], "creation_rate_per_s")
+                client, medians[(system, "c")] = spread(by[system], "client_creation_rate_per_s")
+                out.append(f"| {system} | {watch} | {client} |")
+            out += ["", "| system ÷ bare client | watch-timed: ratio of medians (per-round range) | client-timed |",
+                    "|---|---|---|"]
+            for system, ceiling in (("stoker", "bare"), ("stoker", "bare-h2"), ("stoker", "bare-watch"),
+                                    ("rpc", "bare-rpc")):
+                if system not in by or ceiling not in by:
+                    continue
+                cells = []
+                for key, kind in (("creation_rate_per_s", "w"), ("client_creation_rate_per_s", "c")):
+                    a, b = medians.get((system, kind)), medians.get((ceiling, kind))
+                    per_round = [x[key] / y[key] for x, y in zip(sorted(by[system], key=lambda x: x["round"]),
+                                                                  sorted(by[ceiling], key=lambda x: x["round"]))
+                                 if x.get(key) and y.get(key)]
+                    cells.append(f"{a / b:.2f}× ({min(per_round):.2f}–{max(per_round):.2f})" if a and b and per_round
+                                 else "")
+                out.append(f"| {system} ÷ {ceiling} | {cells[0]} | {cells[1]} |")
+        return out
 
     def table(self):
         s = self.samples
@@ -731,6 +839,7 @@ class Bench:
             lines.append(f"| ramp-up N={n} | CPU seconds in the window, by process | {cpu(sp)} | {cpu(st)} | |")
         for err in s.get("errors", []):
             lines.append(f"| failed | {err} | | | |")
+        lines += self.ceiling_table()
         sp, st = pair(s.get("failures", []), None)
         for key, label in (("p50_s", "p50"), ("p99_s", "p99")) if sp and st else ():
             lines.append(f"| failure → replacement created ({sp['failures']} failures) | {label} (s) | "
@@ -780,6 +889,9 @@ def main():
                          "ceiling, copies a pod of stoker's ramp), bare-h2 (on stoker's client), bare-watch "
                          "(and a watch of its pods), rpc (stoker driven by a light gRPC client), bare-rpc "
                          "(copies a pod of rpc's ramp); default all")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="ramp-up only: run the systems this many times, every other round in reverse "
+                         "order; the ceiling table gives each system's median and range")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -793,7 +905,9 @@ def main():
             ap.error(f"--systems {bare} copies a pod of {of}'s ramp: give {of} too")
     if systems != SYSTEMS and a.only != "ramp":
         ap.error("--systems needs --only ramp (the other parts compare both systems)")
-    bench = Bench(out, a.quick, sizes, a.only, systems)
+    if a.rounds < 1 or (a.rounds > 1 and a.only != "ramp"):
+        ap.error("--rounds takes a count of 1 or more, and more than 1 needs --only ramp")
+    bench = Bench(out, a.quick, sizes, a.only, systems, a.rounds)
     try:
         bench.start()
         bench.run()
