@@ -307,3 +307,57 @@ def test_fair_share_reclaim_decommissions_the_first_applications_executors_and_m
     finally:
         server.stop()
         wait_until(lambda: not executor_pids(work_dir), 30, "executor processes to end")
+
+
+@pytest.mark.long
+def test_fair_share_removes_the_newest_executors_a_driver_does_not_give_back_by_the_deadline(
+        work_dir, driver_factory):
+    """A driver that cannot give executors back (spark.decommission.enabled off, every executor
+    busy with a 40 s task: Spark refuses to kill a busy one) keeps them past the reclaim
+    deadline; stoker then removes the newest ones itself and tells the driver why. Their tasks
+    run again elsewhere without counting as failures, and both answers are right."""
+    queue_file = work_dir / "queues.toml"
+    queue_file.write_text(QUEUES_FOUR_EXECUTORS)
+    server = Stoker(work_dir, extra_args=["--queues", str(queue_file), "--reclaim-timeout", "10s"]).start()
+    try:
+        # A: 8 map tasks of 40 s each, one per executor at a time: its 4 executors stay busy for
+        # the whole reclaim window. No decommissioning.
+        a = driver_factory(server, "--dynamic", "--executors", "8", "--slow-ms", "40000", "--partitions", "8")
+        app_a = a.wait_event("started", timeout=180)["app_id"]
+        executor_logs = lambda: list((work_dir / app_a).glob("executor-*.log"))  # noqa: E731
+        wait_tasks_running(executor_logs, 4, timeout=180)
+
+        b = driver_factory(server, "--executors", "2", "--slow-ms", "200", "--partitions", "8")
+        b.wait_event("started", timeout=180)
+        wait_until(lambda: ASKED_FOR_2.search(a.log()), 120, "A asked to give back 2 executors")
+        # The plugin cannot decommission and Spark does not kill busy executors: it says so.
+        wait_until(lambda: "spark.decommission.enabled is false, so executors cannot be decommissioned"
+                   in a.log(), 30, "A saying it cannot decommission")
+        removed = re.compile(r"stoker: removing executors (\d+), (\d+) of resource profile 0: not given back "
+                             r"by the reclaim deadline \(over its fair share in queue default\)")
+        match = wait_until(lambda: removed.search(a.log()), 60, "stoker removing 2 of A's executors at the deadline")
+        ids = sorted(match.groups(), key=int)
+        # The newest two: stoker's executor ids grow, A had 1 to 4.
+        assert ids == ["3", "4"], ids
+        server_log = server.log_path.read_text()
+        assert "fair share: asked the driver to give back 2 executors" in server_log, server_log[-3000:]
+        # Their processes ended, reported to the driver; B gets its 2.
+        wait_until(lambda: int(server.apps()[app_a][7]) >= 2, 60, "A's 2 executors gone")
+        # Spark's scheduler took each as lost (TaskSchedulerImpl: "Lost executor N on HOST: …").
+        for executor in ids:
+            wait_until(lambda: re.search(rf"Lost executor {executor} on 127\.", a.log()), 30,
+                       f"A's driver losing executor {executor}")
+
+        result_b = b.wait(timeout=400)
+        check_result(result_b)
+        assert result_b["results"][0]["executors_alive"] >= 1
+        result_a = a.wait(timeout=600)
+        check_result(result_a)
+        # The tasks that ran on the removed executors ran again (at most one each); none counted
+        # as a failure of the job.
+        reruns = result_a["results"][0]["task_reruns"]
+        assert reruns <= 2, reruns
+        print(f"reclaim deadline: stoker removed A's executors {ids}; task re-runs A={reruns}")
+    finally:
+        server.stop()
+        wait_until(lambda: not executor_pids(work_dir), 30, "executor processes to end")
