@@ -76,6 +76,11 @@ class TimedWatch:
         self.lock = threading.Lock()
         self.closed = False
         self.rv = None
+        # CPU snapshots taken by the reading thread when the k-th ADDED event arrives, for each
+        # k in cpu_marks: the CPU each process used while pods were being created.
+        self.cpu_marks = set()
+        self.cpu_at = {}
+        self.added = 0
         self.resp = self._open()
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -92,6 +97,8 @@ class TimedWatch:
             try:
                 self._read(self.resp)
             except Exception as e:  # broken stream: note it and reconnect
+                if self.closed:  # close() shut the socket under the read
+                    return
                 print(f"[bench] watch {self.path} broke ({e!r}); reconnecting", file=sys.stderr, flush=True)
             if self.closed:
                 return
@@ -116,6 +123,10 @@ class TimedWatch:
                 self.rv = meta["resourceVersion"]
             if ev.get("type") == "BOOKMARK":
                 continue
+            if ev.get("type") == "ADDED":
+                self.added += 1
+                if self.added in self.cpu_marks:
+                    self.cpu_at[self.added] = cpu_snapshot()
             self.on_event(t, ev)
             status = o.get("status") if isinstance(o.get("status"), dict) else {}
             lite = {"name": meta.get("name"), "phase": status.get("phase"),
@@ -449,6 +460,7 @@ class Bench:
             raise AssertionError(f"{system} copies a pod of {BARE_OF[system]}'s ramp: run {BARE_OF[system]} first")
         ns = self.namespace(f"ramp-{system}-{n}")
         watch = TimedWatch(self.testbed.api, ns)
+        watch.cpu_marks = {1, n}
         m0 = api_requests(self.testbed)
         c0 = cpu_snapshot()
         log_offset = (self.work / "stoker-bench.log").stat().st_size
@@ -521,6 +533,9 @@ class Bench:
             "apiserver_requests_by_verb": requests_delta(m0, m1),
             "pods_created": len(created),
             "cpu": cpu,
+            # Only while the pods were being created (the watch's first ADDED to its n-th): what
+            # shared the cores with the API server then.
+            "cpu_creating": cpu_delta(watch.cpu_at[1], watch.cpu_at[n]) if {1, n} <= set(watch.cpu_at) else None,
         }
         if system in BARE_OF.values():
             # limit=1: no need to list 2,000 pods for one.
@@ -734,8 +749,9 @@ class Bench:
                 continue
             rounds = max(len(v) for v in by.values())
             out += ["", f"Ramp-up N={n}, the bed's ceiling: pod creations/s, median (min–max) of {rounds} round(s)",
-                    "", "| system | watch-timed (first → all ADDED) | client-timed (first create sent → last answered) |",
-                    "|---|---|---|"]
+                    "", "| system | watch-timed (first → all ADDED) | client-timed (first create sent → last answered) "
+                        "| CPU seconds while creating (median; first → all ADDED) |",
+                    "|---|---|---|---|"]
 
             def spread(xs, key):
                 v = [x[key] for x in xs if x.get(key)]
@@ -743,10 +759,18 @@ class Bench:
                     return "", None
                 return f"{statistics.median(v):.0f} ({min(v):.0f}–{max(v):.0f})", statistics.median(v)
             medians = {}
+            def creating_cpu(xs):
+                """Median CPU seconds per process while the pods were being created."""
+                per = {}
+                for x in xs:
+                    for k, v in ((x.get("cpu_creating") or {}).get("cpu_s") or {}).items():
+                        per.setdefault(k, []).append(v)
+                top = sorted(((statistics.median(v), k) for k, v in per.items()), reverse=True)
+                return ", ".join(f"{k} {v:.1f}" for v, k in top if v >= 0.5)
             for system in (x for x in SYSTEMS if x in by):
                 watch, medians[(system, "w")] = spread(by[system], "creation_rate_per_s")
                 client, medians[(system, "c")] = spread(by[system], "client_creation_rate_per_s")
-                out.append(f"| {system} | {watch} | {client} |")
+                out.append(f"| {system} | {watch} | {client} | {creating_cpu(by[system])} |")
             out += ["", "| system ÷ bare client | watch-timed: ratio of medians (per-round range) | client-timed |",
                     "|---|---|---|"]
             for system, ceiling in (("stoker", "bare"), ("stoker", "bare-h2"), ("stoker", "bare-watch"),
