@@ -315,7 +315,7 @@ def test_fair_share_removes_the_newest_executors_a_driver_does_not_give_back_by_
     """A driver that cannot give executors back (spark.decommission.enabled off, every executor
     busy with a 40 s task: Spark refuses to kill a busy one) keeps them past the reclaim
     deadline; stoker then removes the newest ones itself and tells the driver why. Their tasks
-    run again elsewhere without counting as failures, and both answers are right."""
+    run again elsewhere (no more than those), and both answers are right."""
     queue_file = work_dir / "queues.toml"
     queue_file.write_text(QUEUES_FOUR_EXECUTORS)
     server = Stoker(work_dir, extra_args=["--queues", str(queue_file), "--reclaim-timeout", "10s"]).start()
@@ -353,8 +353,7 @@ def test_fair_share_removes_the_newest_executors_a_driver_does_not_give_back_by_
         assert result_b["results"][0]["executors_alive"] >= 1
         result_a = a.wait(timeout=600)
         check_result(result_a)
-        # The tasks that ran on the removed executors ran again (at most one each); none counted
-        # as a failure of the job.
+        # Only the tasks that ran on the removed executors ran again (at most one each).
         reruns = result_a["results"][0]["task_reruns"]
         assert reruns <= 2, reruns
         print(f"reclaim deadline: stoker removed A's executors {ids}; task re-runs A={reruns}")
