@@ -240,7 +240,7 @@ def cpu_delta(a, b):
 # Ramp-up systems, in the order they run: Spark's backend, stoker (a Spark driver through the
 # plugin), the bare client copying stoker's pod, stoker driven by a light gRPC client, the bare
 # client copying that client's pod (smaller: stoker builds it from a minimal template).
-SYSTEMS = ("spark", "stoker", "bare", "bare-h2", "bare-watch", "rpc", "bare-rpc")
+SYSTEMS = ("spark", "stoker", "stoker-warm", "bare", "bare-h2", "bare-watch", "rpc", "bare-rpc")
 BARE_OF = {"bare": "stoker", "bare-h2": "stoker", "bare-watch": "stoker", "bare-rpc": "rpc"}
 # The bare client's connections: kube's default client (HTTP/1.1, a connection per create in
 # flight), or stoker's own (HTTP/2, one connection) for bare-h2.
@@ -460,7 +460,11 @@ class Bench:
             raise AssertionError(f"{system} copies a pod of {BARE_OF[system]}'s ramp: run {BARE_OF[system]} first")
         ns = self.namespace(f"ramp-{system}-{n}")
         watch = TimedWatch(self.testbed.api, ns)
-        watch.cpu_marks = {1, n}
+        # stoker-warm: a Spark driver that is up, with 1 executor, before it asks for n more; the
+        # ramp is those n (ADDED events 2 to n + 1).
+        warm = system == "stoker-warm"
+        first_mark, last_mark = (2, n + 1) if warm else (1, n)
+        watch.cpu_marks = {first_mark, last_mark}
         m0 = api_requests(self.testbed)
         c0 = cpu_snapshot()
         log_offset = (self.work / "stoker-bench.log").stat().st_size
@@ -488,6 +492,14 @@ class Bench:
             small_ns = self.namespace(f"ramp-small-{n}")
             small_watch = TimedWatch(self.testbed.api, small_ns)
             light = self.light_driver(n, ns)
+        elif warm:
+            go = self.work / f"go-{ns}"
+            p, stop = self.hold_driver("stoker", 1, ns, extra=("--then", str(n + 1), "--go-file", str(go)))
+            self.wait_ready(p)
+            wait_until(lambda: len(watch.first_times()[1]) >= 1, 300, "the warm driver's first executor Running",
+                       interval=0.2)
+            log_offset = (self.work / "stoker-bench.log").stat().st_size
+            go.touch()
         else:
             p, stop = self.hold_driver(system, n, ns)
             self.wait_ready(p)
@@ -503,12 +515,14 @@ class Bench:
 
         def all_running():
             created, running = watch.first_times()
-            return len(running) >= n
+            return len(running) >= n + (1 if warm else 0)
         wait_until(all_running, 900, f"{n} pods Running ({system})", interval=0.5)
         m1 = api_requests(self.testbed)
         cpu = cpu_delta(c0, cpu_snapshot())
         created, running = watch.first_times()
         c, r = sorted(created.values()), sorted(running.values())
+        if warm:  # the executor it had before it asked
+            c, r = c[1:], r[1:]
         first = c[0]
         if system not in BARE_OF:
             client = self.client_timed(log_offset) if system != "spark" else None
@@ -535,12 +549,13 @@ class Bench:
             "cpu": cpu,
             # Only while the pods were being created (the watch's first ADDED to its n-th): what
             # shared the cores with the API server then.
-            "cpu_creating": cpu_delta(watch.cpu_at[1], watch.cpu_at[n]) if {1, n} <= set(watch.cpu_at) else None,
+            "cpu_creating": cpu_delta(watch.cpu_at[first_mark], watch.cpu_at[last_mark])
+            if {first_mark, last_mark} <= set(watch.cpu_at) else None,
         }
-        if system in BARE_OF.values():
-            # limit=1: no need to list 2,000 pods for one.
+        if system in BARE_OF.values() or warm:
+            # limit=1: no need to list 2,000 pods for one. stoker-warm's pods are stoker's.
             [one] = self.testbed.api.get(f"/api/v1/namespaces/{ns}/pods", limit="1")["items"]
-            self.bare_templates[system] = bare_pod(one)
+            self.bare_templates["stoker" if warm else system] = bare_pod(one)
             sample["pod_json_bytes"] = len(json.dumps(one["spec"]))
         if p is not None:
             self.end_driver(p, stop)
@@ -774,7 +789,8 @@ class Bench:
             out += ["", "| system ÷ bare client | watch-timed: ratio of medians (per-round range) | client-timed |",
                     "|---|---|---|"]
             for system, ceiling in (("stoker", "bare"), ("stoker", "bare-h2"), ("stoker", "bare-watch"),
-                                    ("rpc", "bare-rpc")):
+                                    ("stoker-warm", "bare"), ("stoker-warm", "bare-h2"),
+                                    ("stoker-warm", "bare-watch"), ("rpc", "bare-rpc")):
                 if system not in by or ceiling not in by:
                     continue
                 cells = []
@@ -909,7 +925,8 @@ def main():
     ap.add_argument("--sizes", help="ramp-up sizes, e.g. 500,2000 (default: 100, or 100,500,2000)")
     ap.add_argument("--only", choices=["ramp", "load"], help="run only the ramp-up or the API-load part")
     ap.add_argument("--systems", default=",".join(SYSTEMS),
-                    help="ramp-up only: which systems to run, in this order: spark, stoker, bare (the bed's "
+                    help="ramp-up only: which systems to run, in this order: spark, stoker, stoker-warm (a Spark "
+                         "driver that is up with 1 executor before it asks for N more), bare (the bed's "
                          "ceiling, copies a pod of stoker's ramp), bare-h2 (on stoker's client), bare-watch "
                          "(and a watch of its pods), rpc (stoker driven by a light gRPC client), bare-rpc "
                          "(copies a pod of rpc's ramp); default all")
@@ -925,7 +942,7 @@ def main():
         ap.error(f"--systems takes {', '.join(SYSTEMS)}, got {a.systems!r}")
     systems = tuple(x for x in SYSTEMS if x in chosen)
     for bare, of in BARE_OF.items():
-        if bare in systems and of not in systems:
+        if bare in systems and of not in systems and not (of == "stoker" and "stoker-warm" in systems):
             ap.error(f"--systems {bare} copies a pod of {of}'s ramp: give {of} too")
     if systems != SYSTEMS and a.only != "ramp":
         ap.error("--systems needs --only ramp (the other parts compare both systems)")
