@@ -391,13 +391,14 @@ class Bench:
         env.pop("SPARK_HOME", None)
         return env
 
-    def hold_driver(self, system, n, namespace, node=NOPROC, light=False, master=None, env=None, extra=()):
+    def hold_driver(self, system, n, namespace, node=NOPROC, light=False, master=None, env=None, extra=(),
+                    stdin=None):
         stop_file = self.work / f"stop-{namespace}-{time.monotonic_ns()}"
         log = open(self.work / f"driver-{namespace}-{time.monotonic_ns()}.log", "w")
         p = subprocess.Popen([sys.executable, str(JOBS / "hold.py"), master or self.master(system), "--executors", str(n),
                               "--stop-file", str(stop_file), *(["--light"] if light else []),
                               *self.conf(namespace, node), *extra],
-                             stdout=subprocess.PIPE, stderr=log, text=True, env=env or self.env())
+                             stdin=stdin, stdout=subprocess.PIPE, stderr=log, text=True, env=env or self.env())
         self.procs.append(p)
         return p, stop_file
 
@@ -493,13 +494,13 @@ class Bench:
             small_watch = TimedWatch(self.testbed.api, small_ns)
             light = self.light_driver(n, ns)
         elif warm:
-            go = self.work / f"go-{ns}"
-            p, stop = self.hold_driver("stoker", 1, ns, extra=("--then", str(n + 1), "--go-file", str(go)))
+            p, stop = self.hold_driver("stoker", 1, ns, extra=("--then", str(n + 1)), stdin=subprocess.PIPE)
             self.wait_ready(p)
             wait_until(lambda: len(watch.first_times()[1]) >= 1, 300, "the warm driver's first executor Running",
                        interval=0.2)
             log_offset = (self.work / "stoker-bench.log").stat().st_size
-            go.touch()
+            p.stdin.write("go\n")
+            p.stdin.flush()
         else:
             p, stop = self.hold_driver(system, n, ns)
             self.wait_ready(p)
@@ -773,7 +774,7 @@ class Bench:
                 if not v:
                     return "", None
                 return f"{statistics.median(v):.0f} ({min(v):.0f}–{max(v):.0f})", statistics.median(v)
-            medians = {}
+
             def creating_cpu(xs):
                 """Median CPU seconds per process while the pods were being created."""
                 per = {}
@@ -782,6 +783,7 @@ class Bench:
                         per.setdefault(k, []).append(v)
                 top = sorted(((statistics.median(v), k) for k, v in per.items()), reverse=True)
                 return ", ".join(f"{k} {v:.1f}" for v, k in top if v >= 0.5)
+            medians = {}
             for system in (x for x in SYSTEMS if x in by):
                 watch, medians[(system, "w")] = spread(by[system], "creation_rate_per_s")
                 client, medians[(system, "c")] = spread(by[system], "client_creation_rate_per_s")

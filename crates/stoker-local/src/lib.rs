@@ -40,7 +40,8 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 mod hosts;
-pub use hosts::{loopback_address, BadExecutorHost, ExecutorHosts, HostPicker};
+use hosts::HostPicker;
+pub use hosts::{BadExecutorHost, ExecutorHosts};
 
 /// Errors of the local backend's set-up.
 #[derive(Debug, thiserror::Error)]

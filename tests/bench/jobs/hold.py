@@ -6,12 +6,13 @@ backend has started and asked for its executors), then waits for PATH to exist (
 and stops the context cleanly. --backlog submits, from a thread of its own, one job of TASKS
 tasks that each sleep for an hour: with dynamic allocation its backlog keeps the driver asking
 for executors up to spark.dynamicAllocation.maxExecutors (the job is cancelled by the stop).
---then N --go-file PATH: once PATH exists, asks for N executors in all and prints
+--then N: once a line `go` arrives on standard input, asks for N executors in all and prints
 {"event": "asked", ...}: a ramp asked by a driver whose JVM is already up.
 """
 import argparse
 import json
 import os
+import select
 import sys
 import threading
 import time
@@ -28,14 +29,11 @@ def main():
     p.add_argument("--conf", action="append", default=[])
     p.add_argument("--backlog", type=int, default=0, help="tasks of a job that keeps a backlog (see above)")
     p.add_argument("--then", type=int, default=0,
-                   help="once --go-file exists, ask for this many executors in all (SparkContext."
-                        "requestTotalExecutors): a ramp from a driver that is already up")
-    p.add_argument("--go-file", help="with --then: the file whose existence starts the ramp")
+                   help="once a line `go` arrives on standard input, ask for this many executors in all "
+                        "(SparkContext.requestTotalExecutors): a ramp from a driver that is already up")
     p.add_argument("--light", action="store_true",
                    help="small driver JVM (serial GC, C1 only, heap grown on demand) so 50 drivers fit on one machine")
     a = p.parse_args()
-    if a.then and not a.go_file:
-        p.error("--then needs --go-file")
     b = SparkSession.builder.master(a.master).appName("stoker-bench-hold")
     if a.master.startswith("spark+stoker://"):
         b = b.config("spark.driver.extraClassPath", os.environ["STOKER_PLUGIN_JAR"])
@@ -74,8 +72,12 @@ def main():
           flush=True)
     deadline = time.monotonic() + a.max_seconds
     if a.then:
-        while not os.path.exists(a.go_file) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # The go-ahead is an event on stdin, waited for until the deadline.
+        ready, _, _ = select.select([sys.stdin], [], [], max(deadline - time.monotonic(), 0))
+        if not ready or sys.stdin.readline().strip() != "go":
+            spark.stop()
+            print("no go-ahead on stdin before the deadline", file=sys.stderr)
+            return 1
         sc = spark.sparkContext
         # requestTotalExecutors, not requestExecutors: under static allocation Spark's backend
         # starts its requested total at 0.
